@@ -1,0 +1,31 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Both create .venv and install into it.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test install bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# Trains the `tiny` preset on the Python standard library's own source, then samples from it.
+demo: $(STAMP)
+	$(VENV)/bin/chipwise train --config configs/demo.yaml --overwrite
+	$(VENV)/bin/chipwise sample --run runs/demo --prompt "def " --max-new-tokens 120 --temperature 0.8 --top-k 40
+
+test: $(STAMP)
+	XLA_FLAGS="--xla_force_host_platform_device_count=8" $(VENV)/bin/pytest -q -n 2 --dist loadgroup
+
+# The CPU benchmark against PyTorch (eager and torch.compile); installs the CPU wheel of torch.
+bench: $(STAMP)
+	$(PY) -m pip install --quiet -e ".[bench]"
+	$(PY) benchmarks/train_step.py --preset tiny --batch-size 16 --seq-len 256 --compare-torch
+
+clean:
+	rm -rf $(VENV) runs

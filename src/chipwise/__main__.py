@@ -1,0 +1,3 @@
+from chipwise.cli import main
+
+raise SystemExit(main())

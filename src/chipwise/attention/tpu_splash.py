@@ -1,0 +1,50 @@
+"""TPU splash attention (a Pallas kernel shipped in jax). Imported only when the TPU backend is chosen.
+
+`interpret=True` runs the same kernel in Pallas' interpreter, which is how it is tested on a CPU.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
+from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as mask_lib
+
+BLOCK = 128  # the kernel's default tiles are 128 x 128: sequence lengths must be multiples of it
+
+
+def unsupported_reason(*, platform, seq_len, head_dim, **_) -> str | None:
+    if platform != "tpu":
+        return f"needs a TPU, this is {platform}"
+    if seq_len % BLOCK:
+        return f"sequence length {seq_len} is not a multiple of {BLOCK}"
+    if head_dim % 128 and head_dim not in (64,):
+        return f"head_dim {head_dim} is not a multiple of 128 (or 64)"
+    return None
+
+
+@functools.lru_cache(maxsize=16)
+def _kernel(group: int, q_len: int, kv_len: int, interpret: bool):
+    mask = mask_lib.MultiHeadMask([mask_lib.CausalMask((q_len, kv_len)) for _ in range(group)])
+    block = min(BLOCK, q_len, kv_len)
+    sizes = splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
+                              block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
+    # One MQA kernel per KV head: its `group` query heads share that head's keys and values.
+    return splash.make_splash_mqa(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret)
+
+
+def attend(q, k, v, *, is_causal: bool, kv_lengths=None, interpret: bool = False):
+    if not is_causal or kv_lengths is not None:
+        from chipwise.attention import reference  # decode steps are tiny: the kernel buys nothing there
+        return reference.attend(q, k, v, is_causal=is_causal, kv_lengths=kv_lengths)
+    b, t, h, d = q.shape
+    kvh = k.shape[2]
+    group = h // kvh
+    kernel = _kernel(group, t, k.shape[1], interpret)
+    scale = np.float32(1.0 / np.sqrt(d))
+    # [b, t, kvh*group, d] -> [b, kvh, group, t, d]; k, v -> [b, kvh, s, d]
+    qg = (q * scale).astype(q.dtype).reshape(b, t, kvh, group, d).transpose(0, 2, 3, 1, 4)
+    kg, vg = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+    out = jax.vmap(jax.vmap(kernel))(qg, kg, vg)  # over batch, then over KV heads
+    return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, d).astype(q.dtype)

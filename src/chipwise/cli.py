@@ -1,0 +1,100 @@
+"""The `chipwise` command. Bad input becomes one line on stderr and exit code 2, never a traceback."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from chipwise import __version__
+from chipwise.errors import ChipwiseError
+
+EXIT_USAGE = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse's own two-line usage dump becomes our one line
+        raise ChipwiseError(f"{self.prog}: {message} (see --help)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="chipwise", description="Pre-train Llama-style models on any accelerator and measure "
+                                             "what each chip costs.")
+    p.add_argument("--version", action="version", version=f"chipwise {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    t = sub.add_parser("train", help="train a model (see configs/ for examples)")
+    t.add_argument("--config", help="YAML file with model/data/train/mesh/hardware sections")
+    t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value with a dotted key, e.g. --set train.steps=100 (repeatable)")
+    t.add_argument("--resume", metavar="RUN_DIR", nargs="?", const="",
+                   help="continue a run from its latest checkpoint (RUN_DIR, or the config's run_dir)")
+    t.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+
+    s = sub.add_parser("sample", help="generate text from a trained run")
+    s.add_argument("--run", required=True, metavar="RUN_DIR")
+    s.add_argument("--prompt", required=True)
+    s.add_argument("--max-new-tokens", type=int, default=100)
+    s.add_argument("--temperature", type=float, default=0.8, help="0 picks the most likely token")
+    s.add_argument("--top-k", type=int, default=0, help="0 keeps every token")
+    s.add_argument("--top-p", type=float, default=1.0)
+    s.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def _quiet_logs() -> None:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    logging.getLogger("absl").setLevel(logging.ERROR)
+    logging.getLogger("jax._src.xla_bridge").setLevel(logging.ERROR)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    for noisy in ("absl", "orbax", "jax", "grain"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _train(args) -> int:
+    from chipwise.config import apply_overrides, load_config, to_dict
+    from chipwise.train.loop import Trainer, load_run_config
+
+    if args.resume is not None and args.overwrite:
+        raise ChipwiseError("--resume and --overwrite contradict each other; pick one")
+    run_dir = args.resume
+    if run_dir == "":  # bare --resume: the run named by the config
+        run_dir = load_config(args.config, args.overrides).run_dir
+    if run_dir:  # a run continues under its own saved config; --set may still change e.g. train.steps
+        from chipwise.config import from_dict
+
+        cfg = from_dict(apply_overrides(to_dict(load_run_config(run_dir)), args.overrides + [f"run_dir={run_dir}"]))
+    else:
+        cfg = load_config(args.config, args.overrides)
+    Trainer(cfg, resume=run_dir is not None, overwrite=args.overwrite).run()
+    return 0
+
+
+def _sample(args) -> int:
+    from chipwise.sample import sample_from_run
+
+    text = sample_from_run(args.run, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
+                           args.seed)
+    print(text)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    _quiet_logs()
+    try:
+        args = build_parser().parse_args(argv)
+        import jax
+
+        jax.config.update("jax_default_prng_impl", "rbg")  # portable to TPU and Trainium; see DEVELOPERS notes
+        return {"train": _train, "sample": _sample}[args.command](args)
+    except ChipwiseError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,291 @@
+"""Run configuration: dataclasses, YAML files and `--set key=value` overrides, checked up front.
+
+Every problem is reported as one line (ConfigError) naming the key and how to fix it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from chipwise.errors import ConfigError
+from chipwise.presets import PRESETS
+
+
+@dataclass
+class ModelConfig:
+    num_layers: int = 4
+    d_model: int = 256
+    num_heads: int = 8
+    num_kv_heads: int = 4
+    d_ff: int = 704
+    vocab_size: int = 8192
+    ffn: str = "swiglu"  # swiglu | gelu
+    tie_embeddings: bool = True
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    max_seq_len: int = 512
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.num_heads
+
+
+@dataclass
+class DataConfig:
+    sources: list[str] = field(default_factory=list)  # files, directories or .jsonl; empty: Python's stdlib
+    text_field: str = "text"  # the field holding the text in .jsonl records
+    tokenizer: str = ""  # path to an existing tokenizer.json; empty: train a byte-level BPE
+    val_fraction: float = 0.05  # share of documents (chosen by path hash) held out for validation
+    cache_dir: str = ""  # where tokenizers and packed tokens are cached; empty: ~/.cache/chipwise
+    max_documents: int = 0  # keep only the first N documents in path order (0: all); for quick trials
+    worker_threads: int = 2  # Grain read threads feeding the step
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 200
+    batch_size: int = 16  # global sequences per optimizer step
+    seq_len: int = 256
+    grad_accum: int = 1  # micro-batches per step; batch_size must divide by it
+    seed: int = 0
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1  # final learning rate as a share of lr
+    warmup_steps: int = 20
+    schedule: str = "cosine"  # cosine | wsd (warm-up, stable, decay)
+    decay_fraction: float = 0.2  # wsd: share of steps spent decaying
+    weight_decay: float = 0.1
+    decay_norms_and_embeddings: bool = False
+    beta1: float = 0.9
+    beta2: float = 0.95
+    adam_eps: float = 1e-8
+    grad_clip: float = 1.0
+    dtype: str = "auto"  # compute dtype: auto (bf16 on accelerators, fp32 on CPU) | bfloat16 | float32
+    remat: str = "none"  # none | full | dots (save only matmul outputs)
+    log_every: int = 10
+    eval_every: int = 50
+    eval_batches: int = 4
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 3
+
+
+@dataclass
+class MeshConfig:
+    data: int = -1  # -1 takes whatever devices the other axes leave
+    fsdp: int = 1
+    tensor: int = 1
+
+
+@dataclass
+class HardwareConfig:
+    price_per_hour: float | None = None  # USD per chip-hour; overrides the catalog
+    power_watts: float | None = None  # per chip; overrides the catalog
+    peak_tflops: float | None = None  # per device, your own figure; reported as "user-given"
+    measure_peak: bool = True  # where the catalog has no peak, measure a matmul peak and label it measured
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    hardware: HardwareConfig = field(default_factory=HardwareConfig)
+    run_dir: str = "runs/default"
+
+
+CHOICES = {
+    "model.ffn": ("swiglu", "gelu"),
+    "train.schedule": ("cosine", "wsd"),
+    "train.dtype": ("auto", "bfloat16", "float32"),
+    "train.remat": ("none", "full", "dots"),
+}
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(key: str, value, tp):
+    """Check `value` against the annotation `tp`; ints are accepted where floats are expected."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(key, value, inner)
+    if origin is list:
+        (inner,) = typing.get_args(tp)
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list):
+            raise ConfigError(f"{key} must be a list of {_type_name(inner)}, got {value!r}")
+        return [_coerce(f"{key}[{i}]", v, inner) for i, v in enumerate(value)]
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is int and isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
+        return int(value)  # YAML reads 1e6 as a float
+    if tp is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
+        raise ConfigError(f"{key} must be {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+    return value
+
+
+def _build(cls, values: dict, prefix: str):
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        full = f"{prefix}{key}"
+        if key not in names:
+            near = ", ".join(sorted(names))
+            raise ConfigError(f"unknown config key '{full}'; valid keys under '{prefix or 'top level'}' are: {near}")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(value, dict):
+                raise ConfigError(f"'{full}' must be a mapping of its fields, got {value!r}")
+            kwargs[key] = _build(tp, value, f"{full}.")
+        else:
+            kwargs[key] = _coerce(full, value, tp)
+    return cls(**kwargs)
+
+
+def _parse_override(item: str) -> tuple[list[str], object]:
+    if "=" not in item:
+        raise ConfigError(f"--set expects key=value (for example train.steps=100), got {item!r}")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"--set expects key=value, got {item!r}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def _set_nested(tree: dict, path: list[str], value) -> None:
+    node = tree
+    for part in path[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"cannot set '{'.'.join(path)}': '{part}' is not a section")
+        node = child
+    node[path[-1]] = value
+
+
+def model_from_preset_or_dict(values) -> dict:
+    """Expand `model: NAME` or `model: {preset: NAME, ...fields}` into plain fields."""
+    if values is None:
+        return {}
+    if isinstance(values, str):
+        values = {"preset": values}
+    if not isinstance(values, dict):
+        raise ConfigError(f"'model' must be a preset name or a mapping of fields, got {values!r}")
+    values = dict(values)
+    preset = values.pop("preset", None)
+    if preset is None:
+        return values
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown model preset '{preset}'; choose one of: {', '.join(PRESETS)}")
+    return {**PRESETS[preset], **values}
+
+
+def load_config(path: str | None = None, overrides: list[str] = ()) -> Config:
+    raw: dict = {}
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {path} not found; pass an existing YAML file to --config")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            where = getattr(e, "problem_mark", None)
+            line = f" at line {where.line + 1}" if where else ""
+            raise ConfigError(f"config file {path} is not valid YAML{line}; fix its syntax") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of sections (model, data, train, ...)")
+    return from_dict(apply_overrides(raw, overrides))
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Apply `key.sub=value` strings to a config mapping (values parsed as YAML scalars or lists)."""
+    raw = dict(raw)
+    for item in overrides:
+        keys, value = _parse_override(item)
+        if keys[0] == "model" and isinstance(raw.get("model"), str):
+            raw["model"] = {"preset": raw["model"]}
+        _set_nested(raw, keys, value)
+    return raw
+
+
+def validate_model(m: ModelConfig, where: str = "model") -> None:
+    for name in ("num_layers", "d_model", "num_heads", "num_kv_heads", "d_ff", "vocab_size", "max_seq_len"):
+        if getattr(m, name) <= 0:
+            raise ConfigError(f"{where}.{name} must be positive, got {getattr(m, name)}")
+    if m.d_model % m.num_heads:
+        raise ConfigError(f"{where}.num_heads ({m.num_heads}) must divide {where}.d_model ({m.d_model})")
+    if m.num_heads % m.num_kv_heads:
+        raise ConfigError(f"{where}.num_kv_heads ({m.num_kv_heads}) must divide {where}.num_heads ({m.num_heads})")
+    if m.head_dim % 2:
+        raise ConfigError(f"head size d_model/num_heads = {m.head_dim} must be even for rotary embeddings")
+    if m.ffn not in CHOICES["model.ffn"]:
+        raise ConfigError(f"model.ffn must be one of {', '.join(CHOICES['model.ffn'])}, got {m.ffn!r}")
+    if m.norm_eps <= 0 or m.rope_theta <= 0:
+        raise ConfigError(f"{where}.norm_eps and {where}.rope_theta must be positive")
+
+
+def validate(cfg: Config) -> None:
+    validate_model(cfg.model)
+    t = cfg.train
+    for key, choices in CHOICES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value not in choices:
+            raise ConfigError(f"{key} must be one of {', '.join(choices)}, got {value!r}")
+    for name in ("steps", "batch_size", "seq_len", "grad_accum", "log_every", "eval_every", "eval_batches",
+                 "checkpoint_every", "keep_checkpoints"):
+        if getattr(t, name) <= 0:
+            raise ConfigError(f"train.{name} must be positive, got {getattr(t, name)}")
+    if t.warmup_steps < 0:
+        raise ConfigError(f"train.warmup_steps must be zero or more, got {t.warmup_steps}")
+    if t.lr <= 0:
+        raise ConfigError(f"train.lr must be positive, got {t.lr}")
+    if t.seq_len > cfg.model.max_seq_len:
+        raise ConfigError(f"train.seq_len ({t.seq_len}) exceeds model.max_seq_len ({cfg.model.max_seq_len}); "
+                          f"lower train.seq_len or raise model.max_seq_len")
+    if t.batch_size % t.grad_accum:
+        raise ConfigError(f"train.batch_size ({t.batch_size}) must be divisible by train.grad_accum ({t.grad_accum})")
+    if not 0 < cfg.data.val_fraction < 1:
+        raise ConfigError(f"data.val_fraction must be between 0 and 1, got {cfg.data.val_fraction}")
+    for name in ("data", "fsdp", "tensor"):
+        v = getattr(cfg.mesh, name)
+        if v == 0 or v < -1:
+            raise ConfigError(f"mesh.{name} must be a positive size or -1 (fill), got {v}")
+    if [cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor].count(-1) > 1:
+        raise ConfigError("only one of mesh.data, mesh.fsdp, mesh.tensor may be -1")
+    h = cfg.hardware
+    for name in ("price_per_hour", "power_watts", "peak_tflops"):
+        v = getattr(h, name)
+        if v is not None and v <= 0:
+            raise ConfigError(f"hardware.{name} must be positive, got {v}")
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(values: dict) -> Config:
+    """Build and check a Config from a mapping (a YAML file, or one saved with to_dict)."""
+    values = dict(values)
+    values["model"] = model_from_preset_or_dict(values.get("model"))
+    cfg = _build(Config, values, "")
+    validate(cfg)
+    return cfg

@@ -1,0 +1,203 @@
+"""Where the text comes from: Python's own standard library, or the user's files, directories and JSONL.
+
+Every document has a `name` that is stable across machines (a path relative to the stdlib root or to
+the source's parent, "file.jsonl:LINE" for JSONL records). The train/validation split, the corpus
+fingerprint and the document order are all functions of names and contents only, never of the order
+in which files were listed or where they live on disk.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import sysconfig
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from chipwise.config import DataConfig
+from chipwise.errors import DataError
+
+_EXCLUDED_DIRS = {"site-packages", "dist-packages", "__pycache__"}
+
+
+@dataclass(frozen=True)
+class Document:
+    name: str  # stable identity: decides the split and enters the fingerprint
+    text: str
+    order: tuple = ()  # sort key ("path order"); JSONL line numbers sort numerically, not as strings
+
+
+@dataclass
+class Corpus:
+    train: list[Document]
+    val: list[Document]
+    fingerprint: str
+    label: str  # "Python 3.11 stdlib" or "2 sources"
+    num_documents: int  # before the split (a lone document is cut in two by it)
+    num_bytes: int
+    skipped: int = 0  # files left out because they are not UTF-8 text
+    notes: list[str] = field(default_factory=list)
+
+
+def _read_text(path: Path) -> str | None:
+    """The file's text, or None when it is not UTF-8 text (a NUL byte also marks it binary)."""
+    data = path.read_bytes()
+    if b"\0" in data:
+        return None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+
+
+def stdlib_files() -> tuple[Path, list[Path]]:
+    """The running interpreter's stdlib root and its *.py files (third-party packages excluded), sorted."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if d not in _EXCLUDED_DIRS]
+        files += [Path(dirpath, f) for f in filenames if f.endswith(".py")]
+    return root, sorted(files, key=lambda p: p.relative_to(root).as_posix())
+
+
+def _stdlib_documents() -> tuple[list[Document], int]:
+    root, files = stdlib_files()
+    docs, skipped = [], 0
+    for path in files:
+        text = _read_text(path)
+        if text is None:
+            skipped += 1  # a few test files are deliberately in other encodings
+            continue
+        rel = path.relative_to(root).as_posix()
+        docs.append(Document(rel, text, (rel,)))
+    return docs, skipped
+
+
+def _jsonl_documents(path: Path, name: str, text_field: str) -> list[Document]:
+    docs = []
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            if not raw.strip():
+                continue
+            try:
+                record = json.loads(raw)
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                raise DataError(f"{path}:{lineno} is not valid JSON; "
+                                f"fix that line or remove {path} from data.sources") from None
+            text = record.get(text_field) if isinstance(record, dict) else None
+            if not isinstance(text, str):
+                raise DataError(f"{path}:{lineno} has no string field '{text_field}'; "
+                                f"set data.text_field to the field holding the text")
+            if text:
+                docs.append(Document(f"{name}:{lineno}", text, (name, lineno)))
+    return docs
+
+
+def _file_documents(path: Path, name: str, text_field: str, explicit: bool) -> list[Document] | None:
+    """Documents of one file; None for a non-text file found inside a directory (skipped, counted)."""
+    if path.suffix == ".jsonl":
+        return _jsonl_documents(path, name, text_field)
+    text = _read_text(path)
+    if text is None:
+        if explicit:
+            raise DataError(f"data source {path} is not UTF-8 text; convert it or remove it from data.sources")
+        return None
+    return [Document(name, text, (name,))] if text else []
+
+
+def _walk_text_files(directory: Path) -> list[Path]:
+    files = []
+    for dirpath, dirnames, filenames in os.walk(directory):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        files += [Path(dirpath, f) for f in filenames if Path(dirpath, f).is_file()]
+    return files
+
+
+def _user_documents(sources: list[str], text_field: str) -> tuple[list[Document], int]:
+    docs, seen, skipped = [], set(), 0
+    for source in sources:
+        path = Path(source).expanduser()
+        if path.is_dir():
+            # Names are relative to the directory's parent, so "data/a.txt" stays "data/a.txt" on any machine.
+            found = 0
+            for f in _walk_text_files(path):
+                if f.resolve() in seen:
+                    continue
+                seen.add(f.resolve())
+                name = f"{path.resolve().name}/{f.relative_to(path).as_posix()}"
+                got = _file_documents(f, name, text_field, explicit=False)
+                if got is None:
+                    skipped += 1
+                    continue
+                found += len(got)
+                docs += got
+            if not found:
+                raise DataError(f"data source directory {source} holds no UTF-8 text; "
+                                f"point data.sources at a directory with text files")
+        elif path.is_file():
+            if path.resolve() in seen:
+                continue  # listed twice: read once
+            seen.add(path.resolve())
+            docs += _file_documents(path, path.name, text_field, explicit=True)
+        else:
+            raise DataError(f"data source {source} does not exist; fix the path in data.sources "
+                            f"(or leave data.sources empty to train on Python's standard library)")
+    return docs, skipped
+
+
+def _hash_unit(name: str) -> float:
+    """A number in [0, 1) from the name alone: the same on every run and machine."""
+    return int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big") / 2**64
+
+
+def split_documents(docs: list[Document], val_fraction: float) -> tuple[list[Document], list[Document]]:
+    """Validation gets the documents whose name hashes below val_fraction; both sides end up non-empty."""
+    if len(docs) == 1:
+        # One document: its last val_fraction of characters is the validation text.
+        (doc,) = docs
+        if len(doc.text) < 2:
+            raise DataError("the corpus holds a single character; add more text to data.sources")
+        cut = min(max(round(len(doc.text) * (1 - val_fraction)), 1), len(doc.text) - 1)
+        return [Document(doc.name, doc.text[:cut], doc.order)], [Document(doc.name, doc.text[cut:], doc.order)]
+    val = [d for d in docs if _hash_unit(d.name) < val_fraction]
+    train = [d for d in docs if _hash_unit(d.name) >= val_fraction]
+    # Tiny corpora: move the document whose hash is nearest the boundary, which is order-independent.
+    if not val:
+        moved = min(train, key=lambda d: (_hash_unit(d.name), d.order))
+        train.remove(moved)
+        val.append(moved)
+    elif not train:
+        moved = max(val, key=lambda d: (_hash_unit(d.name), d.order))
+        val.remove(moved)
+        train.append(moved)
+    return train, val
+
+
+def fingerprint(docs: list[Document], text_field: str) -> str:
+    """sha256 over names and content hashes (in path order) and text_field: the cache key of the corpus."""
+    h = hashlib.sha256(f"chipwise-corpus-v1\0{text_field}\0".encode())
+    for d in docs:
+        h.update(f"{d.name}\0{hashlib.sha256(d.text.encode()).hexdigest()}\n".encode())
+    return h.hexdigest()
+
+
+def load_corpus(cfg: DataConfig) -> Corpus:
+    if cfg.sources:
+        docs, skipped = _user_documents(cfg.sources, cfg.text_field)
+        label = f"{len(cfg.sources)} source{'s' * (len(cfg.sources) > 1)}"
+    else:
+        docs, skipped = _stdlib_documents()
+        label = f"Python {sys.version_info.major}.{sys.version_info.minor} stdlib"
+    # Path order, whatever order the sources were listed in; text breaks ties between equal names.
+    docs.sort(key=lambda d: (d.order, d.text))
+    if cfg.max_documents > 0:
+        docs = docs[: cfg.max_documents]
+    if not docs:
+        raise DataError("the corpus is empty: no text found in data.sources; add text files or JSONL records")
+    notes = [f"skipped {skipped} file(s) that are not UTF-8 text"] if skipped else []
+    train, val = split_documents(docs, cfg.val_fraction)
+    return Corpus(train=train, val=val, fingerprint=fingerprint(docs, cfg.text_field), label=label,
+                  num_documents=len(docs), num_bytes=sum(len(d.text.encode()) for d in docs),
+                  skipped=skipped, notes=notes)

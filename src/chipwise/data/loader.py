@@ -1,0 +1,105 @@
+"""Training batches from the packed tokens with Grain: shuffled windows, sharded by process, resumable.
+
+The batch stream is a pure function of (tokens, seq_len, global_batch, seed): step s uses positions
+s*global_batch .. (s+1)*global_batch - 1 of an endless sequence of epochs, each epoch a different
+permutation of all windows. Process p of P reads the contiguous rows p*global_batch/P .. of every
+step, so the processes together see exactly what a single process would, whatever P is, and the
+iterator state (the next step) means the same thing for any number of processes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import grain
+import numpy as np
+
+from chipwise.errors import DataError
+
+
+class TokenWindows:
+    """Random-access source: window i is tokens[i*seq_len : i*seq_len + seq_len + 1] (inputs and targets)."""
+
+    def __init__(self, tokens: np.ndarray, seq_len: int, split: str = "train"):
+        if seq_len <= 0:
+            raise DataError(f"train.seq_len must be positive, got {seq_len}")
+        self.tokens, self.seq_len = tokens, seq_len
+        self.count = (len(tokens) - 1) // seq_len  # the +1 target token may overlap the next window
+        if self.count <= 0:
+            raise DataError(f"the {split} split has {len(tokens):,} tokens, fewer than train.seq_len + 1 = "
+                            f"{seq_len + 1}; lower train.seq_len or add data")
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, i: int) -> dict[str, np.ndarray]:
+        start = int(i) * self.seq_len
+        return {"tokens": np.asarray(self.tokens[start:start + self.seq_len + 1], dtype=np.int32)}
+
+
+def _shuffle_seed(seed: int) -> int:
+    # Grain shuffles epoch e with seed + e, so seeds 0 and 1 would share all but one epoch order;
+    # hashing the user's seed first keeps different seeds' orders unrelated.
+    return int.from_bytes(hashlib.sha256(f"chipwise-order:{seed}".encode()).digest()[:4], "big")
+
+
+class TrainIterator:
+    """Iterator of {"tokens": int32 [global_batch // process_count, seq_len + 1]}, checkpointable."""
+
+    def __init__(self, tokens: np.ndarray, seq_len: int, global_batch: int, seed: int,
+                 process_index: int = 0, process_count: int = 1, worker_threads: int = 2):
+        if global_batch <= 0 or process_count <= 0 or global_batch % process_count:
+            raise DataError(f"train.batch_size ({global_batch}) must be a positive multiple of the "
+                            f"number of processes ({process_count})")
+        if not 0 <= process_index < process_count:
+            raise DataError(f"process index {process_index} is outside 0..{process_count - 1}")
+        self.spec = {"seq_len": seq_len, "global_batch": global_batch, "seed": seed}
+        rows = global_batch // process_count
+        ds = (grain.MapDataset.source(TokenWindows(tokens, seq_len))
+              .shuffle(seed=_shuffle_seed(seed))
+              .repeat()  # endless; grain reseeds the shuffle per epoch
+              .batch(rows)  # batch k holds stream positions k*rows .. (k+1)*rows - 1
+              [process_index::process_count])  # so this process's k-th batch is its part of step k
+        # Threads build upcoming batches while the step runs; results come back in index order, so
+        # prefetching never changes what is returned.
+        threads = max(0, worker_threads)
+        options = grain.ReadOptions(num_threads=threads, prefetch_buffer_size=2 * threads if threads else 0)
+        self._iter = ds.to_iter_dataset(options).__iter__()
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        return next(self._iter)
+
+    def get_state(self) -> dict:
+        """JSON-serialisable: the next step's index plus the settings that give it meaning."""
+        return {"step": int(self._iter.get_state()["next_index"]), **self.spec}
+
+    def set_state(self, state: dict) -> None:
+        changed = [k for k, v in self.spec.items() if state.get(k) != v]
+        if changed:
+            was = ", ".join(f"{k} {state.get(k)} -> {self.spec[k]}" for k in changed)
+            raise DataError(f"cannot resume the data stream: {was} changed since the checkpoint; "
+                            f"restore the original train settings or start a new run")
+        self._iter.set_state({"next_index": int(state["step"])})
+
+    def close(self) -> None:
+        close = getattr(self._iter, "close", None)
+        if close is not None:
+            close()
+
+
+def eval_batches(val_tokens: np.ndarray, seq_len: int, batch_size: int, num_batches: int) -> list[dict]:
+    """Fixed validation batches: the first windows in order, no shuffle.
+
+    Up to `num_batches` full batches; a split with fewer than batch_size windows gives one batch that
+    cycles through the windows it has, so the batch shape (and the compiled eval step) never changes.
+    """
+    windows = TokenWindows(val_tokens, seq_len, split="validation")
+    count = max(1, min(num_batches, len(windows) // batch_size))
+    out = []
+    for b in range(count):
+        rows = [windows[(b * batch_size + r) % len(windows)]["tokens"] for r in range(batch_size)]
+        out.append({"tokens": np.stack(rows)})
+    return out

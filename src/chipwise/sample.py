@@ -1,0 +1,113 @@
+"""Text generation from a trained run: a KV cache of fixed length, a prefill, then a scan of decode steps.
+
+Everything is compiled with static shapes: the cache is allocated for prompt + new tokens up front and each
+decode step writes one position, so no shape depends on the data.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from tokenizers import Tokenizer
+
+from chipwise.errors import ChipwiseError
+from chipwise.model import Transformer
+
+
+def filter_logits(logits, top_k: int, top_p: float):
+    """Mask logits [vocab] outside the top-k set and outside the smallest set holding top-p probability."""
+    if top_k > 0:
+        kth = jax.lax.top_k(logits, min(top_k, logits.shape[-1]))[0][..., -1]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    if 0.0 < top_p < 1.0:
+        sorted_logits = jnp.sort(logits)[::-1]
+        cumulative = jnp.cumsum(jax.nn.softmax(sorted_logits))
+        # keep a token while the probability before it is still below top_p (the most likely one always stays)
+        cutoff_index = jnp.sum(cumulative - jax.nn.softmax(sorted_logits) < top_p) - 1
+        logits = jnp.where(logits < sorted_logits[cutoff_index], -jnp.inf, logits)
+    return logits
+
+
+@partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "temperature", "top_k", "top_p"))
+def generate(graphdef, params, prompt, key, *, max_new_tokens: int, temperature: float, top_k: int, top_p: float):
+    """prompt [1, P] int32 -> new tokens [max_new_tokens]."""
+    model: Transformer = nnx.merge(graphdef, params)
+    cfg = model.cfg
+    length = prompt.shape[1] + max_new_tokens
+    shape = (1, length, cfg.num_kv_heads, cfg.head_dim)
+    caches = [(jnp.zeros(shape), jnp.zeros(shape), 0) for _ in range(cfg.num_layers)]
+    logits, caches = model(prompt, caches=caches)
+
+    def pick(logits, key):
+        if temperature == 0.0:
+            return jnp.argmax(logits).astype(jnp.int32)
+        return jax.random.categorical(key, filter_logits(logits / temperature, top_k, top_p)).astype(jnp.int32)
+
+    def decode(carry, step_key):
+        caches, token, pos = carry
+        positions = jnp.full((1, 1), pos, jnp.int32)
+        logits, new = model(token.reshape(1, 1), positions=positions,
+                            caches=[(k, v, pos) for k, v in caches])
+        nxt = pick(logits[0, -1], step_key)
+        return (new, nxt, pos + 1), nxt
+
+    first_key, key = jax.random.split(key)
+    first = pick(logits[0, -1], first_key)
+    carry = ([(k, v) for k, v in caches], first, jnp.int32(prompt.shape[1]))
+    _, rest = jax.lax.scan(decode, carry, jax.random.split(key, max_new_tokens - 1))
+    return jnp.concatenate([first[None], rest])
+
+
+def sample_from_run(run_dir: str, prompt: str, max_new_tokens: int, temperature: float = 0.8, top_k: int = 0,
+                    top_p: float = 1.0, seed: int = 0) -> str:
+    from chipwise.train.loop import TOKENIZER_FILE, load_run_config
+    from chipwise.train.checkpoint import Checkpoints
+
+    run = Path(run_dir)
+    cfg = load_run_config(run)
+    if max_new_tokens <= 0:
+        raise ChipwiseError("--max-new-tokens must be positive")
+    if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
+        raise ChipwiseError("need --temperature >= 0, 0 < --top-p <= 1 and --top-k >= 0")
+    tokenizer = Tokenizer.from_file(str(run / TOKENIZER_FILE))
+    ids = tokenizer.encode(prompt).ids
+    if not ids:
+        raise ChipwiseError("the prompt is empty; pass some text with --prompt")
+    if len(ids) + max_new_tokens > cfg.model.max_seq_len:
+        raise ChipwiseError(f"prompt ({len(ids)} tokens) + --max-new-tokens ({max_new_tokens}) exceeds the model's "
+                            f"max_seq_len ({cfg.model.max_seq_len}); ask for fewer tokens")
+    params, graphdef = load_params(run, cfg)
+    key = jax.random.key(seed, impl="rbg")
+    out = generate(graphdef, params, jnp.asarray([ids], jnp.int32), key, max_new_tokens=max_new_tokens,
+                   temperature=float(temperature), top_k=int(top_k), top_p=float(top_p))
+    new = [int(i) for i in out]
+    eos = tokenizer.token_to_id("<|endoftext|>")
+    if eos in new:
+        new = new[: new.index(eos)]
+    return prompt + tokenizer.decode(new)
+
+
+def load_params(run: Path, cfg):
+    """The latest checkpoint's parameters on the default device (fp32), with the model's graph definition."""
+    from chipwise.train.checkpoint import Checkpoints
+    from chipwise.train.optimizer import make_optimizer
+
+    ckpt = Checkpoints(run / "checkpoints", keep=cfg.train.keep_checkpoints, save_every=1)
+    step = ckpt.latest_step()
+    if step is None:
+        raise ChipwiseError(f"{run} has no checkpoint yet; train it first (chipwise train ...)")
+    abstract = nnx.eval_shape(lambda: Transformer(cfg.model, nnx.Rngs(params=0)))
+    graphdef, abstract_state = nnx.split(abstract)
+    params = nnx.to_pure_dict(abstract_state)
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), params)
+    opt = jax.eval_shape(make_optimizer(cfg.train).init, params)
+    opt = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), opt)
+    state, _ = ckpt.restore(step, {"step": jax.ShapeDtypeStruct((), jnp.int32, sharding=device),
+                                   "params": target, "opt_state": opt})
+    ckpt.close()
+    return state["params"], graphdef

@@ -1,0 +1,150 @@
+"""How logical axis names map onto the device mesh. The model names axes; this module decides placement.
+
+MaxText-style ordered rules: for each logical axis of an array, the first rule whose mesh axes are not yet used
+by another dimension of that array, and whose size divides the dimension, wins; otherwise the dimension is
+replicated. So activations `(batch, seq, embed)` put `batch` on data x fsdp and leave `embed` whole, while the
+parameter `(embed, mlp)` puts `embed` on fsdp and `mlp` on tensor.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+from chipwise.config import MeshConfig
+from chipwise.errors import ConfigError
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# logical axis -> mesh axes, tried in order (an axis may appear twice: the later rule is its fallback).
+DEFAULT_RULES: tuple[tuple[str, tuple[str, ...] | None], ...] = (
+    ("batch", ("data", "fsdp")),
+    ("batch", ("data",)),
+    ("vocab", ("tensor",)),
+    ("heads", ("tensor",)),
+    ("kv_heads", ("tensor",)),
+    ("mlp", ("tensor",)),
+    ("embed", ("fsdp",)),
+    ("seq", None),
+    ("head_dim", None),
+)
+
+# Per-platform defaults, as data (AXLearn-style). `max_tensor` caps tensor parallelism to the fast domain.
+PLATFORM_RULES: dict[str, dict] = {
+    "cpu": dict(rules=DEFAULT_RULES, max_tensor=None, why=""),
+    "gpu": dict(rules=DEFAULT_RULES, max_tensor=8,
+                why="tensor parallelism must stay inside one NVLink domain of 8 GPUs"),
+    "tpu": dict(rules=DEFAULT_RULES, max_tensor=None, why=""),
+    # Trainium2 shows 4 JAX devices per chip (LNC=2); tensor parallelism beyond a chip crosses NeuronLink
+    # on every layer, which AXLearn's trn2 rule (model=4) also avoids.
+    "neuron": dict(rules=DEFAULT_RULES, max_tensor=4,
+                   why="Trainium keeps tensor parallelism inside one chip (4 devices at LNC=2)"),
+}
+
+
+def platform_rules(platform: str) -> dict:
+    return PLATFORM_RULES.get(platform, PLATFORM_RULES["cpu"])
+
+
+def resolve_mesh_shape(mesh_cfg: MeshConfig, num_devices: int, platform: str = "cpu") -> dict[str, int]:
+    sizes = {name: getattr(mesh_cfg, name) for name in MESH_AXES}
+    fixed = math.prod(v for v in sizes.values() if v != -1)
+    if -1 in sizes.values():
+        if num_devices % fixed:
+            raise ConfigError(f"mesh axes {_fmt(sizes)} cannot fill {num_devices} devices: the fixed axes "
+                              f"multiply to {fixed}, which does not divide {num_devices}")
+        sizes = {k: (num_devices // fixed if v == -1 else v) for k, v in sizes.items()}
+    if math.prod(sizes.values()) != num_devices:
+        raise ConfigError(f"mesh {_fmt(sizes)} needs {math.prod(sizes.values())} devices but {num_devices} are "
+                          f"present; make the product {num_devices} or set one axis to -1")
+    cap = platform_rules(platform)["max_tensor"]
+    if cap is not None and sizes["tensor"] > cap:
+        raise ConfigError(f"mesh.tensor={sizes['tensor']} exceeds {cap} on {platform}: "
+                          f"{platform_rules(platform)['why']}; use fsdp or data instead")
+    return sizes
+
+
+def _fmt(sizes: dict) -> str:
+    return " x ".join(f"{k}={v}" for k, v in sizes.items())
+
+
+def make_mesh(mesh_cfg: MeshConfig, devices=None) -> Mesh:
+    devices = list(devices if devices is not None else jax.devices())
+    sizes = resolve_mesh_shape(mesh_cfg, len(devices), devices[0].platform)
+    shape = tuple(sizes[a] for a in MESH_AXES)
+    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
+
+
+def logical_to_spec(axes: tuple[str | None, ...], shape: tuple[int, ...], mesh: Mesh,
+                    rules=DEFAULT_RULES) -> PartitionSpec:
+    """PartitionSpec for an array of `shape` whose dimensions carry the logical names `axes`."""
+    used: set[str] = set()
+    spec = []
+    for name, dim in zip(axes, shape):
+        chosen = None
+        for logical, mesh_axes in rules:
+            if logical != name or mesh_axes is None:
+                continue
+            mesh_axes = tuple(a for a in mesh_axes if mesh.shape[a] > 1)
+            if not mesh_axes or used & set(mesh_axes):
+                continue
+            if dim % math.prod(mesh.shape[a] for a in mesh_axes):
+                continue  # e.g. one KV head under tensor=2: replicate rather than fail
+            chosen = mesh_axes
+            break
+        if chosen:
+            used |= set(chosen)
+            spec.append(chosen[0] if len(chosen) == 1 else chosen)
+        else:
+            spec.append(None)
+    return PartitionSpec(*spec)
+
+
+@dataclass
+class _Active:
+    mesh: Mesh | None = None
+    rules: tuple = DEFAULT_RULES
+
+
+_active = _Active()
+
+
+@contextlib.contextmanager
+def use_mesh(mesh: Mesh, rules=DEFAULT_RULES):
+    """Activates `mesh` for jax and for `constrain` (trace the step inside this context)."""
+    previous = (_active.mesh, _active.rules)
+    _active.mesh, _active.rules = mesh, rules
+    try:
+        with jax.set_mesh(mesh):
+            yield mesh
+    finally:
+        _active.mesh, _active.rules = previous
+
+
+def constrain(x: jax.Array, axes: tuple[str | None, ...]) -> jax.Array:
+    """Sharding hint for an activation; a no-op outside `use_mesh` (as in tests of the bare model)."""
+    mesh = _active.mesh
+    if mesh is None or mesh.size == 1:
+        return x
+    spec = logical_to_spec(axes, x.shape, mesh, _active.rules)
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+
+def tree_shardings(axes_tree, shapes_tree, mesh: Mesh, rules=DEFAULT_RULES):
+    """NamedShardings for a pytree of arrays given a matching pytree of logical-axes tuples."""
+    return jax.tree.map(lambda axes, shape: NamedSharding(mesh, logical_to_spec(axes, shape, mesh, rules)),
+                        axes_tree, shapes_tree, is_leaf=lambda x: isinstance(x, tuple))
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 2, rules=DEFAULT_RULES, batch_size: int | None = None) -> NamedSharding:
+    shape = (batch_size or int(np.prod([mesh.shape[a] for a in MESH_AXES])),) + (1,) * (ndim - 1)
+    return NamedSharding(mesh, logical_to_spec(("batch",) + (None,) * (ndim - 1), shape, mesh, rules))
+
+
+def data_parallel_size(mesh: Mesh) -> int:
+    return mesh.shape["data"] * mesh.shape["fsdp"]

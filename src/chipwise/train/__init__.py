@@ -1,0 +1,1 @@
+"""Training: optimizer, the jitted step, checkpoints, metrics and the loop that ties them together."""

@@ -1,0 +1,96 @@
+"""The jitted train and eval steps, and the sharded training state they run on.
+
+State is a plain pytree {"step", "params", "opt_state"} (params as a pure dict from the NNX model), so that
+optax, Orbax and the sharding rules all see the same arrays. Shapes are static; gradient accumulation is a
+`lax.scan` over micro-batches; there is no `lax.cond` and no host callback in the step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from chipwise.config import Config
+from chipwise.model import Transformer, param_axes
+from chipwise.sharding import batch_sharding, tree_shardings
+from chipwise.train.optimizer import learning_rate_schedule, make_optimizer
+
+
+def next_token_loss(logits, targets):
+    return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets).mean()
+
+
+@dataclass
+class Steps:
+    """Everything compiled for one run: init, train and eval steps, and the shardings they use."""
+    init: Callable  # () -> state
+    train: Callable  # (state, tokens [batch, seq+1]) -> (state, metrics)
+    eval: Callable  # (params, tokens) -> loss
+    state_shardings: dict
+    batch_sharding: NamedSharding
+    graphdef: nnx.GraphDef
+
+
+def build_steps(cfg: Config, mesh: Mesh, attend: Callable, compute_dtype) -> Steps:
+    m, t = cfg.model, cfg.train
+    abstract = nnx.eval_shape(lambda: Transformer(m, nnx.Rngs(params=0)))
+    graphdef, abstract_state = nnx.split(abstract)
+    axes = nnx.to_pure_dict(param_axes(abstract))
+    shapes = jax.tree.map(lambda x: x.shape, nnx.to_pure_dict(abstract_state))
+    param_shardings = tree_shardings(axes, shapes, mesh)
+    tx = make_optimizer(t)
+    schedule = learning_rate_schedule(t)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    abstract_opt = jax.eval_shape(tx.init, jax.tree.map(lambda s: jax.ShapeDtypeStruct(s, jnp.float32), shapes,
+                                                        is_leaf=lambda x: isinstance(x, tuple)))
+    # Optimizer moments shard like their parameters; counters are replicated.
+    opt_shardings = optax.tree_map_params(tx, lambda _, s: s, abstract_opt, param_shardings,
+                                          transform_non_params=lambda _: replicated)
+    state_shardings = {"step": replicated, "params": param_shardings, "opt_state": opt_shardings}
+    tokens_sharding = batch_sharding(mesh, 2, batch_size=t.batch_size)
+
+    def forward(params, tokens):
+        model = nnx.merge(graphdef, params)
+        logits = model(tokens[:, :-1], dtype=compute_dtype, attend=attend, remat=t.remat)
+        return next_token_loss(logits, tokens[:, 1:])
+
+    def init():
+        model = Transformer(m, nnx.Rngs(params=t.seed))
+        params = nnx.to_pure_dict(nnx.state(model))
+        return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
+
+    def train_step(state, tokens):
+        params = state["params"]
+        if t.grad_accum == 1:
+            loss, grads = jax.value_and_grad(forward)(params, tokens)
+        else:
+            micro = tokens.reshape(t.grad_accum, tokens.shape[0] // t.grad_accum, tokens.shape[1])
+
+            def accumulate(carry, mb):
+                loss, grads = jax.value_and_grad(forward)(params, mb)
+                return jax.tree.map(jnp.add, carry, (loss, grads)), None
+
+            zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
+            (loss, grads), _ = jax.lax.scan(accumulate, zeros, micro)
+            loss, grads = jax.tree.map(lambda x: x / t.grad_accum, (loss, grads))
+        updates, opt_state = tx.update(grads, state["opt_state"], params)
+        new_state = {"step": state["step"] + 1, "params": optax.apply_updates(params, updates),
+                     "opt_state": opt_state}
+        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "lr": schedule(state["step"])}
+        return new_state, metrics
+
+    return Steps(
+        init=jax.jit(init, out_shardings=state_shardings),
+        train=jax.jit(train_step, in_shardings=(state_shardings, tokens_sharding),
+                      out_shardings=(state_shardings, replicated), donate_argnums=0),
+        eval=jax.jit(forward, in_shardings=(param_shardings, tokens_sharding), out_shardings=replicated),
+        state_shardings=state_shardings,
+        batch_sharding=tokens_sharding,
+        graphdef=graphdef,
+    )

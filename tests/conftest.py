@@ -1,0 +1,24 @@
+import os
+
+# Eight simulated CPU devices for the sharding tests; must be set before jax is imported.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+jax.config.update("jax_default_prng_impl", "rbg")
+
+from chipwise.config import ModelConfig  # noqa: E402
+
+
+@pytest.fixture
+def small_model_cfg() -> ModelConfig:
+    return ModelConfig(num_layers=2, d_model=64, num_heads=4, num_kv_heads=2, d_ff=128, vocab_size=128,
+                       max_seq_len=64)
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path, monkeypatch):
+    """Never write tokenizers or token caches into the user's home during tests."""
+    monkeypatch.setenv("CHIPWISE_CACHE", str(tmp_path / "cache"))

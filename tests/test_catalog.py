@@ -1,0 +1,212 @@
+"""The accelerator catalog: ids, device-kind matching, per-device peaks, overrides, validation."""
+
+import dataclasses
+import datetime as dt
+import pickle
+from importlib import resources
+
+import pytest
+import yaml
+
+from chipwise.catalog import catalog_from_entries, find_by_device_kind, get, load_catalog
+from chipwise.errors import ConfigError
+
+IDS = {"cpu", "a100-80g", "h100-sxm", "h200", "b200", "trn1", "trn2", "trn3", "inf2",
+       "tpu-v4", "tpu-v5e", "tpu-v5p", "tpu-v6e", "tpu-v7"}
+
+# device_kind strings real JAX installs report (plus near-misses that must not match a neighbour).
+REAL_KINDS = [
+    "cpu", "NVIDIA H100 80GB HBM3", "NVIDIA H100 PCIe", "NVIDIA H100 NVL", "NVIDIA A100-SXM4-80GB",
+    "NVIDIA A100-SXM4-40GB", "NVIDIA A100 80GB PCIe", "NVIDIA H200", "NVIDIA H200 NVL", "NVIDIA B200",
+    "NVIDIA GB200", "NVIDIA GH200 480GB", "TPU v2", "TPU v3", "TPU v4", "TPU v4 lite", "TPU v5 lite",
+    "TPU v5", "TPU v5p", "TPU v6 lite", "TPU7x", "NC_v2", "NC_v3", "NC_v3d",
+]
+
+
+def _raw_entries():
+    text = resources.files("chipwise.catalog").joinpath("accelerators.yaml").read_text()
+    return yaml.safe_load(text)["accelerators"]
+
+
+def _one_line_config_error(excinfo, *words):
+    msg = str(excinfo.value)
+    assert "\n" not in msg
+    for w in words:
+        assert w in msg, msg
+
+
+def test_all_ids_present():
+    assert set(load_catalog()) == IDS
+
+
+@pytest.mark.parametrize("kind,expected", [
+    ("NVIDIA H100 80GB HBM3", "h100-sxm"),
+    ("NVIDIA H100 SXM5 80GB", "h100-sxm"),
+    ("NVIDIA H100 PCIe", None),
+    ("NVIDIA H100 NVL", None),
+    ("NVIDIA A100-SXM4-80GB", "a100-80g"),
+    ("NVIDIA A100-SXM4-40GB", None),
+    ("NVIDIA H200", "h200"),
+    ("NVIDIA H200 NVL", None),
+    ("NVIDIA B200", "b200"),
+    ("NVIDIA GB200", None),
+    ("TPU v4", "tpu-v4"),
+    ("TPU v4 lite", None),
+    ("TPU v5 lite", "tpu-v5e"),
+    ("TPU v5", "tpu-v5p"),
+    ("TPU v5p", "tpu-v5p"),
+    ("TPU v6 lite", "tpu-v6e"),
+    ("TPU7x", "tpu-v7"),
+    ("NC_v2", "trn1"),
+    ("NC_v3d", "trn2"),
+    ("NC_v3", None),  # LNC=1: 8 devices per chip, would double the per-device peak
+    ("cpu", "cpu"),
+    ("some future chip", None),
+    ("", None),
+])
+def test_find_by_device_kind(kind, expected):
+    acc = find_by_device_kind(kind)
+    assert (acc.id if acc else None) == expected
+
+
+def test_no_two_chips_match_one_real_device_kind():
+    cat = load_catalog()
+    for kind in REAL_KINDS:
+        hits = [a.id for a in cat.values() if a.matches(kind)]
+        assert len(hits) <= 1, (kind, hits)
+
+
+def test_overlapping_regexes_raise_instead_of_picking_one():
+    entries = _raw_entries()
+    h200 = next(e for e in entries if e["id"] == "h200")
+    h200["device_kinds"] = ["NVIDIA H.*"]  # would also swallow every H100
+    cat = catalog_from_entries(entries)
+    with pytest.raises(ConfigError) as e:
+        find_by_device_kind("NVIDIA H100 80GB HBM3", cat)
+    _one_line_config_error(e, "h100-sxm", "h200")
+
+
+def test_per_device_peaks():
+    assert get("trn2").peak_tflops_per_device("bf16") == pytest.approx(667 / 4)
+    assert get("tpu-v7").peak_tflops_per_device() == pytest.approx(2307 / 2)
+    assert get("tpu-v7").peak_tflops_per_device("fp8") == pytest.approx(4614 / 2)
+    assert get("trn1").peak_tflops_per_device("bfloat16") == pytest.approx(190 / 2)
+    assert get("h100-sxm").peak_tflops_per_device("float8_e4m3fn") == pytest.approx(1979)
+    assert get("cpu").peak_tflops_per_device() is None
+    assert get("tpu-v6e").peak_tflops_per_device("fp8") is None
+    # fp32 never silently reports the bf16 peak
+    assert get("h100-sxm").peak_tflops_per_device("float32") is None
+    assert get("trn2").peak_tflops_per_device("fp32") == pytest.approx(181 / 4)
+    with pytest.raises(ConfigError):
+        get("h100-sxm").peak_tflops_per_device("int4")
+
+
+def test_gb_figures_converted_to_gib():
+    assert get("h100-sxm").hbm_gib == pytest.approx(80e9 / 2**30, abs=0.01)
+    assert get("h200").hbm_gib == pytest.approx(141e9 / 2**30, abs=0.01)
+    assert get("tpu-v5e").hbm_gib == pytest.approx(16e9 / 2**30, abs=0.01)
+    assert get("trn2").hbm_gib == 96  # the Neuron docs give GiB already
+    assert get("h100-sxm").scaleout_gbps_per_chip == pytest.approx(3200 / 8 / 8)  # Gbps/instance -> GB/s/chip
+
+
+def test_get_unknown_id_lists_valid_ids():
+    with pytest.raises(ConfigError) as e:
+        get("h100")
+    _one_line_config_error(e, "h100-sxm", "trn2")
+
+
+def test_override_changes_price_and_records_source(tmp_path):
+    cat = load_catalog({"h100-sxm": {"price_per_chip_hour": 2.1, "fabric": {"domain_chips": 16}}})
+    assert cat["h100-sxm"].price_per_chip_hour == 2.1
+    assert cat["h100-sxm"].fabric.domain_chips == 16
+    assert "override" in cat["h100-sxm"].sources["price_per_chip_hour"]["source"]
+    assert cat["trn2"] == get("trn2")
+    path = tmp_path / "prices.yaml"
+    path.write_text("trn2:\n  price_per_chip_hour: 1.5\n  power_watts: 500\n")
+    cat = load_catalog(path)
+    assert (cat["trn2"].price_per_chip_hour, cat["trn2"].power_watts) == (1.5, 500)
+    assert str(path) in cat["trn2"].sources["power_watts"]["source"]
+    # the cached default catalog is untouched
+    assert get("h100-sxm").price_per_chip_hour == 4.92 and get("trn2").power_watts is None
+
+
+@pytest.mark.parametrize("overrides,words", [
+    ({"h100-sxm": {"price_per_chip_hour": -1}}, ["h100-sxm", "price_per_chip_hour", "positive"]),
+    ({"h100-sxm": {"price_per_chip_hour": "cheap"}}, ["h100-sxm", "price_per_chip_hour"]),
+    ({"h100-sxm": {"price_per_chip_hour": True}}, ["h100-sxm", "price_per_chip_hour"]),
+    ({"h900": {"price_per_chip_hour": 1.0}}, ["h900", "h100-sxm"]),
+    ({"h100-sxm": {"prize": 1.0}}, ["h100-sxm", "prize"]),
+    ({"h100-sxm": {"fabric": {"gbps": 1.0}}}, ["h100-sxm", "fabric.gbps"]),
+    ({"h100-sxm": {"id": "h101"}}, ["h100-sxm", "id"]),
+    ({"h100-sxm": {"device_kinds": ["(unclosed"]}}, ["h100-sxm", "device_kinds"]),
+    (["h100-sxm"], ["mapping"]),
+])
+def test_bad_overrides_raise_one_line_config_error(overrides, words):
+    with pytest.raises(ConfigError) as e:
+        load_catalog(overrides)
+    _one_line_config_error(e, *words)
+
+
+def test_override_file_errors(tmp_path):
+    with pytest.raises(ConfigError):
+        load_catalog(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("trn2: [unclosed\n")
+    with pytest.raises(ConfigError) as e:
+        load_catalog(bad)
+    _one_line_config_error(e, "bad.yaml")
+
+
+def _broken(acc_id, mutate):
+    entries = _raw_entries()
+    mutate(next(e for e in entries if e["id"] == acc_id))
+    return entries
+
+
+@pytest.mark.parametrize("acc_id,mutate,words", [
+    ("trn2", lambda e: e["sources"].pop("bf16_tflops"), ["trn2", "bf16_tflops", "source"]),
+    ("b200", lambda e: e["sources"].pop("fabric.gbps_per_chip"), ["b200", "fabric.gbps_per_chip"]),
+    ("h200", lambda e: e["sources"]["hbm_tbps"].update(read="yesterday"), ["h200", "hbm_tbps"]),
+    ("h200", lambda e: e["sources"].update(hbm_tb={"source": "x", "read": "2026-11-26"}), ["h200", "hbm_tb"]),
+    ("h100-sxm", lambda e: e.update(device_kinds=["NVIDIA H100 ("]), ["h100-sxm", "device_kinds"]),
+    ("h100-sxm", lambda e: e.update(device_kinds=[".*"]), ["h100-sxm", "device_kinds"]),
+    ("tpu-v4", lambda e: e.pop("hbm_gib"), ["tpu-v4", "hbm_gib", "missing"]),
+    ("tpu-v4", lambda e: e.update(bf16_tflops="275"), ["tpu-v4", "bf16_tflops"]),
+    ("tpu-v4", lambda e: e.update(devices_per_chip=0), ["tpu-v4", "devices_per_chip"]),
+    ("tpu-v4", lambda e: e.update(platform="TPU"), ["tpu-v4", "platform"]),
+    ("tpu-v4", lambda e: e.update(peak=1), ["tpu-v4", "peak"]),
+    ("trn1", lambda e: e.update(id="trn2"), ["trn2", "id"]),
+])
+def test_broken_catalog_raises_config_error(acc_id, mutate, words):
+    with pytest.raises(ConfigError) as e:
+        catalog_from_entries(_broken(acc_id, mutate))
+    _one_line_config_error(e, *words)
+
+
+def test_shipped_file_sources_every_figure_with_a_read_date():
+    numeric = ["devices_per_chip", "bf16_tflops", "fp8_tflops", "fp32_tflops", "hbm_gib", "hbm_tbps",
+               "scaleout_gbps_per_chip", "chips_per_instance", "power_watts", "price_per_chip_hour"]
+    for e in _raw_entries():
+        figures = {k: e[k] for k in numeric}
+        figures.update({f"fabric.{k}": v for k, v in e["fabric"].items() if isinstance(v, (int, float))})
+        for key, value in figures.items():
+            if value is None:
+                continue
+            src = e["sources"].get(key)
+            assert src and src["source"].strip(), (e["id"], key)
+            assert dt.date.fromisoformat(str(src["read"])) == dt.date(2026, 11, 26), (e["id"], key)
+
+
+def test_cpu_has_no_published_figures():
+    cpu = get("cpu")
+    assert (cpu.bf16_tflops, cpu.fp8_tflops, cpu.power_watts, cpu.price_per_chip_hour) == (None,) * 4
+
+
+def test_load_is_cached_and_returns_a_fresh_dict():
+    a, b = load_catalog(), load_catalog()
+    assert a is not b and a["trn2"] is b["trn2"]
+    a.pop("trn2")
+    assert "trn2" in load_catalog()
+    # copies and pickles (asdict deep-copies; multiprocessing pickles)
+    assert dataclasses.asdict(get("trn2"))["sources"]["bf16_tflops"]["read"] == "2026-11-26"
+    assert pickle.loads(pickle.dumps(get("trn2"))) == get("trn2")
