@@ -17,7 +17,7 @@ from chipwise.errors import ConfigError
 from chipwise.presets import PRESETS
 
 
-@dataclass
+@dataclass(frozen=True)  # hashable: it is part of the model's static graph definition
 class ModelConfig:
     num_layers: int = 4
     d_model: int = 256

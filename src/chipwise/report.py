@@ -24,7 +24,7 @@ def summary_table(s: dict) -> Table:
     table.add_row("model FLOP/s (measured)", f"{_fmt(s['tflops_per_device'] and s['tflops_per_device'] * 1e3, ',.1f')}"
                                              " GFLOP/s per device")
     mfu = _fmt(s["mfu"] and s["mfu"] * 100, ".1f", "unknown")
-    table.add_row("MFU", f"{mfu}{'%' if s['mfu'] is not None else ''}  ({s["mfu_basis"]})")
+    table.add_row("MFU", f"{mfu}{'%' if s['mfu'] is not None else ''}  ({s['mfu_basis']})")
     cost = s["usd_per_million_tokens"]
     table.add_row("cost", f"${cost:.4g} per million tokens (price from {s['price_source']})" if cost is not None
                   else "unknown: set hardware.price_per_hour (USD per chip-hour) to price this run")

@@ -191,7 +191,9 @@ class Trainer:
         return jax.make_array_from_process_local_data(sharding, local, shape)
 
     def _evaluate(self, eval_fn, params, batches, sharding) -> float:
-        losses = [eval_fn(params, self._global_batch(b["tokens"], sharding)) for b in batches]
+        rows = self.cfg.train.batch_size // jax.process_count()  # each process feeds its own rows
+        first = jax.process_index() * rows
+        losses = [eval_fn(params, self._global_batch(b["tokens"][first:first + rows], sharding)) for b in batches]
         return float(np.mean([float(x) for x in losses]))
 
     def _loop(self, state, start, iterator, train_step, steps, ckpt, writer, val_batches) -> Totals:

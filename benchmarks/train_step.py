@@ -1,0 +1,379 @@
+"""Throughput of chipwise's real train step, optionally against the same model in PyTorch (eager and compiled).
+
+    python benchmarks/train_step.py --preset tiny --batch-size 16 --seq-len 256 [--steps 20] [--warmup 3]
+        [--dtype auto|float32|bfloat16] [--set KEY=VALUE ...] [--compare-torch] [--markdown]
+
+The step is the trainer's own (`build_steps`, the registry's attention for this platform, the trainer's compute
+dtype) fed random tokens that already sit on the device, so data loading is not timed. Compilation and
+`--warmup` steps are excluded. tokens/s is `--steps` steps dispatched back to back over their total wall time
+(one block at the end); the median step time comes from a few more steps, each blocked on. Model FLOPs and MFU
+follow `chipwise.flops` (its CONVENTION is printed) against the peak `chipwise.efficiency` resolves.
+
+Bad arguments give one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np  # noqa: E402
+
+from chipwise.errors import ChipwiseError  # noqa: E402
+
+EXIT_USAGE = 2
+MEDIAN_STEPS = 5  # extra steps, each blocked on, for the median step time
+DATA_SEED = 0
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line instead of argparse's usage dump
+        raise ChipwiseError(f"{self.prog}: {message} (see --help)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="train_step.py", description="Time chipwise's train step (and optionally PyTorch's).")
+    p.add_argument("--preset", default="tiny", help="model preset (chipwise.presets), default tiny")
+    p.add_argument("--batch-size", type=int, default=16, help="sequences per step (global)")
+    p.add_argument("--seq-len", type=int, default=256, help="tokens per sequence")
+    p.add_argument("--steps", type=int, default=20, help="timed steps")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (at least 1)")
+    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
+                   help="compute dtype; auto is the trainer's choice (fp32 on CPU, bf16 on accelerators)")
+    p.add_argument("--set", "--override", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="any chipwise config override, e.g. --set model.num_layers=1 (repeatable)")
+    p.add_argument("--compare-torch", action="store_true",
+                   help="also time the same model in PyTorch (eager and torch.compile), fp32 on CPU")
+    p.add_argument("--torch-modes", default="eager,compile", metavar="MODES",
+                   help="with --compare-torch: which PyTorch runs, comma-separated from eager,compile")
+    p.add_argument("--markdown", action="store_true", help="also print the results as a Markdown table")
+    return p
+
+
+@dataclass
+class Result:
+    name: str
+    tokens_per_step: int
+    devices: int  # what per-device figures divide by
+    flops_per_token: float
+    peak_tflops_per_device: float | None
+    peak_source: str
+    steps: int
+    total_s: float  # the timed steps, back to back
+    step_times_s: list[float]  # separately blocked steps
+    setup_s: float  # compilation and warm-up steps
+    final_loss: float
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens_per_step * self.steps / self.total_s
+
+    @property
+    def tokens_per_s_per_device(self) -> float:
+        return self.tokens_per_s / self.devices
+
+    @property
+    def tflops_per_device(self) -> float:
+        return self.tokens_per_s_per_device * self.flops_per_token / 1e12
+
+    @property
+    def mfu(self) -> float | None:
+        return self.tflops_per_device / self.peak_tflops_per_device if self.peak_tflops_per_device else None
+
+    @property
+    def median_step_s(self) -> float:
+        return statistics.median(self.step_times_s)
+
+
+def _quiet_logs() -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    for noisy in ("absl", "jax", "jax._src.xla_bridge", "torch._inductor", "torch._dynamo"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+
+
+def _check_args(args) -> None:
+    for flag, value in (("--batch-size", args.batch_size), ("--seq-len", args.seq_len), ("--steps", args.steps),
+                        ("--warmup", args.warmup)):
+        if value <= 0:
+            why = " (the first step compiles)" if flag == "--warmup" else ""
+            raise ChipwiseError(f"{flag} must be positive{why}, got {value}")
+    modes = [m.strip() for m in args.torch_modes.split(",") if m.strip()]
+    unknown = sorted(set(modes) - {"eager", "compile"})
+    if unknown or not modes:
+        raise ChipwiseError(f"--torch-modes takes eager and/or compile, comma-separated; got {args.torch_modes!r}")
+    args.torch_modes = list(dict.fromkeys(modes))
+
+
+def load_benchmark_config(args):
+    from chipwise.config import apply_overrides, from_dict
+
+    raw = {"model": {"preset": args.preset},
+           "train": {"batch_size": args.batch_size, "seq_len": args.seq_len, "dtype": args.dtype}}
+    return from_dict(apply_overrides(raw, args.overrides))
+
+
+def random_tokens(cfg) -> np.ndarray:
+    t = cfg.train
+    rng = np.random.default_rng(DATA_SEED)
+    return rng.integers(0, cfg.model.vocab_size, (t.batch_size, t.seq_len + 1), dtype=np.int32)
+
+
+# ---- chipwise ---------------------------------------------------------------------------------------------------
+
+def bench_chipwise(cfg, ctx: dict, tokens_np: np.ndarray, warmup: int, steps: int) -> Result:
+    import jax
+
+    from chipwise.sharding import use_mesh
+    from chipwise.train.step import build_steps
+
+    with use_mesh(ctx["mesh"], ctx["rules"]):
+        built = build_steps(cfg, ctx["mesh"], ctx["attention"].fn, ctx["dtype"])
+        state = built.init()
+        # Every process makes the same global batch (fixed seed) and places its own shards.
+        tokens = jax.make_array_from_callback(tokens_np.shape, built.batch_sharding, lambda idx: tokens_np[idx])
+        jax.block_until_ready((state, tokens))
+
+        t0 = time.perf_counter()
+        train = built.train.lower(state, tokens).compile()
+        compile_s = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        for _ in range(warmup):
+            state, metrics = train(state, tokens)
+        jax.block_until_ready((state, metrics))
+        warmup_s = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            state, metrics = train(state, tokens)
+        jax.block_until_ready((state, metrics))
+        total_s = time.perf_counter() - t0
+
+        step_times = []
+        for _ in range(min(steps, MEDIAN_STEPS)):
+            t0 = time.perf_counter()
+            state, metrics = train(state, tokens)
+            jax.block_until_ready((state, metrics))
+            step_times.append(time.perf_counter() - t0)
+
+    hw = ctx["hardware"]
+    dtype = np.dtype(ctx["dtype"]).name
+    print(f"  chipwise: compile {compile_s:.2f} s (lower + compile), warm-up ({warmup} steps) {warmup_s:.2f} s")
+    return Result(f"chipwise (JAX, {dtype}, {ctx['attention'].name} attention)", tokens_np.shape[0] * (
+        tokens_np.shape[1] - 1), hw.num_devices, ctx["flops_per_token"], hw.peak.tflops_per_device, hw.peak.source,
+        steps, total_s, step_times, compile_s + warmup_s, float(metrics["loss"]))
+
+
+# ---- PyTorch ----------------------------------------------------------------------------------------------------
+
+def torch_threads() -> int:
+    try:
+        return len(os.sched_getaffinity(0))  # the cores this process may use (containers, taskset)
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def bench_torch(cfg, ctx: dict, tokens_np: np.ndarray, warmup: int, steps: int, modes: list[str]) -> list[Result]:
+    try:
+        import torch
+    except ImportError:
+        print("  PyTorch: not installed, comparison skipped (pip install -e .[bench])")
+        return []
+    hw = ctx["hardware"]
+    if hw.platform != "cpu":
+        print(f"  PyTorch: comparison skipped; it runs fp32 on CPU and JAX is on {hw.platform}")
+        return []
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import jax
+    import jax.numpy as jnp
+    import torch_llama
+
+    from chipwise import flops
+    from chipwise.train.optimizer import learning_rate_schedule
+
+    torch.set_num_threads(torch_threads())
+    if np.dtype(ctx["dtype"]) != np.float32:
+        print(f"  PyTorch runs fp32 while chipwise runs {np.dtype(ctx['dtype']).name}")
+    # The chipwise learning-rate schedule, tabulated for every step the benchmark runs.
+    total_steps = warmup + steps + MEDIAN_STEPS
+    lrs = np.asarray(jax.vmap(learning_rate_schedule(cfg.train))(jnp.arange(total_steps + 1)))
+
+    def lr_at(step: int) -> float:
+        return float(lrs[min(step, len(lrs) - 1)])
+
+    tokens = torch.from_numpy(tokens_np.astype(np.int64))
+    # The CPU is one device to torch: its per-device peak is the whole chip's.
+    peak = hw.peak.tflops_per_device * hw.devices_per_chip if hw.peak.tflops_per_device else None
+    results = []
+    runs = {"eager": ("PyTorch eager (fp32)", False), "compile": ("PyTorch torch.compile (inductor, fp32)", True)}
+    for name, compiled in (runs[mode] for mode in modes):
+        torch.manual_seed(cfg.train.seed)
+        model = torch_llama.Llama(cfg.model)
+        if model.num_params() != flops.param_count(cfg.model):
+            raise AssertionError(f"torch model has {model.num_params()} parameters, chipwise "
+                                 f"{flops.param_count(cfg.model)}: the architectures differ")
+        opt, sched = torch_llama.make_optimizer(model, cfg.train, lr_at)
+        loss_fn = torch.compile(model) if compiled else model
+
+        def step():
+            return torch_llama.train_step(loss_fn, model, opt, sched, tokens, cfg.train.grad_clip)
+
+        t0 = time.perf_counter()
+        try:
+            for _ in range(warmup):
+                loss = step()
+            loss.item()
+        except Exception as e:  # noqa: BLE001 - inductor needs a C++ compiler; report and go on
+            if not compiled:
+                raise
+            print(f"  {name}: failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}), skipped")
+            continue
+        setup_s = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            loss = step()
+        loss.item()
+        total_s = time.perf_counter() - t0
+
+        step_times = []
+        for _ in range(min(steps, MEDIAN_STEPS)):
+            t0 = time.perf_counter()
+            loss = step()
+            loss.item()
+            step_times.append(time.perf_counter() - t0)
+        what = "compile + warm-up" if compiled else "warm-up"
+        print(f"  {name}: {what} ({warmup} steps) {setup_s:.2f} s, {torch.get_num_threads()} threads")
+        results.append(Result(name, tokens.shape[0] * (tokens.shape[1] - 1), 1, ctx["flops_per_token"], peak,
+                              hw.peak.source, steps, total_s, step_times, setup_s, float(loss)))
+    return results
+
+
+# ---- reporting --------------------------------------------------------------------------------------------------
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def print_result(r: Result) -> None:
+    mfu = f"{r.mfu:.1%}" if r.mfu is not None else "unknown"
+    peak = f"{r.peak_tflops_per_device:.4g} TFLOP/s per device" if r.peak_tflops_per_device else "no peak"
+    print(f"\n{r.name}")
+    print(f"  tokens/s          {r.tokens_per_s:,.0f}  ({r.steps} steps / {r.total_s:.3f} s total, "
+          f"one block at the end)")
+    print(f"  tokens/s/device   {r.tokens_per_s_per_device:,.0f}  ({r.devices} device(s))")
+    print(f"  median step       {r.median_step_s * 1e3:,.1f} ms  ({len(r.step_times_s)} further steps, each blocked)")
+    print(f"  model TFLOP/s/dev {r.tflops_per_device:.4f}  ({r.flops_per_token / 1e6:,.1f} MFLOP/token)")
+    print(f"  MFU               {mfu} of {peak} ({r.peak_source})")
+    print(f"  final loss        {r.final_loss:.4f}")
+
+
+def print_markdown(results: list[Result], cfg, ctx: dict, args) -> None:
+    import jax
+
+    try:
+        import torch
+
+        torch_version = f", torch {torch.__version__}"
+    except ImportError:
+        torch_version = ""
+    hw = ctx["hardware"]
+    print("\n| implementation | tokens/s | tokens/s/device | model GFLOP/s/device | MFU | compile/warm-up s |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for r in results:
+        mfu = f"{r.mfu:.1%}" if r.mfu is not None else "unknown"
+        print(f"| {r.name} | {r.tokens_per_s:,.0f} | {r.tokens_per_s_per_device:,.0f} | "
+              f"{r.tflops_per_device * 1e3:,.1f} | {mfu} | {r.setup_s:.1f} |")
+    device = "" if hw.platform == "cpu" else f", {hw.num_devices} x {hw.device_kind}"
+    print(f"\nMachine: {cpu_model()}, {os.cpu_count()} cores{device}; jax {jax.__version__}{torch_version}. "
+          f"Preset {args.preset}, batch {cfg.train.batch_size} x seq {cfg.train.seq_len}, {args.steps} timed steps "
+          f"after {args.warmup} warm-up; MFU against {hw.peak.describe()}; FLOPs {ctx['flops_convention']}.")
+
+
+# ---- main -------------------------------------------------------------------------------------------------------
+
+def run(args) -> int:
+    _check_args(args)
+    cfg = load_benchmark_config(args)
+
+    import jax
+
+    from chipwise import attention, efficiency, flops
+    from chipwise.errors import ConfigError
+    from chipwise.sharding import data_parallel_size, make_mesh, platform_rules
+    from chipwise.train.loop import compute_dtype
+
+    m, t = cfg.model, cfg.train
+    devices = jax.devices()
+    platform = devices[0].platform
+    dtype = compute_dtype(cfg, platform)
+    mesh = make_mesh(cfg.mesh, devices)
+    dp = data_parallel_size(mesh)
+    if t.batch_size % dp or (t.batch_size // t.grad_accum) % dp:
+        raise ConfigError(f"--batch-size {t.batch_size} (over train.grad_accum={t.grad_accum} micro-batches) must "
+                          f"divide by the data-parallel size mesh.data x mesh.fsdp = {dp}")
+    choice = attention.select(platform, seq_len=t.seq_len, head_dim=m.head_dim, num_heads=m.num_heads,
+                              num_kv_heads=m.num_kv_heads, dtype=dtype)
+    hw = efficiency.resolve_hardware(devices, dtype, cfg.hardware)
+    fpt = flops.training_flops_per_token(m, t.seq_len).total
+    ctx = dict(mesh=mesh, rules=platform_rules(platform)["rules"], attention=choice, dtype=dtype, hardware=hw,
+               flops_per_token=fpt, flops_convention=flops.CONVENTION)
+
+    print("chipwise train-step benchmark")
+    print(f"  device     {hw.num_devices} x {hw.device_kind} ({hw.platform}), mesh {dict(mesh.shape)}")
+    print(f"  model      preset {args.preset}, {flops.param_count(m) / 1e6:.2f}M params, "
+          f"batch {t.batch_size} x seq {t.seq_len} = {t.batch_size * t.seq_len:,} tokens/step")
+    print(f"  dtype      {np.dtype(dtype).name} (--dtype {args.dtype})")
+    fallback = f" ({choice.fallback_reason})" if choice.fallback_reason else ""
+    print(f"  attention  {choice.name}{fallback}")
+    print(f"  peak       {hw.peak.describe()}")
+    print(f"  FLOPs      {fpt / 1e6:,.1f} MFLOP/token, convention: {flops.CONVENTION}")
+    print(f"  timing     {args.warmup} warm-up steps excluded; tokens/s = {args.steps} steps over their total "
+          f"wall time; median = {min(args.steps, MEDIAN_STEPS)} further steps, each blocked")
+    print(f"  data       random int32 tokens (seed {DATA_SEED}) already on device")
+
+    tokens = random_tokens(cfg)
+    results = [bench_chipwise(cfg, ctx, tokens, args.warmup, args.steps)]
+    if args.compare_torch:
+        results += bench_torch(cfg, ctx, tokens, args.warmup, args.steps, args.torch_modes)
+    for r in results:
+        print_result(r)
+    if args.markdown:
+        print_markdown(results, cfg, ctx, args)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    _quiet_logs()
+    try:
+        args = build_parser().parse_args(argv)
+        import jax
+
+        jax.config.update("jax_default_prng_impl", "rbg")  # as the chipwise CLI does
+        return run(args)
+    except ChipwiseError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

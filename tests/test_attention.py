@@ -1,0 +1,82 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from chipwise import attention
+from chipwise.attention import reference
+
+
+def qkv(b=2, t=256, h=4, kv=2, d=64, seed=0):
+    k1, k2, k3 = jax.random.split(jax.random.key(seed), 3)
+    return (jax.random.normal(k1, (b, t, h, d)), jax.random.normal(k2, (b, t, kv, d)),
+            jax.random.normal(k3, (b, t, kv, d)))
+
+
+def naive(q, k, v):
+    """Causal softmax attention written out, for grouped-query heads."""
+    group = q.shape[2] // k.shape[2]
+    k, v = jnp.repeat(k, group, axis=2), jnp.repeat(v, group, axis=2)
+    scores = jnp.einsum("bthd,bshd->bhts", q, k) / np.sqrt(q.shape[-1])
+    mask = jnp.tril(jnp.ones((q.shape[1], k.shape[1]), bool))
+    weights = jax.nn.softmax(jnp.where(mask, scores, -jnp.inf), axis=-1)
+    return jnp.einsum("bhts,bshd->bthd", weights, v)
+
+
+def test_reference_is_causal_grouped_query_attention():
+    q, k, v = qkv(t=32)
+    np.testing.assert_allclose(reference.attend(q, k, v, is_causal=True), naive(q, k, v), rtol=1e-5, atol=1e-5)
+
+
+def test_registry_prefers_each_backends_kernel_and_explains_fallbacks():
+    def pick(platform, seq_len=256, dtype=jnp.bfloat16):
+        return attention.select(platform, seq_len=seq_len, head_dim=64, num_heads=4, num_kv_heads=2, dtype=dtype)
+
+    assert pick("cpu").name == "reference" and pick("cpu").fallback_reason == ""
+    assert pick("gpu").name == "cudnn"
+    assert pick("tpu").name == "splash"
+    fp32_gpu = pick("gpu", dtype=jnp.float32)
+    assert fp32_gpu.name == "reference" and "cudnn not used" in fp32_gpu.fallback_reason
+    short_tpu = pick("tpu", seq_len=100)
+    assert short_tpu.name == "reference" and "multiple of 128" in short_tpu.fallback_reason
+    neuron = pick("neuron")  # no Neuron plugin here: the hook declines with its reason
+    assert neuron.name == "reference" and "nki not used" in neuron.fallback_reason
+
+
+def test_cudnn_declines_fp32_and_odd_head_dims():
+    from chipwise.attention import cudnn
+
+    ok = dict(platform="gpu", seq_len=128, num_heads=4, num_kv_heads=4)
+    assert cudnn.unsupported_reason(head_dim=128, dtype=jnp.bfloat16, **ok) is None
+    assert "bf16" in cudnn.unsupported_reason(head_dim=128, dtype=jnp.float32, **ok)
+    assert "head_dim" in cudnn.unsupported_reason(head_dim=256, dtype=jnp.bfloat16, **ok)
+
+
+def test_tpu_splash_kernel_matches_reference_in_interpret_mode():
+    """The real Pallas kernel, run by Pallas' interpreter on the CPU: forward and gradients."""
+    from chipwise.attention import tpu_splash
+
+    q, k, v = qkv()
+    np.testing.assert_allclose(tpu_splash.attend(q, k, v, is_causal=True, interpret=True),
+                               reference.attend(q, k, v, is_causal=True), rtol=1e-4, atol=1e-4)
+
+    def loss(fn, q, k, v):
+        return jnp.sum(fn(q, k, v) ** 2)
+
+    splash_grads = jax.grad(lambda *a: loss(lambda *x: tpu_splash.attend(*x, is_causal=True, interpret=True), *a),
+                            argnums=(0, 1, 2))(q, k, v)
+    ref_grads = jax.grad(lambda *a: loss(lambda *x: reference.attend(*x, is_causal=True), *a), argnums=(0, 1, 2))(q, k, v)
+    for a, b in zip(splash_grads, ref_grads):
+        np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-3)
+
+
+def test_splash_declines_unaligned_sequences():
+    from chipwise.attention import tpu_splash
+
+    assert "multiple of 128" in tpu_splash.unsupported_reason(platform="tpu", seq_len=100, head_dim=128)
+
+
+def test_unknown_override_is_rejected():
+    with pytest.raises(ValueError, match="unknown attention implementation"):
+        attention.select("cpu", seq_len=8, head_dim=8, num_heads=1, num_kv_heads=1, dtype=jnp.float32,
+                         override="flash9000")

@@ -1,0 +1,100 @@
+"""The whole trainer through its command line, on a tiny model and a tiny corpus of real Python files."""
+
+import json
+import shutil
+import sysconfig
+from pathlib import Path
+
+import pytest
+
+from chipwise.cli import main
+
+pytestmark = pytest.mark.slow
+
+REQUIRED = {"step", "loss", "lr", "grad_norm", "tokens_per_s", "tokens_per_s_per_device", "tflops_per_device",
+            "mfu", "step_time_s"}
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("corpus")
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    for name in ("textwrap.py", "shlex.py", "string.py", "glob.py", "fnmatch.py", "bisect.py", "heapq.py",
+                 "colorsys.py", "keyword.py", "queue.py", "sched.py", "this.py", "token.py", "abc.py"):
+        shutil.copy(stdlib / name, root / name)
+    return root
+
+
+def train_args(run_dir, corpus, steps=6, *extra):
+    settings = ["model.num_layers=1", "model.d_model=32", "model.num_heads=2", "model.num_kv_heads=1",
+                "model.d_ff=64", "model.vocab_size=320", "model.max_seq_len=64", "train.seq_len=32",
+                "train.batch_size=8", f"train.steps={steps}", "train.log_every=2", "train.eval_every=3",
+                "train.checkpoint_every=3", "train.eval_batches=1", "train.warmup_steps=1",
+                f"data.sources=[{corpus}]", f"run_dir={run_dir}", *extra]
+    return [x for s in settings for x in ("--set", s)]
+
+
+def read_metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_train_resume_sample_and_run_dir_safety(tmp_path, corpus, capsys):
+    run = tmp_path / "run"
+    assert main(["train", *train_args(run, corpus)]) == 0
+    out = capsys.readouterr().out
+    assert "chipwise run summary" in out and "MFU" in out and "measured here" in out
+
+    records = read_metrics(run)
+    train = [r for r in records if "loss" in r]
+    val = [r for r in records if "val_loss" in r]
+    assert [r["step"] for r in train] == [2, 4, 6]
+    assert all(REQUIRED <= r.keys() for r in train)
+    assert all(r["tokens_per_s"] > 0 and 0 < r["mfu"] < 1.5 for r in train)
+    assert [r["step"] for r in val] == [0, 3, 6]
+    assert any(p.name.startswith("events.out.tfevents") for p in (run / "tensorboard").iterdir())
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["tokens"] == 6 * 8 * 32
+    assert summary["final_val_loss"] < summary["first_val_loss"]
+    assert "FLOPs 6N+causal" in summary["mfu_basis"] and "measured" in summary["mfu_basis"]
+    assert summary["usd_per_million_tokens"] is None  # a CPU has no catalog price: unknown, not invented
+    info = json.loads((run / "run_info.json").read_text())
+    assert info["mesh"] == {"data": 8, "fsdp": 1, "tensor": 1} and info["attention"] == "reference"
+
+    # Starting again over the same directory is refused, and nothing is touched.
+    before = (run / "metrics.jsonl").read_text()
+    assert main(["train", *train_args(run, corpus)]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert (run / "metrics.jsonl").read_text() == before
+
+    # Resume continues from the last checkpoint (step 6) to a longer horizon, with a price now known.
+    assert main(["train", "--resume", str(run), "--set", "train.steps=8", "--set", "hardware.price_per_hour=2.5",
+                 "--set", "hardware.power_watts=100"]) == 0
+    out = capsys.readouterr().out
+    assert "resumed from step 6" in out
+    assert [r["step"] for r in read_metrics(run) if "loss" in r][-1] == 8
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["tokens"] == 2 * 8 * 32
+    expected = 2.5 / 3600 / summary["tokens_per_s"] * 1e6
+    assert summary["usd_per_million_tokens"] == pytest.approx(expected)
+    assert summary["kwh_per_million_tokens"] == pytest.approx(0.1 / 3600 / summary["tokens_per_s"] * 1e6)
+
+    assert main(["sample", "--run", str(run), "--prompt", "def ", "--max-new-tokens", "8", "--top-k", "5",
+                 "--top-p", "0.9"]) == 0
+    assert capsys.readouterr().out.startswith("def ")
+
+
+def test_overwrite_refuses_a_directory_that_is_not_a_run(tmp_path, corpus, capsys):
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "notes.txt").write_text("keep me")
+    assert main(["train", "--overwrite", *train_args(precious, corpus)]) == 2
+    assert "not a chipwise run directory" in capsys.readouterr().err
+    assert (precious / "notes.txt").read_text() == "keep me"
+
+
+def test_empty_data_is_a_one_line_error(tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["train", *train_args(tmp_path / "run", empty)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "\n" not in err
