@@ -3,9 +3,9 @@
 Same model as `src/chipwise/model.py`: token embedding, pre-norm blocks (RMSNorm normalising in fp32, rotary
 embeddings pairing the two halves of each head, grouped-query attention through
 `scaled_dot_product_attention`, SwiGLU or GELU MLP), a final RMSNorm and a tied or untied LM head, no biases.
-Weights start as chipwise's do (truncated normal, std 1/sqrt(fan_in); norms at one), and the optimizer is
-chipwise's AdamW: the same betas, eps, decoupled weight decay on matrices only (not the embedding), global
-gradient clipping and the same learning-rate schedule.
+Weights start as chipwise's do (truncated normal, std 1/sqrt(fan_in), the residual-stream output projections
+further scaled by 1/sqrt(2 * layers); norms at one), and the optimizer is chipwise's AdamW: the same betas, eps,
+decoupled weight decay on matrices only (not the embedding), global gradient clipping and learning-rate schedule.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from torch import nn
 _SDPA_GQA = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 5)
 
 
-def _init_(weight: torch.Tensor, fan_in: int) -> None:
-    std = fan_in ** -0.5
+def _init_(weight: torch.Tensor, fan_in: int, scale: float = 1.0) -> None:
+    std = scale * fan_in ** -0.5
     nn.init.trunc_normal_(weight, std=std, a=-3 * std, b=3 * std)
 
 
@@ -68,7 +68,7 @@ class Attention(nn.Module):
         self.wo = nn.Linear(self.h * self.hd, d, bias=False)
         for w in (self.wq, self.wk, self.wv):
             _init_(w.weight, d)
-        _init_(self.wo.weight, self.h * self.hd)
+        _init_(self.wo.weight, self.h * self.hd, (2 * cfg.num_layers) ** -0.5)  # residual outputs shrink with depth
         self.rotary = rotary
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -98,7 +98,7 @@ class MLP(nn.Module):
         for w in (self.w_gate, self.w_up):
             if w is not None:
                 _init_(w.weight, d)
-        _init_(self.w_down.weight, f)
+        _init_(self.w_down.weight, f, (2 * cfg.num_layers) ** -0.5)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         up = self.w_up(x)

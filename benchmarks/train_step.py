@@ -54,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also time the same model in PyTorch (eager and torch.compile), fp32 on CPU")
     p.add_argument("--torch-modes", default="eager,compile", metavar="MODES",
                    help="with --compare-torch: which PyTorch runs, comma-separated from eager,compile")
+    p.add_argument("--torch-threads", type=int, default=0, metavar="N",
+                   help="with --compare-torch: torch.set_num_threads(N); 0 (default) uses every core available")
     p.add_argument("--markdown", action="store_true", help="also print the results as a Markdown table")
     return p
 
@@ -93,6 +95,10 @@ class Result:
         return statistics.median(self.step_times_s)
 
 
+def _n(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
 def _quiet_logs() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     for noisy in ("absl", "jax", "jax._src.xla_bridge", "torch._inductor", "torch._dynamo"):
@@ -105,6 +111,8 @@ def _check_args(args) -> None:
         if value <= 0:
             why = " (the first step compiles)" if flag == "--warmup" else ""
             raise ChipwiseError(f"{flag} must be positive{why}, got {value}")
+    if args.torch_threads < 0:
+        raise ChipwiseError(f"--torch-threads must be 0 (all cores) or positive, got {args.torch_threads}")
     modes = [m.strip() for m in args.torch_modes.split(",") if m.strip()]
     unknown = sorted(set(modes) - {"eager", "compile"})
     if unknown or not modes:
@@ -166,22 +174,26 @@ def bench_chipwise(cfg, ctx: dict, tokens_np: np.ndarray, warmup: int, steps: in
 
     hw = ctx["hardware"]
     dtype = np.dtype(ctx["dtype"]).name
-    print(f"  chipwise: compile {compile_s:.2f} s (lower + compile), warm-up ({warmup} steps) {warmup_s:.2f} s")
-    return Result(f"chipwise (JAX, {dtype}, {ctx['attention'].name} attention)", tokens_np.shape[0] * (
-        tokens_np.shape[1] - 1), hw.num_devices, ctx["flops_per_token"], hw.peak.tflops_per_device, hw.peak.source,
-        steps, total_s, step_times, compile_s + warmup_s, float(metrics["loss"]))
+    print(f"  chipwise: compile {compile_s:.2f} s (lower + compile), warm-up {_n(warmup, 'step')} {warmup_s:.2f} s")
+    tokens_per_step = tokens_np.shape[0] * (tokens_np.shape[1] - 1)
+    return Result(f"chipwise (JAX, {dtype}, {ctx['attention'].name} attention)", tokens_per_step, hw.num_devices,
+                  ctx["flops_per_token"], hw.peak.tflops_per_device, hw.peak.source, steps, total_s, step_times,
+                  compile_s + warmup_s, float(metrics["loss"]))
 
 
 # ---- PyTorch ----------------------------------------------------------------------------------------------------
 
-def torch_threads() -> int:
+def torch_threads(requested: int = 0) -> int:
+    if requested > 0:
+        return requested
     try:
         return len(os.sched_getaffinity(0))  # the cores this process may use (containers, taskset)
     except AttributeError:
         return os.cpu_count() or 1
 
 
-def bench_torch(cfg, ctx: dict, tokens_np: np.ndarray, warmup: int, steps: int, modes: list[str]) -> list[Result]:
+def bench_torch(cfg, ctx: dict, tokens_np: np.ndarray, warmup: int, steps: int, modes: list[str],
+                requested_threads: int = 0) -> list[Result]:
     try:
         import torch
     except ImportError:
@@ -196,10 +208,11 @@ def bench_torch(cfg, ctx: dict, tokens_np: np.ndarray, warmup: int, steps: int, 
     import jax.numpy as jnp
     import torch_llama
 
-    from chipwise import flops
+    from chipwise import efficiency, flops
     from chipwise.train.optimizer import learning_rate_schedule
 
-    torch.set_num_threads(torch_threads())
+    torch.set_num_threads(torch_threads(requested_threads))
+    ctx["torch_threads"] = torch.get_num_threads()
     if np.dtype(ctx["dtype"]) != np.float32:
         print(f"  PyTorch runs fp32 while chipwise runs {np.dtype(ctx['dtype']).name}")
     # The chipwise learning-rate schedule, tabulated for every step the benchmark runs.
@@ -210,8 +223,12 @@ def bench_torch(cfg, ctx: dict, tokens_np: np.ndarray, warmup: int, steps: int, 
         return float(lrs[min(step, len(lrs) - 1)])
 
     tokens = torch.from_numpy(tokens_np.astype(np.int64))
+    # torch computes in fp32: where chipwise does not, its peak is the fp32 one (measured, on a CPU).
+    base = hw.peak
+    if np.dtype(ctx["dtype"]) != np.float32 and base.kind == "measured":
+        base = efficiency.resolve_hardware(jax.devices(), jnp.float32, cfg.hardware).peak
     # The CPU is one device to torch: its per-device peak is the whole chip's.
-    peak = hw.peak.tflops_per_device * hw.devices_per_chip if hw.peak.tflops_per_device else None
+    peak = base.tflops_per_device * hw.devices_per_chip if base.tflops_per_device else None
     results = []
     runs = {"eager": ("PyTorch eager (fp32)", False), "compile": ("PyTorch torch.compile (inductor, fp32)", True)}
     for name, compiled in (runs[mode] for mode in modes):
@@ -251,9 +268,9 @@ def bench_torch(cfg, ctx: dict, tokens_np: np.ndarray, warmup: int, steps: int, 
             loss.item()
             step_times.append(time.perf_counter() - t0)
         what = "compile + warm-up" if compiled else "warm-up"
-        print(f"  {name}: {what} ({warmup} steps) {setup_s:.2f} s, {torch.get_num_threads()} threads")
+        print(f"  {name}: {what} {_n(warmup, 'step')} {setup_s:.2f} s, {_n(torch.get_num_threads(), 'thread')}")
         results.append(Result(name, tokens.shape[0] * (tokens.shape[1] - 1), 1, ctx["flops_per_token"], peak,
-                              hw.peak.source, steps, total_s, step_times, setup_s, float(loss)))
+                              base.source, steps, total_s, step_times, setup_s, float(loss)))
     return results
 
 
@@ -287,12 +304,11 @@ def print_result(r: Result) -> None:
 def print_markdown(results: list[Result], cfg, ctx: dict, args) -> None:
     import jax
 
-    try:
+    torch_version = ""
+    if "torch_threads" in ctx:
         import torch
 
-        torch_version = f", torch {torch.__version__}"
-    except ImportError:
-        torch_version = ""
+        torch_version = f", torch {torch.__version__} ({_n(ctx['torch_threads'], 'thread')})"
     hw = ctx["hardware"]
     print("\n| implementation | tokens/s | tokens/s/device | model GFLOP/s/device | MFU | compile/warm-up s |")
     print("|---|---:|---:|---:|---:|---:|")
@@ -300,10 +316,17 @@ def print_markdown(results: list[Result], cfg, ctx: dict, args) -> None:
         mfu = f"{r.mfu:.1%}" if r.mfu is not None else "unknown"
         print(f"| {r.name} | {r.tokens_per_s:,.0f} | {r.tokens_per_s_per_device:,.0f} | "
               f"{r.tflops_per_device * 1e3:,.1f} | {mfu} | {r.setup_s:.1f} |")
+    described = {}
+    for r in results:  # one peak for all rows, or one per dtype
+        if r.peak_tflops_per_device:
+            described.setdefault(f"{r.peak_tflops_per_device:.4g} TFLOP/s per device ({r.peak_source})", r.name)
+        else:
+            described.setdefault(f"no peak ({r.peak_source})", r.name)
+    peaks = "; ".join(described) if len(described) == 1 else "; ".join(f"{p} for {n}" for p, n in described.items())
     device = "" if hw.platform == "cpu" else f", {hw.num_devices} x {hw.device_kind}"
     print(f"\nMachine: {cpu_model()}, {os.cpu_count()} cores{device}; jax {jax.__version__}{torch_version}. "
           f"Preset {args.preset}, batch {cfg.train.batch_size} x seq {cfg.train.seq_len}, {args.steps} timed steps "
-          f"after {args.warmup} warm-up; MFU against {hw.peak.describe()}; FLOPs {ctx['flops_convention']}.")
+          f"after {args.warmup} warm-up; MFU against {peaks}; FLOPs {ctx['flops_convention']}.")
 
 
 # ---- main -------------------------------------------------------------------------------------------------------
@@ -344,14 +367,15 @@ def run(args) -> int:
     print(f"  attention  {choice.name}{fallback}")
     print(f"  peak       {hw.peak.describe()}")
     print(f"  FLOPs      {fpt / 1e6:,.1f} MFLOP/token, convention: {flops.CONVENTION}")
-    print(f"  timing     {args.warmup} warm-up steps excluded; tokens/s = {args.steps} steps over their total "
+    print(f"  timing     warm-up steps excluded: {args.warmup}; tokens/s = {args.steps} steps over their total "
           f"wall time; median = {min(args.steps, MEDIAN_STEPS)} further steps, each blocked")
     print(f"  data       random int32 tokens (seed {DATA_SEED}) already on device")
 
     tokens = random_tokens(cfg)
     results = [bench_chipwise(cfg, ctx, tokens, args.warmup, args.steps)]
     if args.compare_torch:
-        results += bench_torch(cfg, ctx, tokens, args.warmup, args.steps, args.torch_modes)
+        results += bench_torch(cfg, ctx, tokens, args.warmup, args.steps, args.torch_modes,
+                               args.torch_threads)
     for r in results:
         print_result(r)
     if args.markdown:

@@ -31,9 +31,11 @@ def tokens_per_s(stdout: str) -> list[float]:
 @pytest.fixture(scope="module")
 def toy_run():
     """One toy run for the tests below; it also times PyTorch eager where torch is installed."""
-    return run_script(*TOY, "--markdown", "--compare-torch", "--torch-modes", "eager")
+    return run_script(*TOY, "--markdown", "--compare-torch", "--torch-modes", "eager",
+                      "--torch-threads", "1")  # one thread: OpenMP crawls when other tests share the cores
 
 
+@pytest.mark.xdist_group("benchmark_toy_run")  # one worker runs the script once
 def test_benchmark_prints_throughput_and_mfu_with_its_peak(toy_run):
     assert toy_run.returncode == 0, toy_run.stderr
     out = toy_run.stdout
@@ -110,6 +112,7 @@ def test_torch_model_computes_what_chipwise_computes(small_model_cfg, variant):
     np.testing.assert_allclose(ours, np.asarray(jax_model(tokens)), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.xdist_group("benchmark_toy_run")  # one worker runs the script once
 def test_benchmark_compares_with_torch_eager(toy_run):
     torch_llama()  # skips without torch
     assert toy_run.returncode == 0, toy_run.stderr

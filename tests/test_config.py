@@ -9,10 +9,10 @@ from chipwise.presets import PRESETS
 
 
 def test_presets_and_overrides():
-    cfg = load_config(None, ["model.preset=llama3-8b", "train.steps=7", "data.sources=[a.txt, b]",
+    cfg = load_config(None, ["model.preset=llama3-8b", "train.steps=7", "train.lr=6e-4", "data.sources=[a.txt, b]",
                              "hardware.price_per_hour=2"])
     assert (cfg.model.num_layers, cfg.model.num_kv_heads, cfg.model.vocab_size) == (32, 8, 128256)
-    assert cfg.train.steps == 7 and cfg.data.sources == ["a.txt", "b"] and cfg.hardware.price_per_hour == 2.0
+    assert cfg.train.lr == 6e-4 and cfg.train.steps == 7 and cfg.data.sources == ["a.txt", "b"] and cfg.hardware.price_per_hour == 2.0
     for name in ("tiny", "125m", "350m", "1b", "llama2-7b", "llama2-70b", "llama3-8b", "llama3-70b",
                  "llama3-405b", "gpt3-175b"):
         assert name in PRESETS

@@ -258,10 +258,13 @@ def test_iterator_state_resumes_exactly():
         make_train_iterator(TOKENS, 8, 4, seed=4).set_state(state)
 
 
-def test_eval_batches_are_the_first_windows_in_order():
+def test_eval_batches_spread_over_the_whole_split_in_order():
     batches = eval_batches(TOKENS, 8, 4, 3)
     assert len(batches) == 3 and batches[0]["tokens"].shape == (4, 9)
-    assert [b["tokens"][:, 0].tolist() for b in batches] == [[0, 8, 16, 24], [32, 40, 48, 56], [64, 72, 80, 88]]
+    starts = np.concatenate([b["tokens"][:, 0] for b in batches])
+    windows = (len(TOKENS) - 1) // 8
+    assert starts[0] == 0 and starts[-1] == (windows - 1) * 8  # first and last window of the split
+    assert np.all(np.diff(starts) > 0) and np.array_equal(batches[0]["tokens"], eval_batches(TOKENS, 8, 4, 3)[0]["tokens"])
     small = eval_batches(TOKENS[:25], 8, 4, 3)  # 3 windows: one full-shape batch cycling through them
     assert len(small) == 1 and small[0]["tokens"][:, 0].tolist() == [0, 8, 16, 0]
     with pytest.raises(DataError, match="validation split"):

@@ -129,6 +129,11 @@ def _coerce(key: str, value, tp):
         return [_coerce(f"{key}[{i}]", v, inner) for i, v in enumerate(value)]
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str):
+        try:  # YAML 1.1 reads "3e-4" (no dot) as a string
+            return float(value)
+        except ValueError:
+            pass
     if tp is int and isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
         return int(value)  # YAML reads 1e6 as a float
     if tp is str and isinstance(value, (int, float)) and not isinstance(value, bool):

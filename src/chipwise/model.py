@@ -19,12 +19,12 @@ from chipwise.sharding import constrain
 
 
 def param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str, ...], fan_in: int | None = None,
-          init: str = "normal") -> nnx.Param:
+          init: str = "normal", scale: float = 1.0) -> nnx.Param:
     """An fp32 parameter; `axes` names each dimension for the sharding rules."""
     if init == "ones":
         value = jnp.ones(shape, jnp.float32)
     else:
-        std = (fan_in or shape[0]) ** -0.5
+        std = scale * (fan_in or shape[0]) ** -0.5
         value = std * jax.random.truncated_normal(rngs.params(), -3.0, 3.0, shape, jnp.float32)
     return nnx.Param(value, axes=axes)
 
@@ -57,7 +57,9 @@ class Attention(nnx.Module):
         self.wq = param(rngs, (d, h, hd), ("embed", "heads", "head_dim"))
         self.wk = param(rngs, (d, kv, hd), ("embed", "kv_heads", "head_dim"))
         self.wv = param(rngs, (d, kv, hd), ("embed", "kv_heads", "head_dim"))
-        self.wo = param(rngs, (h, hd, d), ("heads", "head_dim", "embed"), fan_in=h * hd)
+        # Layers add into the residual stream: shrink their output projections with depth (as GPT-2 does).
+        self.wo = param(rngs, (h, hd, d), ("heads", "head_dim", "embed"), fan_in=h * hd,
+                        scale=(2 * cfg.num_layers) ** -0.5)
         self.rope_theta = cfg.rope_theta
 
     def __call__(self, x, positions, attend: Callable, cache=None):
@@ -91,7 +93,7 @@ class MLP(nnx.Module):
         if self.gated:
             self.w_gate = param(rngs, (d, f), ("embed", "mlp"))
         self.w_up = param(rngs, (d, f), ("embed", "mlp"))
-        self.w_down = param(rngs, (f, d), ("mlp", "embed"))
+        self.w_down = param(rngs, (f, d), ("mlp", "embed"), scale=(2 * cfg.num_layers) ** -0.5)
 
     def __call__(self, x):
         dt = x.dtype

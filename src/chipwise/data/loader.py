@@ -91,15 +91,18 @@ class TrainIterator:
 
 
 def eval_batches(val_tokens: np.ndarray, seq_len: int, batch_size: int, num_batches: int) -> list[dict]:
-    """Fixed validation batches: the first windows in order, no shuffle.
+    """Fixed validation batches: windows spread evenly over the whole split, no shuffle.
 
-    Up to `num_batches` full batches; a split with fewer than batch_size windows gives one batch that
-    cycles through the windows it has, so the batch shape (and the compiled eval step) never changes.
+    Spreading them (rather than taking the first windows) makes the estimate cover every validation document,
+    not the two or three that happen to come first. A split with fewer windows than requested cycles through
+    the windows it has, so the batch shape (and the compiled eval step) never changes.
     """
     windows = TokenWindows(val_tokens, seq_len, split="validation")
     count = max(1, min(num_batches, len(windows) // batch_size))
-    out = []
-    for b in range(count):
-        rows = [windows[(b * batch_size + r) % len(windows)]["tokens"] for r in range(batch_size)]
-        out.append({"tokens": np.stack(rows)})
-    return out
+    wanted = count * batch_size
+    if len(windows) >= wanted:
+        picks = np.linspace(0, len(windows) - 1, wanted).round().astype(int)
+    else:
+        picks = np.arange(wanted) % len(windows)
+    rows = np.stack([windows[i]["tokens"] for i in picks])
+    return [{"tokens": rows[b * batch_size:(b + 1) * batch_size]} for b in range(count)]

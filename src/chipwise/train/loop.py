@@ -159,6 +159,7 @@ class Trainer:
             state, start, iterator = self._initial_state(steps, ckpt, abstract_state)
             val_batches = data.eval_batches(self.data.val_tokens, t.seq_len, t.batch_size, t.eval_batches)
             writer = MetricsWriter(self.run_dir, self.console, t.steps, start)
+            writer.write({"step": start, "compile_time_s": compile_s})
             try:
                 totals = self._loop(state, start, iterator, train_step, steps, ckpt, writer, val_batches)
             finally:
