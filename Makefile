@@ -17,7 +17,7 @@ install: $(STAMP)
 # Trains the `tiny` preset on the Python standard library's own source, then samples from it.
 demo: $(STAMP)
 	$(VENV)/bin/chipwise train --config configs/demo.yaml --overwrite
-	$(VENV)/bin/chipwise sample --run runs/demo --prompt "def " --max-new-tokens 120 --temperature 0.8 --top-k 40
+	$(VENV)/bin/chipwise sample --run runs/demo --prompt "def get_" --max-new-tokens 120 --temperature 0.8 --top-k 40
 
 test: $(STAMP)
 	XLA_FLAGS="--xla_force_host_platform_device_count=8" $(VENV)/bin/pytest -q -n 2 --dist loadgroup
