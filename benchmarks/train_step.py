@@ -27,20 +27,15 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402
 
+from chipwise.cli import OneLineParser, run_guarded  # noqa: E402
 from chipwise.errors import ChipwiseError  # noqa: E402
 
-EXIT_USAGE = 2
 MEDIAN_STEPS = 5  # extra steps, each blocked on, for the median step time
 DATA_SEED = 0
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line instead of argparse's usage dump
-        raise ChipwiseError(f"{self.prog}: {message} (see --help)")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="train_step.py", description="Time chipwise's train step (and optionally PyTorch's).")
+    p = OneLineParser(prog="train_step.py", description="Time chipwise's train step (and optionally PyTorch's).")
     p.add_argument("--preset", default="tiny", help="model preset (chipwise.presets), default tiny")
     p.add_argument("--batch-size", type=int, default=16, help="sequences per step (global)")
     p.add_argument("--seq-len", type=int, default=256, help="tokens per sequence")
@@ -385,18 +380,7 @@ def run(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     _quiet_logs()
-    try:
-        args = build_parser().parse_args(argv)
-        import jax
-
-        jax.config.update("jax_default_prng_impl", "rbg")  # as the chipwise CLI does
-        return run(args)
-    except ChipwiseError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_USAGE
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    return run_guarded(build_parser(), run, argv)
 
 
 if __name__ == "__main__":

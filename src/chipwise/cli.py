@@ -13,16 +13,16 @@ from chipwise.errors import ChipwiseError
 EXIT_USAGE = 2
 
 
-class _Parser(argparse.ArgumentParser):
+class OneLineParser(argparse.ArgumentParser):
     def error(self, message):  # argparse's own two-line usage dump becomes our one line
         raise ChipwiseError(f"{self.prog}: {message} (see --help)")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="chipwise", description="Pre-train Llama-style models on any accelerator and measure "
+    p = OneLineParser(prog="chipwise", description="Pre-train Llama-style models on any accelerator and measure "
                                              "what each chip costs.")
     p.add_argument("--version", action="version", version=f"chipwise {__version__}")
-    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    sub = p.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
 
     t = sub.add_parser("train", help="train a model (see configs/ for examples)")
     t.add_argument("--config", help="YAML file with model/data/train/mesh/hardware sections")
@@ -53,7 +53,7 @@ def _quiet_logs() -> None:
 
 
 def _train(args) -> int:
-    from chipwise.config import apply_overrides, load_config, to_dict
+    from chipwise.config import apply_overrides, from_dict, load_config, to_dict
     from chipwise.train.loop import Trainer, load_run_config
 
     if args.resume is not None and args.overwrite:
@@ -62,8 +62,6 @@ def _train(args) -> int:
     if run_dir == "":  # bare --resume: the run named by the config
         run_dir = load_config(args.config, args.overrides).run_dir
     if run_dir:  # a run continues under its own saved config; --set may still change e.g. train.steps
-        from chipwise.config import from_dict
-
         cfg = from_dict(apply_overrides(to_dict(load_run_config(run_dir)), args.overrides + [f"run_dir={run_dir}"]))
     else:
         cfg = load_config(args.config, args.overrides)
@@ -80,20 +78,29 @@ def _sample(args) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    _quiet_logs()
+def run_guarded(parser: argparse.ArgumentParser, handler, argv: list[str] | None = None) -> int:
+    """Parse, set chipwise's JAX defaults and run `handler(args)`; user errors become one line and exit 2.
+
+    Shared by the `chipwise` command and the scripts in benchmarks/.
+    """
     try:
-        args = build_parser().parse_args(argv)
+        args = parser.parse_args(argv)
         import jax
 
-        jax.config.update("jax_default_prng_impl", "rbg")  # portable to TPU and Trainium; see DEVELOPERS notes
-        return {"train": _train, "sample": _sample}[args.command](args)
+        jax.config.update("jax_default_prng_impl", "rbg")  # the PRNG that TPU and Trainium run fast
+        return handler(args)
     except ChipwiseError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def main(argv: list[str] | None = None) -> int:
+    _quiet_logs()
+    commands = {"train": _train, "sample": _sample}
+    return run_guarded(build_parser(), lambda args: commands[args.command](args), argv)
 
 
 if __name__ == "__main__":

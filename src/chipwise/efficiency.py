@@ -81,12 +81,12 @@ def resolve_hardware(devices, compute_dtype, hw: HardwareConfig) -> Hardware:
     else:
         peak = Peak(None, f"unknown: device kind {kind!r} has no peak in the catalog "
                           f"(set hardware.peak_tflops or hardware.measure_peak)", "unknown")
-    price, price_src = _pick(hw.price_per_hour, acc and acc.price_per_chip_hour, acc, "price")
-    power, power_src = _pick(hw.power_watts, acc and acc.power_watts, acc, "power")
+    price, price_src = _pick(hw.price_per_hour, acc and acc.price_per_chip_hour, acc)
+    power, power_src = _pick(hw.power_watts, acc and acc.power_watts, acc)
     return Hardware(device.platform, kind, len(devices), per_chip, acc, peak, price, price_src, power, power_src)
 
 
-def _pick(user_value, catalog_value, acc, what: str):
+def _pick(user_value, catalog_value, acc):
     if user_value is not None:
         return user_value, "config"
     if catalog_value is not None:

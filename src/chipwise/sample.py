@@ -65,7 +65,6 @@ def generate(graphdef, params, prompt, key, *, max_new_tokens: int, temperature:
 def sample_from_run(run_dir: str, prompt: str, max_new_tokens: int, temperature: float = 0.8, top_k: int = 0,
                     top_p: float = 1.0, seed: int = 0) -> str:
     from chipwise.train.loop import TOKENIZER_FILE, load_run_config
-    from chipwise.train.checkpoint import Checkpoints
 
     run = Path(run_dir)
     cfg = load_run_config(run)

@@ -204,7 +204,6 @@ class Trainer:
         hw = self.hardware
 
         def evaluate(step):
-            nonlocal state
             e0 = time.perf_counter()
             loss = self._evaluate(steps.eval, state["params"], val_batches, steps.batch_sharding)
             totals.eval_seconds += time.perf_counter() - e0
