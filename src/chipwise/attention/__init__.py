@@ -17,7 +17,7 @@ log = logging.getLogger("chipwise.attention")
 
 # Preference order per platform; the reference (XLA) runs everywhere and is always last.
 REGISTRY: dict[str, tuple[str, ...]] = {
-    "cpu": ("reference",),
+    "cpu": ("cpu_fused", "reference"),
     "gpu": ("cudnn", "reference"),
     "tpu": ("splash", "reference"),
     "neuron": ("nki", "reference"),
@@ -26,6 +26,7 @@ REGISTRY: dict[str, tuple[str, ...]] = {
 # implementation name -> module in this package that defines `unsupported_reason(...)` and `attend(...)`.
 MODULES = {
     "reference": "reference",
+    "cpu_fused": "cpu_fused",
     "cudnn": "cudnn",
     "splash": "tpu_splash",
     "nki": "neuron_nki",
