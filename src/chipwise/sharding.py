@@ -126,6 +126,11 @@ def use_mesh(mesh: Mesh, rules=DEFAULT_RULES):
         _active.mesh, _active.rules = previous
 
 
+def active_mesh():
+    """(mesh, rules) of the enclosing `use_mesh`, or (None, DEFAULT_RULES): for kernels that must shard_map."""
+    return _active.mesh, _active.rules
+
+
 def constrain(x: jax.Array, axes: tuple[str | None, ...]) -> jax.Array:
     """Sharding hint for an activation; a no-op outside `use_mesh` (as in tests of the bare model)."""
     mesh = _active.mesh

@@ -6,9 +6,12 @@
 import functools
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as mask_lib
+
+from chipwise.sharding import active_mesh, logical_to_spec
 
 BLOCK = 128  # the kernel's default tiles are 128 x 128: sequence lengths must be multiples of it
 
@@ -37,6 +40,22 @@ def attend(q, k, v, *, is_causal: bool, kv_lengths=None, interpret: bool = False
     if not is_causal or kv_lengths is not None:
         from chipwise.attention import reference  # decode steps are tiny: the kernel buys nothing there
         return reference.attend(q, k, v, is_causal=is_causal, kv_lengths=kv_lengths)
+    mesh, rules = active_mesh()
+    local = functools.partial(_attend_local, interpret=interpret)
+    if mesh is None or mesh.size == 1:
+        return local(q, k, v)
+    # XLA cannot partition a Mosaic kernel by itself: run it per shard, batch and heads split as the rules say.
+    q_spec = logical_to_spec(("batch", "seq", "heads", "head_dim"), q.shape, mesh, rules)
+    kv_spec = logical_to_spec(("batch", "seq", "kv_heads", "head_dim"), k.shape, mesh, rules)
+    if q_spec[2] != kv_spec[2]:  # KV heads too few to split like the query heads: give each query head its own
+        group = q.shape[2] // k.shape[2]
+        k, v = jnp.repeat(k, group, axis=2), jnp.repeat(v, group, axis=2)
+        kv_spec = q_spec
+    return jax.shard_map(local, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec), out_specs=q_spec,
+                         check_vma=False)(q, k, v)
+
+
+def _attend_local(q, k, v, *, interpret: bool):
     b, t, h, d = q.shape
     kvh = k.shape[2]
     group = h // kvh

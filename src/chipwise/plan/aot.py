@@ -1,0 +1,127 @@
+"""Ahead-of-time check of a TPU plan: compile chipwise's real train step for the planned topology on this machine.
+
+libtpu (the `tpu` extra) compiles for a TPU topology it is not running on (`jax.experimental.topologies`), so
+XLA's own memory and cost analysis of the exact step the trainer would run can be set beside the planner's
+estimate before any TPU is rented. The inputs are abstract (shapes and shardings only): nothing is allocated.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+from chipwise.errors import ChipwiseError
+from chipwise.flops import training_flops_per_token
+from chipwise.plan.memory import GIB
+
+# catalog id -> libtpu's topology prefix, and how many torus dimensions its slices name.
+TOPOLOGIES = {"tpu-v4": ("v4", 3), "tpu-v5e": ("v5e", 2), "tpu-v5p": ("v5p", 3), "tpu-v6e": ("v6e", 2)}
+DISAGREEMENT = 0.25  # relative gap between model and XLA shown as a warning
+
+
+def topology_name(acc_id: str, chips: int) -> str:
+    """The slice name for `chips` chips: v5e:4x4 for 16, v5p:2x2x4 for 16 (as square as the chip count allows)."""
+    if acc_id not in TOPOLOGIES:
+        raise ChipwiseError(f"--aot knows the topologies of {', '.join(TOPOLOGIES)}, not {acc_id}")
+    prefix, dims = TOPOLOGIES[acc_id]
+    if chips & (chips - 1):
+        raise ChipwiseError(f"--aot needs a power-of-two chip count for a {prefix} slice, got {chips}")
+    exps = [0] * dims
+    for i in range(int(math.log2(chips))):  # deal the factors of two out round-robin, last dimension first
+        exps[dims - 1 - i % dims] += 1
+    return f"{prefix}:" + "x".join(str(2**e) for e in sorted(exps))
+
+
+@dataclass
+class AotResult:
+    accelerator: str
+    topology: str
+    mesh: str
+    attention: str
+    xla_memory_gib: float  # per device: arguments + outputs - aliased + temporaries
+    model_memory_gib: float  # the planner's estimate per device
+    xla_tflops: float  # per device per step, as XLA counts (executed FLOPs, recomputation included)
+    model_tflops: float  # the planner's model FLOPs per device per step (flops.py)
+    warnings: list[str]
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _require_libtpu():
+    try:
+        from jax.experimental import topologies
+
+        return topologies
+    except ImportError as e:  # pragma: no cover - jax always ships the module; libtpu is what may be missing
+        raise ChipwiseError(f"--aot needs jax's TPU support: pip install 'chipwise[tpu]' ({e})") from None
+
+
+def compile_for_topology(cfg, topology: str, mesh_sizes: dict[str, int]):
+    """Compile chipwise's train step for `topology`; returns (compiled, attention name)."""
+    import jax
+    import jax.numpy as jnp
+
+    from chipwise import attention
+    from chipwise.sharding import MESH_AXES, use_mesh
+    from chipwise.train.step import build_steps
+
+    topologies = _require_libtpu()
+    try:
+        topo = topologies.get_topology_desc(platform="tpu", topology_name=topology)
+    except Exception as e:  # noqa: BLE001 - libtpu missing or the name unknown: both a user-fixable setup issue
+        raise ChipwiseError(" ".join(f"--aot cannot describe TPU topology {topology}: {e}. Install the tpu "
+                                     "extra (pip install 'chipwise[tpu]')".split())[:400]) from None
+    shape = tuple(mesh_sizes[a] for a in MESH_AXES)
+    mesh = topologies.make_mesh(topo, shape, MESH_AXES)
+    m, t = cfg.model, cfg.train
+    choice = attention.select("tpu", seq_len=t.seq_len, head_dim=m.head_dim, num_heads=m.num_heads,
+                              num_kv_heads=m.num_kv_heads, dtype=jnp.bfloat16)
+    steps = build_steps(cfg, mesh, choice.fn, jnp.bfloat16)  # outside the mesh context: it runs eager setup code
+    with use_mesh(mesh):
+        shapes = jax.eval_shape(steps.init)
+        state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes,
+                             steps.state_shardings)
+        tokens = jax.ShapeDtypeStruct((t.batch_size, t.seq_len + 1), jnp.int32, sharding=steps.batch_sharding)
+        compiled = steps.train.lower(state, tokens).compile()
+    return compiled, choice.name
+
+
+def aot_check(req, row) -> AotResult:
+    """Compile the planned layout of `row` (a PlanRow on a TPU) and compare XLA's analysis with the model's."""
+    from chipwise.config import from_dict
+
+    acc, layout = row.accelerator, row.estimate.layout
+    if layout.pipeline > 1:
+        raise ChipwiseError(f"--aot: the plan for {acc.id} uses pipeline={layout.pipeline}, which chipwise's "
+                            "trainer does not run; pin a mesh without pipeline (--mesh ...,pipeline=1)")
+    topology = topology_name(acc.id, layout.chips)
+    cfg = from_dict({"model": asdict(req.model),
+                     "train": {"batch_size": req.global_batch, "seq_len": req.seq_len, "dtype": "bfloat16",
+                               "remat": layout.remat, "grad_accum": layout.microbatches}})
+    compiled, attn = compile_for_topology(cfg, topology, {"data": layout.data, "fsdp": layout.fsdp,
+                                                          "tensor": layout.tensor})
+    mem = compiled.memory_analysis()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    xla_bytes = mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes + mem.temp_size_in_bytes
+    devices = layout.chips * acc.devices_per_chip
+    model_flops = training_flops_per_token(req.model, req.seq_len).total * req.global_batch * req.seq_len / devices
+    result = AotResult(acc.id, topology, layout.mesh_text(), attn, xla_bytes / GIB,
+                       row.estimate.memory.total / acc.devices_per_chip / GIB, float(cost.get("flops", 0.0)) / 1e12,
+                       model_flops / 1e12, [])
+    for what, xla, model in (("memory", result.xla_memory_gib, result.model_memory_gib),
+                             ("FLOPs", result.xla_tflops, result.model_tflops)):
+        if model and abs(xla / model - 1) > DISAGREEMENT:
+            result.warnings.append(f"{what}: XLA says {xla:.4g}, the planner {model:.4g} "
+                                   f"({xla / model - 1:+.0%}); trust XLA's figure for this layout")
+    return result
+
+
+def print_aot(r: AotResult) -> None:
+    print(f"AOT check {r.accelerator} {r.topology} ({r.mesh}, attention {r.attention}), per device per step:")
+    print(f"  memory  XLA {r.xla_memory_gib:8.3f} GiB   planner {r.model_memory_gib:8.3f} GiB")
+    print(f"  FLOPs   XLA {r.xla_tflops:8.4g} TFLOP  planner {r.model_tflops:8.4g} TFLOP (model FLOPs; XLA counts "
+          "what it executes, recomputation and dense attention squares included)")
+    for w in r.warnings:
+        print(f"  WARNING {w}")

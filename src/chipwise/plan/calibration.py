@@ -1,0 +1,246 @@
+"""`chipwise bench`: measure this machine's chip and write the calibration profile the planner uses for it.
+
+Three measurements, each feeding one part of the step-time model (perf.py):
+  1. GEMM throughput over a sweep of shapes -> the peak, the large-shape efficiency and the dimension at which a
+     GEMM runs at half speed (eff(m,k,n) = E * m/(m+h) * k/(k+h) * n/(n+h), fitted in log space);
+  2. streaming bandwidth (an element-wise pass over a large array) -> the memory-bound parts;
+  3. real chipwise train steps on a few small models -> the share of the modelled compute time the real step
+     takes (`compute_scale`) and the fixed per-step overhead, by least squares.
+A profile is JSON: the fitted figures, every raw measurement, the machine, and the date.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import logging
+import math
+import os
+import platform
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from chipwise.catalog import Accelerator
+from chipwise.config import ModelConfig
+from chipwise.errors import ConfigError
+
+log = logging.getLogger("chipwise.bench")
+
+PROFILE_VERSION = 1
+# GEMM shapes (m, k, n) swept: the token counts and widths small models multiply on one chip.
+MATMUL_SHAPES = [(m, k, n) for m in (256, 1024, 4096) for k in (64, 256, 1024) for n in (64, 256, 1024)]
+# Models whose real train steps calibrate the compute scale and overhead: (model fields, seq_len, batch).
+# Small on purpose (a CPU runs each in a second); `tests/test_calibration.py` holds out other shapes.
+CALIBRATION_RUNS = [
+    (dict(num_layers=2, d_model=64, num_heads=4, num_kv_heads=2, d_ff=176, vocab_size=512), 64, 4),
+    (dict(num_layers=2, d_model=128, num_heads=4, num_kv_heads=2, d_ff=352, vocab_size=1024), 128, 4),
+    (dict(num_layers=3, d_model=96, num_heads=4, num_kv_heads=4, d_ff=256, vocab_size=2048), 64, 8),
+    (dict(num_layers=2, d_model=192, num_heads=6, num_kv_heads=2, d_ff=512, vocab_size=1024), 256, 2),
+]
+
+
+def machine_id(device) -> str:
+    """What a profile is valid for: the device kind, and on CPUs the processor model and core count."""
+    if device.platform != "cpu":
+        return device.device_kind
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"cpu: {model} x{len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()}"
+
+
+def default_dir() -> Path:
+    from chipwise.data.cache import default_cache_dir
+
+    return default_cache_dir() / "calibration"
+
+
+def profile_path(acc_id: str, directory: str | Path | None = None) -> Path:
+    return Path(directory) if str(directory or "").endswith(".json") else Path(directory or default_dir()) / f"{acc_id}.json"
+
+
+def load_profile(path: str | Path) -> dict:
+    path = Path(path)
+    try:
+        profile = json.loads(path.read_text())
+    except OSError as e:
+        raise ConfigError(f"cannot read calibration profile {path}: {e.strerror or e}") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"calibration profile {path} is not valid JSON ({e.msg}); rerun `chipwise bench`") from None
+    if not isinstance(profile, dict) or profile.get("version") != PROFILE_VERSION or "chip_model" not in profile:
+        raise ConfigError(f"calibration profile {path} is not a version-{PROFILE_VERSION} chipwise profile; "
+                          "rerun `chipwise bench`")
+    profile["path"] = str(path)
+    return profile
+
+
+def find_profile(acc: Accelerator, directory: str | Path | None = None) -> dict | None:
+    """The profile for this chip, if one was measured; a CPU profile only if it was measured on this CPU."""
+    path = profile_path(acc.id, directory)
+    if not path.exists():
+        return None
+    profile = load_profile(path)
+    if acc.platform == "cpu" and profile.get("machine") != machine_id(jax.devices("cpu")[0]):
+        log.warning("ignoring %s: measured on %s, not this machine", path, profile.get("machine"))
+        return None
+    return profile
+
+
+# ------------------------------------------------------------------------------------------- measuring
+
+
+def _best_time(fn, *args, seconds: float, min_runs: int = 3) -> float:
+    jax.block_until_ready(fn(*args))  # compile and warm
+    times, deadline = [], time.perf_counter() + seconds
+    while len(times) < min_runs or time.perf_counter() < deadline:
+        t = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t)
+    return min(times)
+
+
+def measure_matmul(m: int, k: int, n: int, dtype, device, seconds: float = 0.15) -> float:
+    """TFLOP/s of one [m,k] x [k,n] GEMM on `device` (best of repeated runs)."""
+    a = jax.device_put(jnp.ones((m, k), dtype), device)
+    b = jax.device_put(jnp.ones((k, n), dtype), device)
+    return 2 * m * k * n / _best_time(jax.jit(jnp.matmul), a, b, seconds=seconds) / 1e12
+
+
+def measure_bandwidth(dtype, device, megabytes: int = 16, runs: int = 20) -> float:
+    """TB/s of an element-wise pass (read an array, write it back in place) over `megabytes` of data.
+
+    The buffer is donated, as the train step's are: a fresh output each call would time the OS zeroing new pages.
+    """
+    n = megabytes * 2**20 // jnp.dtype(dtype).itemsize
+    step = jax.jit(lambda v: v * 0.5 + 1.0, donate_argnums=0)
+    x = step(jax.device_put(jnp.ones((n,), dtype), device))
+    times = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        x = step(x)
+        x.block_until_ready()
+        times.append(time.perf_counter() - t)
+    return 2 * n * jnp.dtype(dtype).itemsize / min(times) / 1e12
+
+
+def measure_train_step(model: ModelConfig, seq_len: int, batch: int, device, dtype_name: str,
+                       steps: int = 8) -> float:
+    """Seconds of chipwise's real (jitted, donated) train step on one device with random tokens: the fastest of
+    `steps` after two warm-ups (the minimum, not the mean: other work on a shared machine only adds time)."""
+    from chipwise import attention
+    from chipwise.config import MeshConfig, from_dict
+    from chipwise.sharding import make_mesh, use_mesh
+    from chipwise.train.step import build_steps
+
+    cfg = from_dict({"model": asdict(model), "train": {"batch_size": batch, "seq_len": seq_len,
+                                                       "dtype": dtype_name, "steps": steps}})
+    mesh = make_mesh(MeshConfig(), [device])
+    dtype = jnp.dtype(dtype_name)
+    attend = attention.select(device.platform, seq_len=seq_len, head_dim=model.head_dim,
+                              num_heads=model.num_heads, num_kv_heads=model.num_kv_heads, dtype=dtype).fn
+    with use_mesh(mesh):
+        s = build_steps(cfg, mesh, attend, dtype)
+        state = s.init()
+        tokens = jax.device_put(np.random.default_rng(0).integers(0, model.vocab_size, (batch, seq_len + 1),
+                                                                  dtype=np.int32), s.batch_sharding)
+        train = s.train.lower(state, tokens).compile()
+        for _ in range(2):  # warm-up
+            state, metrics = train(state, tokens)
+        jax.block_until_ready(metrics)
+        times = []
+        for _ in range(steps):
+            t = time.perf_counter()
+            state, metrics = train(state, tokens)
+            jax.block_until_ready(metrics)
+            times.append(time.perf_counter() - t)
+    return min(times)
+
+
+# ------------------------------------------------------------------------------------------- fitting
+
+
+def fit_matmul(samples: list[tuple[int, int, int, float]]) -> tuple[float, float, float]:
+    """(peak TFLOP/s, large-shape efficiency E, half-speed dimension h) from (m, k, n, TFLOP/s) samples.
+
+    The peak is the best GEMM observed (a measured peak, never a catalog one); E and h minimise the squared
+    log error of E * peak * prod(x / (x + h)) over a grid of h (E then has a closed form).
+    """
+    peak = max(s[3] for s in samples)
+    best = None
+    for h in [0.0] + list(np.geomspace(1, 4096, 200)):
+        shape = np.array([sum(math.log(x / (x + h)) if h else 0.0 for x in s[:3]) for s in samples])
+        target = np.log([s[3] / peak for s in samples])
+        log_e = float(np.mean(target - shape))
+        err = float(np.sum((target - shape - log_e) ** 2))
+        if best is None or err < best[0]:
+            best = (err, math.exp(log_e), h)
+    return peak, best[1], best[2]
+
+
+def fit_step(modelled: list[float], measured: list[float]) -> tuple[float, float]:
+    """(compute_scale, overhead_s) with measured ~= scale * modelled + overhead, least squares, overhead >= 0."""
+    a = np.array([[c, 1.0] for c in modelled])
+    (scale, overhead), *_ = np.linalg.lstsq(a, np.array(measured), rcond=None)
+    if overhead < 0 or scale <= 0:
+        scale, overhead = float(np.dot(modelled, measured) / np.dot(modelled, modelled)), 0.0
+    return float(scale), float(overhead)
+
+
+def calibrate(acc: Accelerator, device=None, runs=CALIBRATION_RUNS, quick: bool = False) -> dict:
+    """Measure `device` (default: this process's first device) and return a calibration profile for `acc`."""
+    from chipwise.plan.perf import Layout, chip_model, estimate
+
+    device = device or jax.devices()[0]
+    dtype_name = "float32" if device.platform == "cpu" else "bfloat16"
+    dtype = jnp.dtype(dtype_name)
+    seconds = 0.05 if quick else 0.15
+    samples = []
+    for m, k, n in MATMUL_SHAPES:
+        samples.append((m, k, n, measure_matmul(m, k, n, dtype, device, seconds)))
+    peak, eff, half = fit_matmul(samples)
+    if acc.bf16_tflops and device.platform != "cpu":  # keep the catalog peak; efficiency is relative to it
+        eff, peak = eff * peak / (acc.bf16_tflops / acc.devices_per_chip), acc.bf16_tflops / acc.devices_per_chip
+    bandwidth = measure_bandwidth(dtype, device)
+    log.info("GEMM peak %.3g TFLOP/s, efficiency %.2f, half-speed dimension %.0f; bandwidth %.3g TB/s",
+             peak, eff, half, bandwidth)
+    fields = dict(peak_tflops=peak, matmul_efficiency=eff, matmul_half_dim=half, attention_efficiency=eff,
+                  tile=1, hbm_tbps=bandwidth, memory_efficiency=1.0,
+                  flash_attention=device.platform != "cpu", compute_bytes=dtype.itemsize,
+                  step_overhead_s=0.0, compute_scale=1.0)
+    profile = {"version": PROFILE_VERSION, "accelerator": acc.id, "machine": machine_id(device),
+               "measured_on": _dt.date.today().isoformat(), "dtype": dtype_name, "chip_model": fields}
+    base = replace(chip_model(acc, profile), step_overhead_s=0.0, compute_scale=1.0)
+    modelled, measured, records = [], [], []
+    for fields_, seq_len, batch in runs:
+        model = ModelConfig(**{**fields_, "max_seq_len": seq_len})
+        est = estimate(model, seq_len, batch, base, Layout())
+        t = measure_train_step(model, seq_len, batch, device, dtype_name)
+        modelled.append(est.step_time_s)
+        measured.append(t)
+        records.append({"model": fields_, "seq_len": seq_len, "batch": batch, "measured_s": t,
+                        "modelled_uncalibrated_s": est.step_time_s})
+        log.info("train step %s seq %d batch %d: %.1f ms measured, %.1f ms modelled before calibration",
+                 fields_, seq_len, batch, t * 1e3, est.step_time_s * 1e3)
+    scale, overhead = fit_step(modelled, measured)
+    fields.update(compute_scale=scale, step_overhead_s=overhead)
+    profile["measurements"] = {"matmul": [{"m": m, "k": k, "n": n, "tflops": v} for m, k, n, v in samples],
+                               "bandwidth_tbps": bandwidth, "train_steps": records}
+    return profile
+
+
+def save_profile(profile: dict, path: Path) -> Path:
+    from chipwise.data.cache import atomic_path
+
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps({k: v for k, v in profile.items() if k != "path"}, indent=1))
+    return path

@@ -1,0 +1,270 @@
+"""Step time of one training layout on one chip type, from its parts.
+
+    step = compute + tensor-parallel collectives + exposed FSDP/data collectives + pipeline bubble + overhead
+    compute = GEMMs (roofline per shape, padded to the matrix unit's tile) + attention + element-wise + optimizer
+
+Compute is per chip for one optimizer step (all micro-batches). FLOPs come from flops.py (the trainer's count),
+memory from memory.py; the constants and why each is what it is are in assumptions.py.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+
+from chipwise.catalog import Accelerator
+from chipwise.config import ModelConfig
+from chipwise.errors import ConfigError
+from chipwise.flops import forward_flops_per_token, param_count, training_flops_per_token
+from chipwise.plan import assumptions as A
+from chipwise.plan.memory import GIB, USABLE_HBM_FRACTION, MemoryEstimate, training_memory
+
+MESH_ORDER = ("pipeline", "data", "fsdp", "tensor")  # outermost to innermost: tensor on neighbouring chips
+
+
+@dataclass(frozen=True)
+class Layout:
+    data: int = 1
+    fsdp: int = 1
+    tensor: int = 1
+    pipeline: int = 1
+    microbatches: int = 1  # micro-batches per optimizer step (gradient accumulation, or the pipeline's)
+    remat: str = "none"
+
+    @property
+    def chips(self) -> int:
+        return self.data * self.fsdp * self.tensor * self.pipeline
+
+    def mesh_text(self) -> str:
+        return f"data={self.data},fsdp={self.fsdp},tensor={self.tensor},pipeline={self.pipeline}"
+
+    def describe(self) -> str:
+        return f"{self.mesh_text()} mb={self.microbatches} remat={self.remat}"
+
+
+@dataclass(frozen=True)
+class ChipModel:
+    """The figures the model uses for one chip: catalog facts, platform assumptions, or a calibration."""
+    accelerator: Accelerator
+    peak_tflops: float  # dense bf16 per chip (catalog) or measured (calibration)
+    matmul_efficiency: float
+    matmul_half_dim: float  # GEMM dims of this size run at half speed (calibrated CPUs; 0 elsewhere)
+    attention_efficiency: float
+    tile: int
+    hbm_tbps: float
+    memory_efficiency: float
+    flash_attention: bool
+    step_overhead_s: float
+    compute_bytes: int = 2  # bytes per activation element (bf16; a CPU calibrated in fp32 has 4)
+    compute_scale: float = 1.0  # calibration: measured / modelled compute time of real train steps
+    source: str = "catalog + platform assumptions"
+
+    @property
+    def hbm_gib(self) -> float | None:
+        return self.accelerator.hbm_gib
+
+
+def chip_model(acc: Accelerator, calibration: dict | None = None) -> ChipModel:
+    """The chip's model; a calibration profile (plan/calibration.py) replaces what it measured."""
+    base = A.PLATFORMS[acc.platform]
+    peak = acc.bf16_tflops
+    cm = ChipModel(acc, peak or 0.0, base.matmul_efficiency, 0.0, base.attention_efficiency,
+                   A.TILE_OVERRIDES.get(acc.id, base.tile), acc.hbm_tbps or 0.0, base.memory_efficiency,
+                   base.flash_attention, base.step_overhead_s)
+    if calibration is not None:
+        cm = replace(cm, **{k: v for k, v in calibration["chip_model"].items()},
+                     source=f"calibrated ({calibration.get('path', 'profile')}, {calibration.get('measured_on', '?')})")
+    if not cm.peak_tflops:
+        raise ConfigError(f"accelerator {acc.id} has no published bf16 peak; run `chipwise bench` on it to "
+                          "calibrate, or set bf16_tflops with --override")
+    if not cm.hbm_tbps:
+        raise ConfigError(f"accelerator {acc.id} has no published HBM bandwidth; set hbm_tbps with --override")
+    return cm
+
+
+@dataclass
+class StepEstimate:
+    layout: Layout
+    step_time_s: float
+    parts: dict[str, float]  # seconds, per step
+    memory: MemoryEstimate
+    fits: bool
+    usable_gib: float | None
+    model_tflops_per_chip: float
+    mfu: float
+    tokens_per_s_per_chip: float
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def memory_gib(self) -> float:
+        return self.memory.total / GIB
+
+    @property
+    def comm_bound(self) -> bool:
+        compute = self.parts["matmul"] + self.parts["attention"] + self.parts["elementwise"]
+        return self.parts["comm_exposed"] > compute
+
+
+def _pad(x: float, tile: int) -> float:
+    return math.ceil(x / tile) * tile if x >= 1 else x
+
+
+def gemm_time(chip: ChipModel, m: float, k: float, n: float) -> float:
+    """One [m,k] x [k,n] bf16 GEMM: the slower of compute (padded shapes) and moving its operands."""
+    dims = [_pad(x, chip.tile) for x in (m, k, n)]
+    eff = chip.matmul_efficiency
+    if chip.matmul_half_dim:
+        for x in (m, k, n):
+            eff *= x / (x + chip.matmul_half_dim)
+    flops = 2 * dims[0] * dims[1] * dims[2]
+    compute = flops / (chip.peak_tflops * 1e12 * eff)
+    traffic = chip.compute_bytes * (m * k + k * n + m * n) / (chip.hbm_tbps * 1e12 * chip.memory_efficiency)
+    return max(compute, traffic)
+
+
+def _layer_gemms(cfg: ModelConfig, tokens: float, t: int) -> list[tuple[float, float, float]]:
+    """Forward GEMMs of one layer on one chip: (m, k, n)."""
+    d, hd = cfg.d_model, cfg.head_dim
+    qkv = (cfg.num_heads + 2 * cfg.num_kv_heads) * hd / t
+    ffn_in = (2 if cfg.ffn == "swiglu" else 1) * cfg.d_ff / t
+    return [(tokens, d, qkv), (tokens, cfg.num_heads * hd / t, d), (tokens, d, ffn_in), (tokens, cfg.d_ff / t, d)]
+
+
+def _train_gemm_time(chip: ChipModel, gemms) -> float:
+    """Forward plus backward: dX = dY W^T ([m,n]x[n,k]) and dW = X^T dY ([k,m]x[m,n])."""
+    return sum(gemm_time(chip, m, k, n) + gemm_time(chip, m, n, k) + gemm_time(chip, k, m, n) for m, k, n in gemms)
+
+
+def _collective_time(chip: ChipModel, group: int, stride: int, bytes_per_chip: float, kind: str) -> float:
+    """All-gather / reduce-scatter (kind 'ag') or all-reduce ('ar') of `bytes_per_chip` (the full, unsharded
+    size) over a group of `group` chips whose members sit `stride` chips apart.
+
+    Inside the fabric domain a ring over the fabric; across domains hierarchical: reduce-scatter inside the
+    domain, the network for the 1/k left, all-gather inside (NCCL's and XLA's two-level algorithms).
+    """
+    if group <= 1 or bytes_per_chip <= 0:
+        return 0.0
+    acc = chip.accelerator
+    factor = 2.0 if kind == "ar" else 1.0
+    domain = acc.fabric.domain_chips or 1
+    fabric_bw = (acc.fabric.gbps_per_chip or 0) * 1e9 * _fabric_efficiency(acc.fabric.topology)
+    net_bw = (acc.scaleout_gbps_per_chip or 0) * 1e9 * A.NETWORK_EFFICIENCY
+    local = max(1, min(group, domain // stride)) if stride <= domain else 1
+    remote = group // local
+    t = 0.0
+    if local > 1:
+        if not fabric_bw:
+            raise ConfigError(f"{acc.id} has no fabric bandwidth in the catalog; set fabric.gbps_per_chip")
+        t += factor * (local - 1) / local * bytes_per_chip / fabric_bw + A.FABRIC_LATENCY_S * factor
+    if remote > 1:
+        if not net_bw:
+            raise ConfigError(f"{acc.id} has no scale-out bandwidth in the catalog, so a group of {group} chips "
+                              f"cannot leave its {domain}-chip fabric domain; set scaleout_gbps_per_chip")
+        t += factor * (remote - 1) / remote * bytes_per_chip / local / net_bw + A.NETWORK_LATENCY_S * factor
+    return t
+
+
+def _fabric_efficiency(topology: str | None) -> float:
+    text = (topology or "").lower()
+    if "torus" in text:
+        return A.FABRIC_EFFICIENCY["torus"]
+    if "ring" in text:
+        return A.FABRIC_EFFICIENCY["ring"]
+    return A.FABRIC_EFFICIENCY["switch"]
+
+
+def _strides(layout: Layout) -> dict[str, int]:
+    strides, s = {}, 1
+    for axis in reversed(MESH_ORDER):
+        strides[axis] = s
+        s *= getattr(layout, axis)
+    return strides
+
+
+def check_layout(cfg: ModelConfig, global_batch: int, layout: Layout) -> str | None:
+    """Why this layout cannot run this model and batch at all (None if it can)."""
+    if layout.remat not in A.REMAT_RECOMPUTE:
+        return f"remat {layout.remat!r} is not one of none, dots, full"
+    ranks = layout.data * layout.fsdp
+    if global_batch % ranks:
+        return f"global batch {global_batch} does not split over data x fsdp = {ranks}"
+    if (global_batch // ranks) % layout.microbatches:
+        return f"{global_batch // ranks} sequences per rank do not split into {layout.microbatches} micro-batches"
+    if cfg.num_heads % layout.tensor:
+        return f"{cfg.num_heads} heads do not split over tensor={layout.tensor}"
+    if cfg.num_layers % layout.pipeline:
+        return f"{cfg.num_layers} layers do not split over pipeline={layout.pipeline}"
+    return None
+
+
+def estimate(cfg: ModelConfig, seq_len: int, global_batch: int, chip: ChipModel, layout: Layout) -> StepEstimate:
+    t, f, d, p, mb = layout.tensor, layout.fsdp, layout.data, layout.pipeline, layout.microbatches
+    seqs_per_rank = global_batch / (d * f)
+    tokens_mb = seqs_per_rank / mb * seq_len  # tokens one chip's micro-batch carries
+    layers = cfg.num_layers / p
+    recompute = A.REMAT_RECOMPUTE[layout.remat]
+
+    # GEMMs: layers on this stage plus the LM head (on the last stage; spread evenly here).
+    gemms = _layer_gemms(cfg, tokens_mb, t)
+    layer_gemm = _train_gemm_time(chip, gemms) + recompute * sum(gemm_time(chip, *g) for g in gemms)
+    head_gemm = _train_gemm_time(chip, [(tokens_mb, cfg.d_model, cfg.vocab_size / t)]) / p
+    matmul = mb * (layers * layer_gemm + head_gemm)
+
+    # Attention (scores and weighted values).
+    hd = cfg.head_dim
+    attn_flops = forward_flops_per_token(cfg, seq_len).attention / cfg.num_layers * tokens_mb / t  # per layer fwd
+    peak = chip.peak_tflops * 1e12
+    bw = chip.hbm_tbps * 1e12 * chip.memory_efficiency
+    if chip.flash_attention:
+        attn_layer = (3 * A.FLASH_ATTENTION_EXECUTED + recompute) * attn_flops / (peak * chip.attention_efficiency)
+    else:
+        # Dense attention: per sequence and head, [S,hd]x[hd,S] scores and [S,S]x[S,hd] values, the full square.
+        seqs_mb = tokens_mb / seq_len
+        per_head = gemm_time(chip, seq_len, hd, seq_len) + gemm_time(chip, seq_len, seq_len, hd)
+        dense = seqs_mb * cfg.num_heads / t * per_head
+        scores = seqs_mb * cfg.num_heads / t * seq_len**2 * 4 * A.DENSE_SCORE_PASSES / bw
+        attn_layer = (3 + recompute) * dense + scores
+    attention = mb * layers * attn_layer
+
+    # Element-wise work, the loss and the optimizer update: memory-bound.
+    fwd_elems = (4 * cfg.d_model + 2 * (cfg.num_heads + cfg.num_kv_heads) * hd / t + 6 * cfg.d_model
+                 + 3 * cfg.d_ff / t)
+    ew_factor = 1 + A.BACKWARD_ELEMENTWISE_FACTOR + A.REMAT_ELEMENTWISE_RECOMPUTE[layout.remat]
+    elementwise = mb * layers * tokens_mb * fwd_elems * chip.compute_bytes * ew_factor / bw
+    loss = mb * tokens_mb * cfg.vocab_size / t * 4 * A.LOSS_PASSES / bw / p
+    optimizer = param_count(cfg) / (f * t * p) * A.OPTIMIZER_BYTES_PER_PARAM / bw
+    elementwise += loss + optimizer
+    compute = chip.compute_scale * (matmul + attention + elementwise)
+
+    # Collectives.
+    st = _strides(layout)
+    act_bytes = tokens_mb * cfg.d_model * chip.compute_bytes
+    # Megatron tensor parallelism: 2 all-reduces of activations per layer forward, 2 backward (+2 recomputed).
+    tp_per_layer = (4 + 2 * recompute) * _collective_time(chip, t, st["tensor"], act_bytes, "ar")
+    tp_comm = mb * layers * tp_per_layer
+    stage_params = param_count(cfg) / (t * p)
+    # FSDP: gather bf16 weights forward and again backward, reduce-scatter fp32 gradients, per micro-batch.
+    fsdp_comm = mb * (2 * _collective_time(chip, f, st["fsdp"], stage_params * 2, "ag")
+                      + _collective_time(chip, f, st["fsdp"], stage_params * 4, "ag"))
+    # Data parallelism: all-reduce the (FSDP-sharded) fp32 gradients once per step.
+    dp_comm = _collective_time(chip, d, st["data"], stage_params / f * 4, "ar")
+    # Pipeline: send activations forward and gradients back at each stage boundary.
+    pp_comm = (2 * mb * _collective_time(chip, 2, st["pipeline"], act_bytes, "ag")) if p > 1 else 0.0
+    hidden = fsdp_comm + dp_comm
+    exposed = max(0.0, hidden - compute) + hidden / max(layers, 1) if hidden else 0.0
+    bubble = (p - 1) / mb * (compute + tp_comm) if p > 1 else 0.0
+    step = compute + tp_comm + exposed + pp_comm + bubble + chip.step_overhead_s
+
+    mem = training_memory(cfg, seq_len, seqs_per_rank / mb, fsdp=f, tensor=t, pipeline=p, microbatches=mb,
+                          remat=layout.remat)
+    usable = chip.hbm_gib * USABLE_HBM_FRACTION if chip.hbm_gib else None
+    tokens = global_batch * seq_len
+    chips = layout.chips
+    model_flops = training_flops_per_token(cfg, seq_len).total * tokens
+    tflops_per_chip = model_flops / chips / step / 1e12
+    parts = {"matmul": chip.compute_scale * matmul, "attention": chip.compute_scale * attention,
+             "elementwise": chip.compute_scale * elementwise, "tensor_comm": tp_comm,
+             "fsdp_dp_comm": hidden, "comm_exposed": tp_comm + exposed + pp_comm, "bubble": bubble,
+             "overhead": chip.step_overhead_s}
+    return StepEstimate(layout, step, parts, mem, usable is None or mem.total / GIB <= usable, usable,
+                        tflops_per_chip, tflops_per_chip / chip.peak_tflops, tokens / step / chips)

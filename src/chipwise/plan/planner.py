@@ -1,0 +1,170 @@
+"""`chipwise plan`: for each accelerator, the best layout and what the run will take, cost and burn.
+
+Everything here is modelled, not measured; each row carries the FLOPs convention and the peak it used.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from chipwise import catalog
+from chipwise.config import ModelConfig
+from chipwise.errors import ConfigError
+from chipwise.flops import CONVENTION
+from chipwise.plan.calibration import find_profile
+from chipwise.plan.perf import ChipModel, Layout, StepEstimate, chip_model
+from chipwise.plan.search import REMATS, SearchResult, search
+
+
+@dataclass
+class PlanRequest:
+    model: ModelConfig
+    accelerators: list[str]
+    chips: int
+    seq_len: int
+    global_batch: int
+    tokens: float | None = None
+    mesh: Layout | None = None  # pins the mesh; micro-batches and remat are still searched unless given
+    remat: str | None = None
+    microbatches: int | None = None
+    baseline: str | None = None
+    catalog_overrides: dict | None = None
+    calibration_dir: str | None = None
+
+
+@dataclass
+class PlanRow:
+    accelerator: catalog.Accelerator
+    chip: ChipModel
+    search: SearchResult
+    estimate: StepEstimate  # the best fitting layout, or the smallest-memory one when nothing fits
+    fits: bool
+    tokens: float | None
+
+    def as_dict(self, baseline: "PlanRow | None" = None) -> dict:
+        e, acc = self.estimate, self.accelerator
+        row = {
+            "accelerator": acc.id,
+            "chips": e.layout.chips,
+            "mesh": e.layout.mesh_text(),
+            "microbatches": e.layout.microbatches,
+            "remat": e.layout.remat,
+            "step_time_s": e.step_time_s,
+            "tokens_per_s_per_chip": e.tokens_per_s_per_chip,
+            "model_tflops_per_chip": e.model_tflops_per_chip,
+            "mfu": e.mfu,
+            "memory_per_chip_gib": e.memory_gib,
+            "usable_memory_per_chip_gib": e.usable_gib,
+            "fits": self.fits,
+        }
+        if self.tokens is not None:
+            row.update(self.training_cost())
+        if baseline is not None:
+            row["baseline"] = baseline.accelerator.id
+            row.update(self.relative_to(baseline))
+        row.update({
+            "modelled": True,
+            "flops_convention": CONVENTION,
+            "peak_tflops_per_chip": self.chip.peak_tflops,
+            "peak_source": f"{self.chip.source}: dense bf16",
+            "price_per_chip_hour": acc.price_per_chip_hour,
+            "power_watts_per_chip": acc.power_watts,
+            "step_time_parts_s": e.parts,
+            "memory_parts_gib": e.memory.as_gib(),
+            "layouts_considered": self.search.considered,
+            "rejected": dict(self.search.rejected),
+            "alternatives": [{"layout": alt.layout.describe(), "step_time_s": alt.step_time_s, "why_not": why}
+                             for alt, why in self.search.runners_up],
+        })
+        return row
+
+    def training_cost(self) -> dict:
+        e, acc = self.estimate, self.accelerator
+        hours = self.tokens / (e.tokens_per_s_per_chip * e.layout.chips) / 3600
+        chip_hours = hours * e.layout.chips
+        cost = chip_hours * acc.price_per_chip_hour if acc.price_per_chip_hour else None
+        energy = chip_hours * acc.power_watts / 1000 if acc.power_watts else None
+        return {
+            "time_to_train_h": hours,
+            "chip_hours": chip_hours,
+            "cost_usd": cost,
+            "energy_kwh": energy,
+            "tokens_per_usd": self.tokens / cost if cost else None,
+            "tokens_per_kwh": self.tokens / energy if energy else None,
+        }
+
+    def relative_to(self, base: "PlanRow") -> dict:
+        """Efficiency against the baseline chip: tokens per dollar and per kWh, as ratios (1.5 = 50% better)."""
+        mine = self.training_cost() if self.tokens else self._per_hour_cost()
+        theirs = base.training_cost() if base.tokens else base._per_hour_cost()
+        out = {}
+        for key in ("tokens_per_usd", "tokens_per_kwh"):
+            a, b = mine.get(key), theirs.get(key)
+            out[f"{key}_vs_baseline"] = a / b if a and b else None
+        return out
+
+    def _per_hour_cost(self) -> dict:  # the same ratios without a token budget: per second of training
+        e, acc = self.estimate, self.accelerator
+        tokens_per_s = e.tokens_per_s_per_chip
+        return {"tokens_per_usd": tokens_per_s * 3600 / acc.price_per_chip_hour if acc.price_per_chip_hour else None,
+                "tokens_per_kwh": tokens_per_s * 3600 / (acc.power_watts / 1000) if acc.power_watts else None}
+
+
+def catalog_overrides(path: str | None, settings: list[str]) -> dict | None:
+    """Overrides from a YAML file ({id: {field: value}}) and `ID.FIELD=VALUE` settings (which win)."""
+    import yaml
+
+    merged: dict = {}
+    if path:
+        try:
+            loaded = yaml.safe_load(open(path))
+        except OSError as e:
+            raise ConfigError(f"cannot read catalog overrides {path}: {e.strerror or e}; check the path") from None
+        except yaml.YAMLError:
+            raise ConfigError(f"catalog overrides {path} is not valid YAML; fix the syntax") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"catalog overrides {path} must map ids to fields, e.g. h100-sxm: {{price_per_chip_hour: 2.1}}")
+        merged = {k: dict(v) if isinstance(v, dict) else v for k, v in (loaded or {}).items()}
+    for text in settings:
+        key, sep, value = text.partition("=")
+        acc_id, dot, field = key.partition(".")
+        if not sep or not dot or not field:
+            raise ConfigError(f"--catalog-set {text!r}: write ID.FIELD=VALUE, e.g. h100-sxm.price_per_chip_hour=2.1")
+        parsed = yaml.safe_load(value) if value.strip() else None
+        entry = merged.setdefault(acc_id, {})
+        if field.startswith("fabric."):
+            entry.setdefault("fabric", {})[field[7:]] = parsed
+        else:
+            entry[field] = parsed
+    return merged or None
+
+
+def plan(req: PlanRequest) -> list[PlanRow]:
+    cat = catalog.load_catalog(req.catalog_overrides)
+    ids = list(dict.fromkeys(req.accelerators + ([req.baseline] if req.baseline else [])))
+    remats = (req.remat,) if req.remat else REMATS
+    if req.remat and req.remat not in REMATS:
+        raise ConfigError(f"--remat {req.remat!r} is not one of {', '.join(REMATS)}")
+    rows = []
+    for acc_id in ids:
+        acc = catalog.get(acc_id, cat)
+        if acc.id == "inf2":
+            raise ConfigError("inf2 (Inferentia2) is an inference chip: its Neuron SDK does not train; "
+                              "use trn1 (the same NeuronCore-v2) for a training plan")
+        chip = chip_model(acc, find_profile(acc, req.calibration_dir))
+        result = search(req.model, req.seq_len, req.global_batch, req.chips, chip, fixed=req.mesh, remats=remats,
+                        microbatches=req.microbatches)
+        best = result.best or result.least_memory
+        rows.append(PlanRow(acc, chip, result, best, result.best is not None, req.tokens))
+    if not any(r.fits for r in rows):
+        least = min(rows, key=lambda r: r.estimate.memory.total)
+        raise ConfigError(
+            f"the model fits on none of {', '.join(ids)} with {req.chips} chips: the leanest layout needs "
+            f"{least.estimate.memory_gib:.1f} GiB per {least.accelerator.id} chip "
+            f"(usable {least.estimate.usable_gib:.1f} GiB); use more chips or a smaller global batch")
+    return rows
+
+
+def rank(rows: list[PlanRow]) -> list[PlanRow]:
+    """Fitting chips first, fastest training first (the same chip count for all, so step time ranks them)."""
+    return sorted(rows, key=lambda r: (not r.fits, r.estimate.step_time_s))

@@ -1,0 +1,146 @@
+"""How a plan is shown: a ranked table (rich), JSON, and a time-against-cost chart."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from chipwise.errors import ConfigError
+from chipwise.flops import CONVENTION
+from chipwise.plan.planner import PlanRequest, PlanRow
+from chipwise.plan.search import trainer_tensor_cap
+
+
+def _fmt(value, spec: str, unknown: str = "n/a") -> str:
+    if value is None:
+        return unknown
+    return format(value, spec)
+
+
+def _money(value) -> str:
+    if value is None:
+        return "n/a"
+    return f"${value / 1e6:,.2f}M" if value >= 1e6 else f"${value:,.0f}"
+
+
+def short_mesh(mesh: str) -> str:
+    """data=1,fsdp=512,tensor=2,pipeline=1 -> fsdp512 tp2 (axes of size 1 left out)."""
+    names = {"data": "dp", "fsdp": "fsdp", "tensor": "tp", "pipeline": "pp"}
+    parts = [f"{names[k]}{v}" for k, v in (p.split("=") for p in mesh.split(",")) if v != "1"]
+    return " ".join(parts) or "1 chip"
+
+
+def rows_as_dicts(rows: list[PlanRow], baseline: str | None) -> list[dict]:
+    base = next((r for r in rows if r.accelerator.id == baseline), None)
+    return [r.as_dict(base) for r in rows]
+
+
+def to_json(rows: list[PlanRow], baseline: str | None, aot: dict | None = None) -> str:
+    """One object per accelerator; `aot` adds each TPU's ahead-of-time check under "aot"."""
+    data = rows_as_dicts(rows, baseline)
+    for row in data:
+        if aot and row["accelerator"] in aot:
+            row["aot"] = aot[row["accelerator"]]
+    return json.dumps(data, indent=1)
+
+
+def print_table(rows: list[PlanRow], req: PlanRequest, console: Console | None = None) -> None:
+    console = console or Console()
+    if not console.is_terminal:
+        console.width = 150  # piped or captured: do not fold the table into 80 columns
+    data = rows_as_dicts(rows, req.baseline)
+    m = req.model
+    title = (f"chipwise plan (modelled): {m.num_layers} layers x d_model {m.d_model}, {req.chips} chips, "
+             f"seq {req.seq_len}, global batch {req.global_batch} sequences; fastest first")
+    perf = Table(title=title, title_justify="left")
+    for c in ("#", "accelerator", "chips", "mesh", "mb", "remat", "step s", "tok/s/chip", "TFLOP/s/chip", "MFU",
+              "GiB/chip", "fits"):
+        perf.add_column(c, justify="left" if c in ("accelerator", "mesh", "remat") else "right", no_wrap=True)
+    for i, r in enumerate(data, 1):
+        fits = "yes" if r["fits"] else f"NO (> {r['usable_memory_per_chip_gib']:.0f})"
+        perf.add_row(str(i), r["accelerator"], str(r["chips"]), short_mesh(r["mesh"]), str(r["microbatches"]),
+                     r["remat"], f"{r['step_time_s']:.3g}", f"{r['tokens_per_s_per_chip']:,.0f}",
+                     f"{r['model_tflops_per_chip']:.0f}", f"{r['mfu']:.1%}", f"{r['memory_per_chip_gib']:.1f}", fits)
+    console.print(perf)
+    if req.tokens or req.baseline:
+        what = f"{req.tokens:.3g} tokens" if req.tokens else "per hour of training"
+        cost = Table(title=f"Cost and energy, {what}" + (f"; efficiency relative to {req.baseline}"
+                                                          if req.baseline else ""), title_justify="left")
+        cols = ["#", "accelerator"]
+        if req.tokens:
+            cols += ["days", "chip-hours", "cost", "MWh", "Mtok/$", "Mtok/kWh"]
+        if req.baseline:
+            cols += ["tok/$ vs base", "tok/kWh vs base"]
+        for c in cols:
+            cost.add_column(c, justify="left" if c == "accelerator" else "right", no_wrap=True)
+        for i, r in enumerate(data, 1):
+            cells = [str(i), r["accelerator"]]
+            if req.tokens:
+                cells += [_fmt(r["time_to_train_h"] / 24, ".1f"), _fmt(r["chip_hours"], ",.0f"), _money(r["cost_usd"]),
+                          _fmt(r["energy_kwh"] and r["energy_kwh"] / 1000, ",.0f"),
+                          _fmt(r["tokens_per_usd"] and r["tokens_per_usd"] / 1e6, ".2f"),
+                          _fmt(r["tokens_per_kwh"] and r["tokens_per_kwh"] / 1e6, ".2f")]
+            if req.baseline:
+                cells += [_ratio(r["tokens_per_usd_vs_baseline"]), _ratio(r["tokens_per_kwh_vs_baseline"])]
+            cost.add_row(*cells)
+        console.print(cost)
+    console.print(f"All figures are MODELLED, not measured. MFU = model FLOPs ({CONVENTION}) / dense bf16 peak. "
+                  "Energy at the chip's rated power; cost at the catalog's on-demand price unless overridden; "
+                  "n/a = not published (set it with --catalog-set ID.FIELD=VALUE).")
+    for r in rows:
+        notes = [f"peak {r.chip.peak_tflops:g} TFLOP/s ({r.chip.source})",
+                 f"{r.search.considered} layouts weighed"]
+        if r.search.rejected:
+            notes.append("rejected: " + ", ".join(f"{n} {why}" for why, n in r.search.rejected.most_common()))
+        if r.search.runners_up:
+            alt, why = r.search.runners_up[0]
+            notes.append(f"next best {alt.layout.describe()} ({why})")
+        cap = trainer_tensor_cap(r.chip)
+        if cap is not None and r.estimate.layout.tensor > cap:
+            notes.append(f"tensor={r.estimate.layout.tensor} chips exceeds chipwise's trainer rule for "
+                         f"{r.accelerator.platform} ({cap} chip): the trainer would refuse this mesh")
+        if r.estimate.layout.pipeline > 1:
+            notes.append("pipeline parallelism is planned but chipwise's trainer does not run it yet")
+        console.print(f"  {r.accelerator.id}: " + "; ".join(notes))
+
+
+def _ratio(value) -> str:
+    return "n/a" if value is None else f"{value:.2f}x"
+
+
+def write_chart(rows: list[PlanRow], path: str, tokens: float | None) -> Path:
+    """Time to train against cost, one point per accelerator (needs --tokens and known prices)."""
+    if not tokens:
+        raise ConfigError("--chart needs --tokens (the chart is time to train against cost)")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    plotted = 0
+    for r in rows:
+        cost = r.training_cost()
+        if cost["cost_usd"] is None:
+            continue
+        x, y = cost["time_to_train_h"] / 24, cost["cost_usd"] / 1e6
+        ax.scatter([x], [y], s=60, marker="o" if r.fits else "x")
+        ax.annotate(f"{r.accelerator.id}" + ("" if r.fits else " (does not fit)"), (x, y),
+                    textcoords="offset points", xytext=(6, 4))
+        plotted += 1
+    if not plotted:
+        plt.close(fig)
+        raise ConfigError("--chart: none of the accelerators has a price; set one with --catalog-set ID.price_per_chip_hour=USD")
+    ax.set_xlabel("time to train (days)")
+    ax.set_ylabel("cost (million USD)")
+    ax.set_title(f"{tokens:.3g} tokens on {rows[0].estimate.layout.chips} chips (modelled)")
+    ax.grid(alpha=0.3)
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)
+    return out

@@ -1,0 +1,113 @@
+"""Layout search: the fastest data x FSDP x tensor x pipeline layout, remat policy and micro-batching that fits.
+
+Every candidate is estimated with perf.estimate; the ones that lose say why (does not fit, communication-bound,
+slower). Tensor parallelism stays inside the chip's fabric domain (it may exceed the trainer's platform rule, which the
+table then notes),
+and never exceeds the heads; pipelines need as many micro-batches as stages.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+from chipwise.config import ModelConfig
+from chipwise.errors import ConfigError
+from chipwise.plan.perf import ChipModel, Layout, StepEstimate, check_layout, estimate
+from chipwise.sharding import platform_rules
+
+REMATS = ("none", "dots", "full")
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+@dataclass
+class SearchResult:
+    best: StepEstimate | None
+    considered: int
+    rejected: Counter = field(default_factory=Counter)  # reason -> count
+    runners_up: list[tuple[StepEstimate, str]] = field(default_factory=list)  # (estimate, why it lost)
+    least_memory: StepEstimate | None = None  # the smallest-memory candidate, to say by how much nothing fits
+
+
+def max_tensor_chips(chip: ChipModel) -> int:
+    """Tensor parallelism stays inside the fast fabric (an all-reduce per layer cannot cross the network)."""
+    return chip.accelerator.fabric.domain_chips or 1
+
+
+def trainer_tensor_cap(chip: ChipModel) -> int | None:
+    """chipwise's trainer rule (sharding.PLATFORM_RULES) in chips; the planner may go past it and says so."""
+    acc = chip.accelerator
+    device_cap = platform_rules(acc.platform)["max_tensor"]
+    return None if device_cap is None else max(1, device_cap // acc.devices_per_chip)
+
+
+def candidate_layouts(cfg: ModelConfig, global_batch: int, chips: int, chip: ChipModel, remats=REMATS,
+                      microbatches: int | None = None):
+    """Every layout worth estimating under chipwise's tensor cap; pipelines need as many micro-batches as stages."""
+    max_tp = max_tensor_chips(chip)
+    for pipeline in _divisors(chips):
+        if cfg.num_layers % pipeline or pipeline > 64:
+            continue
+        for tensor in _divisors(chips // pipeline):
+            if tensor > max_tp or cfg.num_heads % tensor:
+                continue
+            for fsdp in _divisors(chips // (pipeline * tensor)):
+                data = chips // (pipeline * tensor * fsdp)
+                ranks = data * fsdp
+                if global_batch % ranks:
+                    continue
+                per_rank = global_batch // ranks
+                for mb in _divisors(per_rank) if microbatches is None else [microbatches]:
+                    if pipeline > 1 and mb < pipeline:
+                        continue
+                    for remat in remats:
+                        yield Layout(data, fsdp, tensor, pipeline, mb, remat)
+
+
+def search(cfg: ModelConfig, seq_len: int, global_batch: int, chips: int, chip: ChipModel, keep: int = 5,
+           fixed: Layout | None = None, remats=REMATS, microbatches: int | None = None) -> SearchResult:
+    """The fastest fitting layout. With `fixed`, only that mesh (tensor and pipeline caps not applied)."""
+    result = SearchResult(best=None, considered=0)
+    fitting: list[StepEstimate] = []
+    layouts = candidate_layouts(cfg, global_batch, chips, chip, remats, microbatches)
+    if fixed is not None:
+        layouts = (Layout(fixed.data, fixed.fsdp, fixed.tensor, fixed.pipeline, mb, r)
+                   for mb in ([microbatches] if microbatches else
+                              _divisors(max(1, global_batch // (fixed.data * fixed.fsdp))))
+                   for r in remats)
+    for layout in layouts:
+        if check_layout(cfg, global_batch, layout):
+            continue
+        est = estimate(cfg, seq_len, global_batch, chip, layout)
+        result.considered += 1
+        if result.least_memory is None or est.memory.total < result.least_memory.memory.total:
+            result.least_memory = est
+        if not est.fits:
+            result.rejected["does not fit in memory"] += 1
+            continue
+        fitting.append(est)
+    if not result.considered:
+        if fixed is not None:
+            why = check_layout(cfg, global_batch, fixed) or "no valid micro-batching"
+            raise ConfigError(f"mesh {fixed.mesh_text()}: {why}; pick another mesh")
+        raise ConfigError(f"no layout of {chips} chips can split a global batch of {global_batch} sequences and "
+                          f"{cfg.num_heads} heads; use a global batch divisible by the chip count")
+    fitting.sort(key=lambda e: e.step_time_s)
+    if fitting:
+        result.best = fitting[0]
+        for est in fitting[1:]:
+            why = "communication-bound" if est.comm_bound else "slower"
+            result.rejected[why] += 1
+        seen = {result.best.layout.mesh_text()}
+        for est in fitting[1:]:  # the best other mesh shapes, to show what was weighed
+            if est.layout.mesh_text() in seen:
+                continue
+            seen.add(est.layout.mesh_text())
+            why = "communication-bound" if est.comm_bound else "slower"
+            result.runners_up.append((est, f"{why}: {est.step_time_s / result.best.step_time_s:.2f}x the step time"))
+            if len(result.runners_up) >= keep:
+                break
+    return result
