@@ -69,7 +69,19 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def quiet_libtpu_off_tpu() -> None:
+    """With the `tpu` extra installed on a machine without TPUs (to compile for TPU topologies, `plan --aot`),
+    libtpu looks for TPU VM metadata at start-up and prints screens of warnings. Tell it there is none to find.
+    Never on a TPU VM (its /dev/accel* or /dev/vfio devices exist) and never over the user's own settings."""
+    if any(os.path.exists(p) for p in ("/dev/accel0", "/dev/vfio/0")) or "TPU_ACCELERATOR_TYPE" in os.environ:
+        return
+    os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+    os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5litepod-1")
+    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+
+
 def _quiet_logs() -> None:
+    quiet_libtpu_off_tpu()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     logging.getLogger("absl").setLevel(logging.ERROR)
     logging.getLogger("jax._src.xla_bridge").setLevel(logging.ERROR)

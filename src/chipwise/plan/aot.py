@@ -49,6 +49,9 @@ class AotResult:
 
 
 def _require_libtpu():
+    from chipwise.cli import quiet_libtpu_off_tpu
+
+    quiet_libtpu_off_tpu()
     try:
         from jax.experimental import topologies
 
