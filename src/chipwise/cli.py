@@ -7,7 +7,7 @@ import logging
 import os
 import sys
 
-from chipwise import __version__
+from chipwise import __version__, ecosystem
 from chipwise.errors import ChipwiseError
 
 EXIT_USAGE = 2
@@ -31,6 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", metavar="RUN_DIR", nargs="?", const="",
                    help="continue a run from its latest checkpoint (RUN_DIR, or the config's run_dir)")
     t.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    t.add_argument("--init-from", metavar="HF_DIR",
+                   help="start from a local Hugging Face Llama checkpoint (its model shape and tokenizer)")
 
     s = sub.add_parser("sample", help="generate text from a trained run")
     s.add_argument("--run", required=True, metavar="RUN_DIR")
@@ -40,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--top-k", type=int, default=0, help="0 keeps every token")
     s.add_argument("--top-p", type=float, default=1.0)
     s.add_argument("--seed", type=int, default=0)
+    ecosystem.add_commands(sub)
     return p
 
 
@@ -58,6 +61,12 @@ def _train(args) -> int:
 
     if args.resume is not None and args.overwrite:
         raise ChipwiseError("--resume and --overwrite contradict each other; pick one")
+    if args.init_from is not None:
+        if args.resume is not None:
+            raise ChipwiseError("--init-from starts a new run; --resume continues one from its own checkpoint")
+        from chipwise.hf import init_overrides
+
+        args.overrides = init_overrides(args.init_from) + args.overrides  # the user's --set items come last
     run_dir = args.resume
     if run_dir == "":  # bare --resume: the run named by the config
         run_dir = load_config(args.config, args.overrides).run_dir
@@ -99,7 +108,7 @@ def run_guarded(parser: argparse.ArgumentParser, handler, argv: list[str] | None
 
 def main(argv: list[str] | None = None) -> int:
     _quiet_logs()
-    commands = {"train": _train, "sample": _sample}
+    commands = {"train": _train, "sample": _sample, **ecosystem.COMMANDS}
     return run_guarded(build_parser(), lambda args: commands[args.command](args), argv)
 
 

@@ -178,7 +178,13 @@ class Trainer:
         if latest is None:
             if self.resume:
                 self.log(f"no checkpoint in {self.run_dir}; starting from step 0")
-            return steps.init(), 0, iterator
+            state = steps.init()
+            if self.cfg.train.init_from:  # pre-trained weights (Hugging Face Llama), a fresh optimizer state
+                from chipwise.hf import initial_params
+
+                state["params"] = initial_params(self.cfg, steps.state_shardings["params"])
+                self.log(f"initialised from {self.cfg.train.init_from}")
+            return state, 0, iterator
         state, meta = ckpt.restore(latest, abstract_state)
         if meta.get("tokenizer_fingerprint") != self.data.tokenizer_fingerprint:
             raise ChipwiseError(f"cannot resume {self.run_dir}: its checkpoint was trained with another tokenizer "
