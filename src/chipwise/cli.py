@@ -74,6 +74,10 @@ def _train(args) -> int:
         cfg = from_dict(apply_overrides(to_dict(load_run_config(run_dir)), args.overrides + [f"run_dir={run_dir}"]))
     else:
         cfg = load_config(args.config, args.overrides)
+    if cfg.train.init_from and not run_dir:  # a model --set against the checkpoint fails now, not after compiling
+        from chipwise.hf import check_model
+
+        check_model(cfg)
     Trainer(cfg, resume=run_dir is not None, overwrite=args.overwrite).run()
     return 0
 

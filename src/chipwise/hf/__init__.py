@@ -14,7 +14,7 @@ from chipwise.errors import ChipwiseError
 from chipwise.hf.checkpoint import parse_size, prepare_out_dir, read_checkpoint, read_config, write_checkpoint
 from chipwise.hf.convert import HFFormatError, model_config
 
-__all__ = ["HFFormatError", "export_run", "init_overrides", "initial_params", "parse_size", "read_checkpoint"]
+__all__ = ["HFFormatError", "check_model", "export_run", "init_overrides", "initial_params", "parse_size", "read_checkpoint"]
 
 
 def export_run(run_dir: str, out: str, max_shard_size: str = "5GB", overwrite: bool = False) -> list[str]:
@@ -52,15 +52,21 @@ def init_overrides(hf_dir: str) -> list[str]:
     return items
 
 
-def initial_params(cfg, shardings) -> dict:
-    """The params of cfg.train.init_from, checked against cfg.model and placed with `shardings`."""
-    import jax
-
-    m, params = read_checkpoint(Path(cfg.train.init_from), cfg.model.max_seq_len)
+def check_model(cfg) -> None:
+    """cfg.model must be the shape of the checkpoint in cfg.train.init_from (max_seq_len aside)."""
+    m = model_config(read_config(Path(cfg.train.init_from)), cfg.model.max_seq_len)
     for field in dataclasses.fields(m):
         want, got = getattr(cfg.model, field.name), getattr(m, field.name)
         if want != got:
             raise ChipwiseError(f"model.{field.name} is {want!r} but the checkpoint in train.init_from has "
-                                f"{got!r}; start with chipwise train --init-from, which takes the model from it")
+                                f"{got!r}; leave the model to the checkpoint (only model.max_seq_len may change)")
+
+
+def initial_params(cfg, shardings) -> dict:
+    """The params of cfg.train.init_from, checked against cfg.model and placed with `shardings`."""
+    import jax
+
+    check_model(cfg)
+    _, params = read_checkpoint(Path(cfg.train.init_from), cfg.model.max_seq_len)
     # make_array_from_callback builds each process's shards from host memory, so this works on many hosts.
     return jax.tree.map(lambda x, s: jax.make_array_from_callback(x.shape, s, lambda idx: x[idx]), params, shardings)
