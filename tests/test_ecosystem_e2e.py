@@ -1,6 +1,7 @@
 """Export, import, provenance and the HTML report, end to end through the command line on one tiny trained run."""
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -192,6 +193,8 @@ def test_report_renders_in_headless_chromium(trained, tmp_path, capsys):
 
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:
+        if os.environ.get("CI"):  # .ci/run installs it: a CI run without it must not pass quietly
+            pytest.fail("chromium is missing on CI; .ci/run should have installed it")
         pytest.skip("Debian's chromium is not installed (apt-get install chromium; .ci/run installs it)")
     flags = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
              "--allow-file-access-from-files", "--virtual-time-budget=10000"]

@@ -20,7 +20,7 @@ COLORS = plt.rcParams["axes.prop_cycle"].by_key()["color"]
 
 def _save(fig, out: Path, name: str) -> str:
     fig.tight_layout()
-    fig.savefig(out / name, dpi=100)
+    fig.savefig(out / name, dpi=100, bbox_inches="tight")  # legends placed outside the axes stay in
     plt.close(fig)
     return name
 
@@ -76,7 +76,7 @@ def step_time(runs: list[Run], out: Path) -> str:
     ax.set(xlabel="milliseconds per training step (checkpoint and evaluation spread over all steps)",
            title="Where each step's time goes")
     ax.invert_yaxis()
-    ax.legend(fontsize=8, ncol=4, loc="lower right")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the bars, never over them
     return _save(fig, out, "step_time.png")
 
 
