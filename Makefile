@@ -14,10 +14,13 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# Trains the `tiny` preset on the Python standard library's own source, then samples from it.
+# Trains the `tiny` preset on the Python standard library's own source, samples from it, exports it as a
+# Hugging Face checkpoint and writes its HTML report.
 demo: $(STAMP)
 	$(VENV)/bin/chipwise train --config configs/demo.yaml --overwrite
 	$(VENV)/bin/chipwise sample --run runs/demo --prompt "def get_" --max-new-tokens 120 --temperature 0.8 --top-k 40
+	$(VENV)/bin/chipwise export --run runs/demo --out runs/demo-hf --overwrite
+	$(VENV)/bin/chipwise report runs/demo --out runs/demo-report --overwrite
 
 test: $(STAMP)
 	XLA_FLAGS="--xla_force_host_platform_device_count=8" $(VENV)/bin/pytest -q -n 2 --dist loadgroup

@@ -157,3 +157,18 @@ def test_tensor_problems_name_the_tensor():
         convert.check_tensors({k: v for k, v in shapes.items() if k != "model.norm.weight"}, m)
     with pytest.raises(ChipwiseError, match=r"mlp.up_proj.weight has shape \(32, 17\)"):
         convert.check_tensors({**shapes, "model.layers.0.mlp.up_proj.weight": (32, 17)}, m)
+
+
+def test_bf16_checkpoints_are_read_and_widened(tmp_path, tokenizer_file):
+    import ml_dtypes
+    from safetensors.numpy import load_file, save_file
+
+    m = ModelConfig(num_layers=1, d_model=16, num_heads=2, num_kv_heads=1, d_ff=32, vocab_size=300)
+    params = random_params(m, 4)
+    write_checkpoint(tmp_path, m, params, tokenizer_file)
+    weights = tmp_path / "model.safetensors"
+    narrow = {k: v.astype(ml_dtypes.bfloat16) for k, v in load_file(str(weights)).items()}
+    save_file(narrow, str(weights), metadata={"format": "pt"})
+    _, back = read_checkpoint(tmp_path)
+    assert back["blocks"][0]["attn"]["wq"].dtype == np.float32
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-2, atol=1e-2), back, params)

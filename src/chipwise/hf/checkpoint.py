@@ -93,7 +93,8 @@ def write_checkpoint(out: Path, m: ModelConfig, params: dict, tokenizer_file: Pa
     special = {"bos_token": EOS_TOKEN, "eos_token": EOS_TOKEN}
     (out / "tokenizer_config.json").write_text(json.dumps({
         "tokenizer_class": "PreTrainedTokenizerFast", **special, "model_max_length": m.max_seq_len,
-        "add_bos_token": False, "add_eos_token": False, "clean_up_tokenization_spaces": False}, indent=2))
+        "add_bos_token": False, "add_eos_token": False, "clean_up_tokenization_spaces": False,
+        "model_input_names": ["input_ids", "attention_mask"]}, indent=2))  # Llama takes no token_type_ids
     (out / "special_tokens_map.json").write_text(json.dumps(special, indent=2))
     return files
 
