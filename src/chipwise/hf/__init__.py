@@ -14,7 +14,8 @@ from chipwise.errors import ChipwiseError
 from chipwise.hf.checkpoint import parse_size, prepare_out_dir, read_checkpoint, read_config, write_checkpoint
 from chipwise.hf.convert import HFFormatError, model_config
 
-__all__ = ["HFFormatError", "check_model", "export_run", "init_overrides", "initial_params", "parse_size", "read_checkpoint"]
+__all__ = ["HFFormatError", "check_model", "export_run", "init_overrides", "initial_params", "parse_size",
+           "read_checkpoint"]
 
 
 def export_run(run_dir: str, out: str, max_shard_size: str = "5GB", overwrite: bool = False) -> list[str]:
@@ -32,9 +33,10 @@ def export_run(run_dir: str, out: str, max_shard_size: str = "5GB", overwrite: b
     if not (run / TOKENIZER_FILE).is_file():
         raise ChipwiseError(f"{run} has no {TOKENIZER_FILE}; it is not a complete chipwise run directory")
     out_dir = Path(out)
-    prepare_out_dir(out_dir, overwrite)
+    prepare_out_dir(out_dir, overwrite, check_only=True)  # fail fast, and touch nothing before the weights load
     params, _ = load_params(run, cfg)
     params = jax.tree.map(lambda x: jax.device_get(x), params)
+    prepare_out_dir(out_dir, overwrite)
     return write_checkpoint(out_dir, cfg.model, params, run / TOKENIZER_FILE, limit)
 
 

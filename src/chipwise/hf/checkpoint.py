@@ -51,17 +51,21 @@ def shard(tensors: dict[str, np.ndarray], max_bytes: int) -> list[dict[str, np.n
     return groups
 
 
-def prepare_out_dir(out: Path, overwrite: bool) -> None:
+def prepare_out_dir(out: Path, overwrite: bool, check_only: bool = False) -> None:
+    """Refuse a non-empty `out` unless overwrite; then remove only files an export writes, and create it."""
     if out.exists() and not out.is_dir():
         raise ChipwiseError(f"--out {out} is a file; give a directory")
     if out.is_dir() and any(out.iterdir()):
         if not overwrite:
             raise ChipwiseError(f"--out {out} is not empty; choose an empty or new directory, or pass --overwrite "
                                 f"to replace the checkpoint files in it")
+        if check_only:
+            return
         for path in out.iterdir():
             if path.name in WRITTEN or SHARD_PATTERN.fullmatch(path.name):
                 path.unlink()
-    out.mkdir(parents=True, exist_ok=True)
+    if not check_only:
+        out.mkdir(parents=True, exist_ok=True)
 
 
 def write_checkpoint(out: Path, m: ModelConfig, params: dict, tokenizer_file: Path,
