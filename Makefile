@@ -14,13 +14,19 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# Trains the `tiny` preset on the Python standard library's own source, then samples from it.
+# Trains the `tiny` preset on the Python standard library's own source, samples from it, exports it as a
+# Hugging Face checkpoint and writes its HTML report.
 demo: $(STAMP)
 	$(VENV)/bin/chipwise train --config configs/demo.yaml --overwrite
 	$(VENV)/bin/chipwise sample --run runs/demo --prompt "def get_" --max-new-tokens 120 --temperature 0.8 --top-k 40
+	$(VENV)/bin/chipwise export --run runs/demo --out runs/demo-hf --overwrite
+	$(VENV)/bin/chipwise report runs/demo --out runs/demo-report --overwrite
 
+# Timing tests (the planner's CPU calibration) run alone afterwards, on one CPU device, so that the other test
+# worker's load does not land in their measurements.
 test: $(STAMP)
-	XLA_FLAGS="--xla_force_host_platform_device_count=8" $(VENV)/bin/pytest -q -n 2 --dist loadgroup
+	XLA_FLAGS="--xla_force_host_platform_device_count=8" $(VENV)/bin/pytest -q -n 2 --dist loadgroup -m "not timing"
+	XLA_FLAGS="--xla_force_host_platform_device_count=1" $(VENV)/bin/pytest -q -p no:xdist -m timing
 
 # The CPU benchmark against PyTorch (eager and torch.compile); installs the CPU wheel of torch.
 bench: $(STAMP)

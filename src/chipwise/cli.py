@@ -7,8 +7,9 @@ import logging
 import os
 import sys
 
-from chipwise import __version__
+from chipwise import __version__, ecosystem
 from chipwise.errors import ChipwiseError
+from chipwise.plan import cli as plan_cli
 
 EXIT_USAGE = 2
 
@@ -31,6 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", metavar="RUN_DIR", nargs="?", const="",
                    help="continue a run from its latest checkpoint (RUN_DIR, or the config's run_dir)")
     t.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    t.add_argument("--init-from", metavar="HF_DIR",
+                   help="start from a local Hugging Face Llama checkpoint (its model shape and tokenizer)")
 
     s = sub.add_parser("sample", help="generate text from a trained run")
     s.add_argument("--run", required=True, metavar="RUN_DIR")
@@ -40,32 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--top-k", type=int, default=0, help="0 keeps every token")
     s.add_argument("--top-p", type=float, default=1.0)
     s.add_argument("--seed", type=int, default=0)
-
-    pl = sub.add_parser("plan", help="predict step time, memory, cost and energy of a run on each accelerator")
-    pl.add_argument("--model", required=True, help="a preset name or a YAML file of model fields")
-    pl.add_argument("--accelerator", required=True, metavar="ID[,ID...]", help="catalog ids, comma-separated")
-    pl.add_argument("--chips", required=True, type=int)
-    pl.add_argument("--seq-len", required=True, type=int)
-    pl.add_argument("--global-batch", required=True, type=int, metavar="SEQS", help="sequences per step")
-    pl.add_argument("--tokens", type=float, help="training tokens in all (e.g. 2e12): adds time, cost, energy")
-    pl.add_argument("--mesh", help="pin the layout, e.g. data=8,fsdp=16,tensor=8,pipeline=1 (else searched)")
-    pl.add_argument("--remat", choices=("none", "dots", "full"), help="pin the remat policy (else searched)")
-    pl.add_argument("--microbatches", type=int, help="pin micro-batches per step (else searched)")
-    pl.add_argument("--baseline", metavar="ID", help="compare tokens per dollar and per kWh against this chip")
-    pl.add_argument("--catalog", metavar="FILE", help="YAML overrides {id: {field: value}} (your prices, power)")
-    pl.add_argument("--catalog-set", action="append", default=[], metavar="ID.FIELD=VALUE",
-                    help="override one catalog figure, e.g. h100-sxm.price_per_chip_hour=2.1 (repeatable)")
-    pl.add_argument("--calibration", metavar="DIR_OR_FILE", help="calibration profiles (default: the cache's)")
-    pl.add_argument("--json", action="store_true", help="print a JSON list, one object per accelerator")
-    pl.add_argument("--chart", metavar="PNG", help="write a chart of time to train against cost")
-    pl.add_argument("--aot", action="store_true",
-                    help="TPU only: compile chipwise's real train step for the planned topology (needs the tpu "
-                         "extra) and show XLA's memory and FLOPs next to the model's")
-
-    b = sub.add_parser("bench", help="measure this machine's chip and write a calibration profile for `plan`")
-    b.add_argument("--accelerator", metavar="ID", help="catalog id of the local chip (default: detected)")
-    b.add_argument("--out", metavar="FILE", help="where to write the profile (default: the cache)")
-    b.add_argument("--quick", action="store_true", help="shorter GEMM timings")
+    ecosystem.add_commands(sub)
+    plan_cli.add_commands(sub)
     return p
 
 
@@ -96,6 +75,12 @@ def _train(args) -> int:
 
     if args.resume is not None and args.overwrite:
         raise ChipwiseError("--resume and --overwrite contradict each other; pick one")
+    if args.init_from is not None:
+        if args.resume is not None:
+            raise ChipwiseError("--init-from starts a new run; --resume continues one from its own checkpoint")
+        from chipwise.hf import init_overrides
+
+        args.overrides = init_overrides(args.init_from) + args.overrides  # the user's --set items come last
     run_dir = args.resume
     if run_dir == "":  # bare --resume: the run named by the config
         run_dir = load_config(args.config, args.overrides).run_dir
@@ -103,6 +88,10 @@ def _train(args) -> int:
         cfg = from_dict(apply_overrides(to_dict(load_run_config(run_dir)), args.overrides + [f"run_dir={run_dir}"]))
     else:
         cfg = load_config(args.config, args.overrides)
+    if cfg.train.init_from and not run_dir:  # a model --set against the checkpoint fails now, not after compiling
+        from chipwise.hf import check_model
+
+        check_model(cfg)
     Trainer(cfg, resume=run_dir is not None, overwrite=args.overwrite).run()
     return 0
 
@@ -113,72 +102,6 @@ def _sample(args) -> int:
     text = sample_from_run(args.run, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
                            args.seed)
     print(text)
-    return 0
-
-
-def _plan(args) -> int:
-    from chipwise.plan.planner import PlanRequest, catalog_overrides, plan, rank
-    from chipwise.plan.render import print_table, to_json, write_chart
-    from chipwise.plan.spec import load_model, parse_mesh, positive
-
-    for name in ("chips", "seq_len", "global_batch", "tokens", "microbatches"):
-        if getattr(args, name) is not None:
-            positive("--" + name.replace("_", "-"), getattr(args, name))
-    ids = [a.strip() for a in args.accelerator.split(",") if a.strip()]
-    if not ids:
-        raise ChipwiseError("--accelerator needs at least one catalog id, e.g. h100-sxm,trn2")
-    mesh = parse_mesh(args.mesh, args.chips) if args.mesh else None
-    req = PlanRequest(load_model(args.model), ids, args.chips, args.seq_len, args.global_batch, args.tokens, mesh,
-                      args.remat, args.microbatches, args.baseline,
-                      catalog_overrides(args.catalog, args.catalog_set), args.calibration)
-    rows = rank(plan(req))
-    if args.aot:
-        from chipwise.plan.aot import aot_check, print_aot
-
-        checks = [aot_check(req, r) for r in rows if r.accelerator.platform == "tpu"]
-        if not checks:
-            raise ChipwiseError("--aot compiles for TPU topologies only; add a tpu-* accelerator")
-    if args.json:
-        print(to_json(rows, args.baseline, {c.accelerator: c.as_dict() for c in checks} if args.aot else None))
-    else:
-        print_table(rows, req)
-        if args.aot:
-            for check in checks:
-                print_aot(check)
-    if args.chart:
-        out = write_chart(rows, args.chart, args.tokens)
-        print(f"chart written to {out}", file=sys.stderr)
-    return 0
-
-
-def _bench(args) -> int:
-    import jax
-
-    from chipwise import catalog
-    from chipwise.plan.calibration import calibrate, profile_path, save_profile
-
-    device = jax.devices()[0]
-    if args.accelerator:
-        acc = catalog.get(args.accelerator)
-    else:
-        acc = catalog.find_by_device_kind(device.device_kind)
-        if acc is None:
-            raise ChipwiseError(f"device kind {device.device_kind!r} is not in the accelerator catalog; add it to "
-                                "catalog/accelerators.yaml or pass --accelerator ID")
-    if acc.platform != device.platform:
-        raise ChipwiseError(f"--accelerator {acc.id} is a {acc.platform} chip but this machine's devices are "
-                            f"{device.platform}")
-    profile = calibrate(acc, device, quick=args.quick)
-    path = save_profile(profile, profile_path(acc.id, args.out))
-    cm = profile["chip_model"]
-    print(f"{acc.id} on {profile['machine']} (measured, {profile['dtype']}):")
-    print(f"  GEMM peak {cm['peak_tflops'] * 1e3:,.1f} GFLOP/s, large-shape efficiency {cm['matmul_efficiency']:.2f}, "
-          f"half speed at dimension {cm['matmul_half_dim']:.0f}; streaming bandwidth {cm['hbm_tbps'] * 1e3:,.1f} GB/s")
-    for r in profile["measurements"]["train_steps"]:
-        print(f"  train step {r['model']['num_layers']}x{r['model']['d_model']} seq {r['seq_len']} batch "
-              f"{r['batch']}: {r['measured_s'] * 1e3:.1f} ms")
-    print(f"  fitted: compute scale {cm['compute_scale']:.2f}, overhead {cm['step_overhead_s'] * 1e3:.1f} ms/step")
-    print(f"profile written to {path}; `chipwise plan --accelerator {acc.id}` now uses it")
     return 0
 
 
@@ -203,7 +126,7 @@ def run_guarded(parser: argparse.ArgumentParser, handler, argv: list[str] | None
 
 def main(argv: list[str] | None = None) -> int:
     _quiet_logs()
-    commands = {"train": _train, "sample": _sample, "plan": _plan, "bench": _bench}
+    commands = {"train": _train, "sample": _sample, **ecosystem.COMMANDS, **plan_cli.COMMANDS}
     return run_guarded(build_parser(), lambda args: commands[args.command](args), argv)
 
 

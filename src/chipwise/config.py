@@ -72,6 +72,7 @@ class TrainConfig:
     eval_batches: int = 4
     checkpoint_every: int = 100
     keep_checkpoints: int = 3
+    init_from: str = ""  # a Hugging Face Llama directory whose weights start the run (see `train --init-from`)
 
 
 @dataclass

@@ -14,7 +14,7 @@ import numpy as np
 import yaml
 from rich.console import Console
 
-from chipwise import attention, data, efficiency, flops
+from chipwise import attention, data, efficiency, flops, provenance
 from chipwise.config import Config, from_dict, to_dict
 from chipwise.errors import ChipwiseError, ConfigError
 from chipwise.sharding import data_parallel_size, make_mesh, platform_rules, use_mesh
@@ -136,6 +136,7 @@ class Trainer:
             "data": self.data.description,
             "compile_time_s": compile_s,
             "jax": jax.__version__,
+            "provenance": provenance.collect(self.devices),  # versions, git commit, devices: what exactly ran
         }
         (self.run_dir / "run_info.json").write_text(json.dumps(info, indent=2))
         return info
@@ -178,7 +179,13 @@ class Trainer:
         if latest is None:
             if self.resume:
                 self.log(f"no checkpoint in {self.run_dir}; starting from step 0")
-            return steps.init(), 0, iterator
+            state = steps.init()
+            if self.cfg.train.init_from:  # pre-trained weights (Hugging Face Llama), a fresh optimizer state
+                from chipwise.hf import initial_params
+
+                state["params"] = initial_params(self.cfg, steps.state_shardings["params"])
+                self.log(f"initialised from {self.cfg.train.init_from}")
+            return state, 0, iterator
         state, meta = ckpt.restore(latest, abstract_state)
         if meta.get("tokenizer_fingerprint") != self.data.tokenizer_fingerprint:
             raise ChipwiseError(f"cannot resume {self.run_dir}: its checkpoint was trained with another tokenizer "
@@ -206,9 +213,11 @@ class Trainer:
         def evaluate(step):
             e0 = time.perf_counter()
             loss = self._evaluate(steps.eval, state["params"], val_batches, steps.batch_sharding)
-            totals.eval_seconds += time.perf_counter() - e0
+            seconds = time.perf_counter() - e0
+            totals.eval_seconds += seconds
             totals.val_losses.append((step, loss))
-            writer.write({"step": step, "val_loss": loss, "val_ppl": float(np.exp(min(loss, 50.0)))})
+            writer.write({"step": step, "val_loss": loss, "val_ppl": float(np.exp(min(loss, 50.0))),
+                          "eval_s": seconds})
             writer.log(f"step {step:>6}  val_loss {loss:.4f}  (ppl {np.exp(min(loss, 50.0)):.1f})")
 
         loop_start = time.perf_counter()
@@ -258,7 +267,9 @@ class Trainer:
                     meta = {"step": step, "data_iterator": iterator.get_state(),
                             "tokenizer_fingerprint": self.data.tokenizer_fingerprint}
                     ckpt.save(step, state, meta, force=step == t.steps)
-                    totals.checkpoint_seconds += time.perf_counter() - c0
+                    seconds = time.perf_counter() - c0
+                    totals.checkpoint_seconds += seconds
+                    writer.write({"step": step, "checkpoint_s": seconds})  # per-step breakdown in reports
                 last_done = time.perf_counter()  # eval and checkpoint time is not step time
         if pending is not None:
             finish(pending)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 
 from rich.console import Console
@@ -32,11 +33,11 @@ class MetricsWriter:
         self.progress.start()
 
     def write(self, record: dict) -> None:
-        record = {k: _clean(v) for k, v in record.items()}
+        record = {k: _clean(v) for k, v in record.items()} | {"time": time.time()}  # wall clock, for reports
         self.jsonl.write(json.dumps(record) + "\n")
         step = record["step"]
         for key, value in record.items():
-            if key != "step" and isinstance(value, (int, float)) and value is not None:
+            if key not in ("step", "time") and isinstance(value, (int, float)) and value is not None:
                 self.tb.add_scalar(key, value, step)
 
     def advance(self, step: int, loss: float | None = None) -> None:

@@ -1,4 +1,4 @@
-"""Human-readable views of a run's figures (the end-of-run summary)."""
+"""Human-readable views of a run: the end-of-run summary table here, the HTML report in html.py (`chipwise report`)."""
 
 from __future__ import annotations
 

@@ -1,0 +1,39 @@
+"""The `chipwise export` and `chipwise report` subcommands (kept here so cli.py stays small).
+
+Both import their heavy modules only when run, so `chipwise --help` stays fast.
+"""
+
+from __future__ import annotations
+
+
+def add_commands(sub) -> None:
+    e = sub.add_parser("export", help="write a run's latest checkpoint as a Hugging Face Llama checkpoint")
+    e.add_argument("--run", required=True, metavar="RUN_DIR")
+    e.add_argument("--out", required=True, metavar="DIR", help="a new or empty directory")
+    e.add_argument("--max-shard-size", default="5GB", metavar="SIZE",
+                   help="split model.safetensors into shards of at most SIZE (e.g. 5GB, 200MiB; default 5GB)")
+    e.add_argument("--overwrite", action="store_true", help="replace the checkpoint files already in DIR")
+
+    r = sub.add_parser("report", help="an HTML page of one or more runs: loss, throughput, MFU, cost, provenance")
+    r.add_argument("runs", nargs="+", metavar="RUN_DIR", help="several runs are drawn on the same axes")
+    r.add_argument("--out", required=True, metavar="DIR", help="a new or empty directory for index.html and PNGs")
+    r.add_argument("--overwrite", action="store_true", help="replace a report already in DIR")
+
+
+def _export(args) -> int:
+    from chipwise.hf import export_run
+
+    files = export_run(args.run, args.out, args.max_shard_size, args.overwrite)
+    print(f"wrote a Hugging Face Llama checkpoint to {args.out} ({', '.join(files)})")
+    return 0
+
+
+def _report(args) -> int:
+    from chipwise.report.html import write_report
+
+    page = write_report(args.runs, args.out, args.overwrite)
+    print(f"wrote {page}")
+    return 0
+
+
+COMMANDS = {"export": _export, "report": _report}

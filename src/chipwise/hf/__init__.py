@@ -1,0 +1,74 @@
+"""Hugging Face Llama checkpoints out of chipwise runs (`chipwise export`) and into them (`train --init-from`).
+
+    convert.py     config fields and tensor layouts, both directions (pure numpy)
+    checkpoint.py  safetensors (sharded above a size limit) and tokenizer files on disk
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+from chipwise.errors import ChipwiseError
+from chipwise.hf.checkpoint import parse_size, prepare_out_dir, read_checkpoint, read_config, write_checkpoint
+from chipwise.hf.convert import HFFormatError, model_config
+
+__all__ = ["HFFormatError", "check_model", "export_run", "init_overrides", "initial_params", "parse_size",
+           "read_checkpoint"]
+
+
+def export_run(run_dir: str, out: str, max_shard_size: str = "5GB", overwrite: bool = False) -> list[str]:
+    """Write the run's latest checkpoint to `out` as a Hugging Face Llama checkpoint (fp32)."""
+    import jax
+
+    from chipwise.hf.convert import hf_config
+    from chipwise.sample import load_params
+    from chipwise.train.loop import TOKENIZER_FILE, load_run_config
+
+    run = Path(run_dir)
+    cfg = load_run_config(run)
+    hf_config(cfg.model, None)  # a model HF Llama cannot hold fails here, before any work
+    limit = parse_size(max_shard_size)
+    if not (run / TOKENIZER_FILE).is_file():
+        raise ChipwiseError(f"{run} has no {TOKENIZER_FILE}; it is not a complete chipwise run directory")
+    out_dir = Path(out)
+    prepare_out_dir(out_dir, overwrite, check_only=True)  # fail fast, and touch nothing before the weights load
+    params, _ = load_params(run, cfg)
+    params = jax.tree.map(lambda x: jax.device_get(x), params)
+    prepare_out_dir(out_dir, overwrite)
+    return write_checkpoint(out_dir, cfg.model, params, run / TOKENIZER_FILE, limit)
+
+
+def init_overrides(hf_dir: str) -> list[str]:
+    """`--set` items that make a run start from `hf_dir`: its model shape, its tokenizer, and train.init_from.
+
+    The checkpoint's config replaces the config's whole model section (its shape is not negotiable); later
+    --set items may still change model.max_seq_len.
+    """
+    path = Path(hf_dir).absolute()
+    m = model_config(read_config(path))
+    items = [f"model={json.dumps(dataclasses.asdict(m))}", f"train.init_from={json.dumps(str(path))}"]
+    if (path / "tokenizer.json").is_file():  # token ids must mean what they meant when the weights were trained
+        items.append(f"data.tokenizer={json.dumps(str(path / 'tokenizer.json'))}")
+    return items
+
+
+def check_model(cfg) -> None:
+    """cfg.model must be the shape of the checkpoint in cfg.train.init_from (max_seq_len aside)."""
+    m = model_config(read_config(Path(cfg.train.init_from)), cfg.model.max_seq_len)
+    for field in dataclasses.fields(m):
+        want, got = getattr(cfg.model, field.name), getattr(m, field.name)
+        if want != got:
+            raise ChipwiseError(f"model.{field.name} is {want!r} but the checkpoint in train.init_from has "
+                                f"{got!r}; leave the model to the checkpoint (only model.max_seq_len may change)")
+
+
+def initial_params(cfg, shardings) -> dict:
+    """The params of cfg.train.init_from, checked against cfg.model and placed with `shardings`."""
+    import jax
+
+    check_model(cfg)
+    _, params = read_checkpoint(Path(cfg.train.init_from), cfg.model.max_seq_len)
+    # make_array_from_callback builds each process's shards from host memory, so this works on many hosts.
+    return jax.tree.map(lambda x, s: jax.make_array_from_callback(x.shape, s, lambda idx: x[idx]), params, shardings)

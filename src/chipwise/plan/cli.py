@@ -1,0 +1,104 @@
+"""The `chipwise plan` and `chipwise bench` commands (the planner lives in chipwise.plan)."""
+
+from __future__ import annotations
+
+import sys
+
+from chipwise.errors import ChipwiseError
+
+
+def add_commands(sub) -> None:
+    pl = sub.add_parser("plan", help="predict step time, memory, cost and energy of a run on each accelerator")
+    pl.add_argument("--model", required=True, help="a preset name or a YAML file of model fields")
+    pl.add_argument("--accelerator", required=True, metavar="ID[,ID...]", help="catalog ids, comma-separated")
+    pl.add_argument("--chips", required=True, type=int)
+    pl.add_argument("--seq-len", required=True, type=int)
+    pl.add_argument("--global-batch", required=True, type=int, metavar="SEQS", help="sequences per step")
+    pl.add_argument("--tokens", type=float, help="training tokens in all (e.g. 2e12): adds time, cost, energy")
+    pl.add_argument("--mesh", help="pin the layout, e.g. data=8,fsdp=16,tensor=8,pipeline=1 (else searched)")
+    pl.add_argument("--remat", choices=("none", "dots", "full"), help="pin the remat policy (else searched)")
+    pl.add_argument("--microbatches", type=int, help="pin micro-batches per step (else searched)")
+    pl.add_argument("--baseline", metavar="ID", help="compare tokens per dollar and per kWh against this chip")
+    pl.add_argument("--catalog", metavar="FILE", help="YAML overrides {id: {field: value}} (your prices, power)")
+    pl.add_argument("--catalog-set", action="append", default=[], metavar="ID.FIELD=VALUE",
+                    help="override one catalog figure, e.g. h100-sxm.price_per_chip_hour=2.1 (repeatable)")
+    pl.add_argument("--calibration", metavar="DIR_OR_FILE", help="calibration profiles (default: the cache's)")
+    pl.add_argument("--json", action="store_true", help="print a JSON list, one object per accelerator")
+    pl.add_argument("--chart", metavar="PNG", help="write a chart of time to train against cost")
+    pl.add_argument("--aot", action="store_true",
+                    help="TPU only: compile chipwise's real train step for the planned topology (needs the tpu "
+                         "extra) and show XLA's memory and FLOPs next to the model's")
+
+    b = sub.add_parser("bench", help="measure this machine's chip and write a calibration profile for `plan`")
+    b.add_argument("--accelerator", metavar="ID", help="catalog id of the local chip (default: detected)")
+    b.add_argument("--out", metavar="FILE", help="where to write the profile (default: the cache)")
+    b.add_argument("--quick", action="store_true", help="shorter GEMM timings")
+
+
+def plan_command(args) -> int:
+    from chipwise.plan.planner import PlanRequest, catalog_overrides, plan, rank
+    from chipwise.plan.render import print_table, to_json, write_chart
+    from chipwise.plan.spec import load_model, parse_mesh, positive
+
+    for name in ("chips", "seq_len", "global_batch", "tokens", "microbatches"):
+        if getattr(args, name) is not None:
+            positive("--" + name.replace("_", "-"), getattr(args, name))
+    ids = [a.strip() for a in args.accelerator.split(",") if a.strip()]
+    if not ids:
+        raise ChipwiseError("--accelerator needs at least one catalog id, e.g. h100-sxm,trn2")
+    mesh = parse_mesh(args.mesh, args.chips) if args.mesh else None
+    req = PlanRequest(load_model(args.model), ids, args.chips, args.seq_len, args.global_batch, args.tokens, mesh,
+                      args.remat, args.microbatches, args.baseline,
+                      catalog_overrides(args.catalog, args.catalog_set), args.calibration)
+    rows = rank(plan(req))
+    if args.aot:
+        from chipwise.plan.aot import aot_check, print_aot
+
+        checks = [aot_check(req, r) for r in rows if r.accelerator.platform == "tpu"]
+        if not checks:
+            raise ChipwiseError("--aot compiles for TPU topologies only; add a tpu-* accelerator")
+    if args.json:
+        print(to_json(rows, args.baseline, {c.accelerator: c.as_dict() for c in checks} if args.aot else None))
+    else:
+        print_table(rows, req)
+        if args.aot:
+            for check in checks:
+                print_aot(check)
+    if args.chart:
+        out = write_chart(rows, args.chart, args.tokens)
+        print(f"chart written to {out}", file=sys.stderr)
+    return 0
+
+
+def bench_command(args) -> int:
+    import jax
+
+    from chipwise import catalog
+    from chipwise.plan.calibration import calibrate, profile_path, save_profile
+
+    device = jax.devices()[0]
+    if args.accelerator:
+        acc = catalog.get(args.accelerator)
+    else:
+        acc = catalog.find_by_device_kind(device.device_kind)
+        if acc is None:
+            raise ChipwiseError(f"device kind {device.device_kind!r} is not in the accelerator catalog; add it to "
+                                "catalog/accelerators.yaml or pass --accelerator ID")
+    if acc.platform != device.platform:
+        raise ChipwiseError(f"--accelerator {acc.id} is a {acc.platform} chip but this machine's devices are "
+                            f"{device.platform}")
+    profile = calibrate(acc, device, quick=args.quick)
+    path = save_profile(profile, profile_path(acc.id, args.out))
+    cm = profile["chip_model"]
+    print(f"{acc.id} on {profile['machine']} (measured, {profile['dtype']}):")
+    print(f"  GEMM peak {cm['peak_tflops'] * 1e3:,.1f} GFLOP/s, large-shape efficiency {cm['matmul_efficiency']:.2f}, "
+          f"half speed at dimension {cm['matmul_half_dim']:.0f}; streaming bandwidth {cm['hbm_tbps'] * 1e3:,.1f} GB/s")
+    for r in profile["measurements"]["train_steps"]:
+        print(f"  train step {r['model']['num_layers']}x{r['model']['d_model']} seq {r['seq_len']} batch "
+              f"{r['batch']}: {r['measured_s'] * 1e3:.1f} ms")
+    print(f"  fitted: compute scale {cm['compute_scale']:.2f}, overhead {cm['step_overhead_s'] * 1e3:.1f} ms/step")
+    print(f"profile written to {path}; `chipwise plan --accelerator {acc.id}` now uses it")
+    return 0
+
+
+COMMANDS = {"plan": plan_command, "bench": bench_command}

@@ -1,0 +1,130 @@
+"""The report's figures, drawn with matplotlib's Agg backend (no display needed). Every run shares the axes.
+
+Each function saves one PNG into `out` and returns its file name, or returns a sentence saying why there is
+nothing to draw (e.g. a CPU backend reports no device memory).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # before pyplot: headless machines and CI have no display
+import matplotlib.pyplot as plt  # noqa: E402
+
+from chipwise.report.runs import Run  # noqa: E402
+
+COLORS = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+
+
+def _save(fig, out: Path, name: str) -> str:
+    fig.tight_layout()
+    fig.savefig(out / name, dpi=100, bbox_inches="tight")  # legends placed outside the axes stay in
+    plt.close(fig)
+    return name
+
+
+def _color(i: int) -> str:
+    return COLORS[i % len(COLORS)]
+
+
+def loss(runs: list[Run], out: Path) -> str:
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for i, run in enumerate(runs):
+        train, val = run.train(), run.val()
+        ax.plot([r["step"] * run.tokens_per_step for r in train], [r["loss"] for r in train], color=_color(i),
+                label=f"{run.name} train")
+        ax.plot([r["step"] * run.tokens_per_step for r in val], [r["val_loss"] for r in val], color=_color(i),
+                linestyle="--", marker="o", label=f"{run.name} validation")
+    ax.set(xlabel="tokens", ylabel="loss (nats per token)", title="Training and validation loss")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, out, "loss.png")
+
+
+def throughput(runs: list[Run], out: Path) -> str:
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
+    by_time = all(run.elapsed_minutes(run.train()) is not None for run in runs)
+    for i, run in enumerate(runs):
+        train = run.train()
+        x = run.elapsed_minutes(train) if by_time else [r["step"] for r in train]
+        top.plot(x, [r["tokens_per_s"] for r in train], color=_color(i), marker=".", label=run.name)
+        mfu = [(xi, r["mfu"] * 100) for xi, r in zip(x, train) if r.get("mfu") is not None]
+        bottom.plot([p[0] for p in mfu], [p[1] for p in mfu], color=_color(i), marker=".", label=run.name)
+    top.set(ylabel="tokens/s (all devices)", title="Throughput and model FLOPs utilisation")
+    bottom.set(ylabel="MFU (%)", xlabel="wall-clock minutes since the run began" if by_time else "step")
+    for ax in (top, bottom):
+        ax.grid(alpha=0.3)
+        ax.set_ylim(bottom=0)
+        ax.legend(fontsize=8)
+    return _save(fig, out, "throughput.png")
+
+
+def step_time(runs: list[Run], out: Path) -> str:
+    parts = ("compute", "data wait", "checkpoint", "evaluation")
+    rows = [(run.name, run.step_breakdown()) for run in runs]
+    rows = [(name, b) for name, b in rows if b is not None]
+    if not rows:
+        return "no step times recorded yet"
+    fig, ax = plt.subplots(figsize=(8, 1.2 + 0.6 * len(rows)))
+    left = [0.0] * len(rows)
+    for j, part in enumerate(parts):
+        ms = [b[part] * 1e3 for _, b in rows]
+        ax.barh([name for name, _ in rows], ms, left=left, color=_color(j), label=part)
+        left = [a + b for a, b in zip(left, ms)]
+    ax.set(xlabel="milliseconds per training step (checkpoint and evaluation spread over all steps)",
+           title="Where each step's time goes")
+    ax.invert_yaxis()
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the bars, never over them
+    return _save(fig, out, "step_time.png")
+
+
+def memory(runs: list[Run], out: Path) -> str:
+    series = [(i, run, [r for r in run.train() if r.get("peak_memory_bytes")]) for i, run in enumerate(runs)]
+    series = [s for s in series if s[2]]
+    if not series:
+        return "no device memory figures: the backend of these runs does not report them (CPUs do not)"
+    fig, ax = plt.subplots(figsize=(8, 3.5))
+    for i, run, recs in series:
+        ax.plot([r["step"] for r in recs], [r["peak_memory_bytes"] / 2**30 for r in recs], color=_color(i),
+                marker=".", label=run.name)
+    ax.set(xlabel="step", ylabel="GiB (largest device)", title="Peak device memory")
+    ax.grid(alpha=0.3)
+    ax.set_ylim(bottom=0)
+    ax.legend(fontsize=8)
+    return _save(fig, out, "memory.png")
+
+
+def cost(runs: list[Run], out: Path) -> str:
+    """Dollars and kWh accumulated over busy time (steps, evaluation, checkpoints), against tokens."""
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    drawn = False
+    for i, run in enumerate(runs):
+        chips = run.info.get("chips")
+        price, watts = run.info.get("price_per_chip_hour"), run.info.get("power_watts_per_chip")
+        busy = run.busy_seconds()
+        tokens = [step * run.tokens_per_step for step, _ in busy]
+        hours = [seconds / 3600 for _, seconds in busy]
+        if chips and price:
+            left.plot(tokens, [h * price * chips for h in hours], color=_color(i), label=run.name)
+            drawn = True
+        if chips and watts:
+            right.plot(tokens, [h * watts * chips / 1000 for h in hours], color=_color(i), label=run.name)
+            drawn = True
+    if not drawn:
+        plt.close(fig)
+        return ("no price or power known for these devices: set hardware.price_per_hour and "
+                "hardware.power_watts to see dollars and kWh")
+    left.set(xlabel="tokens", ylabel="USD", title="Dollars accumulated")
+    right.set(xlabel="tokens", ylabel="kWh (at rated power)", title="Energy accumulated")
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    return _save(fig, out, "cost.png")
+
+
+FILES = ("loss.png", "throughput.png", "step_time.png", "memory.png", "cost.png")
+CHARTS = (("Loss", loss), ("Throughput and MFU", throughput), ("Step-time breakdown", step_time),
+          ("Memory", memory), ("Dollars and energy", cost))
