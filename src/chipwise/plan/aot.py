@@ -40,6 +40,8 @@ class AotResult:
     attention: str
     xla_memory_gib: float  # per device: arguments + outputs - aliased + temporaries
     model_memory_gib: float  # the planner's estimate per device
+    xla_argument_gib: float  # per device: the step's inputs (sharded parameters, optimizer state, tokens)
+    model_state_gib: float  # the planner's parameters + optimizer state per device
     xla_tflops: float  # per device per step, as XLA counts (executed FLOPs, recomputation included)
     model_tflops: float  # the planner's model FLOPs per device per step (flops.py)
     warnings: list[str]
@@ -110,9 +112,11 @@ def aot_check(req, row) -> AotResult:
     xla_bytes = mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes + mem.temp_size_in_bytes
     devices = layout.chips * acc.devices_per_chip
     model_flops = training_flops_per_token(req.model, req.seq_len).total * req.global_batch * req.seq_len / devices
+    est = row.estimate.memory
     result = AotResult(acc.id, topology, layout.mesh_text(), attn, xla_bytes / GIB,
-                       row.estimate.memory.total / acc.devices_per_chip / GIB, float(cost.get("flops", 0.0)) / 1e12,
-                       model_flops / 1e12, [])
+                       est.total / acc.devices_per_chip / GIB, mem.argument_size_in_bytes / GIB,
+                       (est.params + est.optimizer) / acc.devices_per_chip / GIB,
+                       float(cost.get("flops", 0.0)) / 1e12, model_flops / 1e12, [])
     for what, xla, model in (("memory", result.xla_memory_gib, result.model_memory_gib),
                              ("FLOPs", result.xla_tflops, result.model_tflops)):
         if model and abs(xla / model - 1) > DISAGREEMENT:
@@ -124,6 +128,8 @@ def aot_check(req, row) -> AotResult:
 def print_aot(r: AotResult) -> None:
     print(f"AOT check {r.accelerator} {r.topology} ({r.mesh}, attention {r.attention}), per device per step:")
     print(f"  memory  XLA {r.xla_memory_gib:8.3f} GiB   planner {r.model_memory_gib:8.3f} GiB")
+    print(f"  inputs  XLA {r.xla_argument_gib:8.3f} GiB   planner {r.model_state_gib:8.3f} GiB (parameters and "
+          "optimizer state)")
     print(f"  FLOPs   XLA {r.xla_tflops:8.4g} TFLOP  planner {r.model_tflops:8.4g} TFLOP (model FLOPs; XLA counts "
           "what it executes, recomputation and dense attention squares included)")
     for w in r.warnings:

@@ -61,3 +61,7 @@ def markdown_table(cases: list[Case], median: float) -> str:
                     f"{c.error:+.0%} | {c.estimate.mfu:.1%} |")
     rows.append(f"\nMedian absolute error: {median:.1%} over {len(cases)} cases.")
     return "\n".join(rows)
+
+
+if __name__ == "__main__":  # python -m chipwise.plan.validation: the table for docs/planner.md
+    print(markdown_table(*validate()))
