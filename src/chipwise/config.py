@@ -295,3 +295,10 @@ def from_dict(values: dict) -> Config:
     cfg = _build(Config, values, "")
     validate(cfg)
     return cfg
+
+
+def model_from_spec(values) -> ModelConfig:
+    """A ModelConfig alone (a preset name or a mapping of fields, as under `model:`), checked; for the planner."""
+    model = _build(ModelConfig, model_from_preset_or_dict(values), "model.")
+    validate_model(model)
+    return model

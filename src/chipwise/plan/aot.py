@@ -101,7 +101,7 @@ def aot_check(req, row) -> AotResult:
         raise ChipwiseError(f"--aot: the plan for {acc.id} uses pipeline={layout.pipeline}, which chipwise's "
                             "trainer does not run; pin a mesh without pipeline (--mesh ...,pipeline=1)")
     topology = topology_name(acc.id, layout.chips)
-    cfg = from_dict({"model": asdict(req.model),
+    cfg = from_dict({"model": asdict(req.model) | {"max_seq_len": max(req.model.max_seq_len, req.seq_len)},
                      "train": {"batch_size": req.global_batch, "seq_len": req.seq_len, "dtype": "bfloat16",
                                "remat": layout.remat, "grad_accum": layout.microbatches}})
     compiled, attn = compile_for_topology(cfg, topology, {"data": layout.data, "fsdp": layout.fsdp,

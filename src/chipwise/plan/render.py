@@ -63,7 +63,7 @@ def print_table(rows: list[PlanRow], req: PlanRequest, console: Console | None =
         fits = "yes" if r["fits"] else f"NO (> {r['usable_memory_per_chip_gib']:.0f})"
         perf.add_row(str(i), r["accelerator"], str(r["chips"]), short_mesh(r["mesh"]), str(r["microbatches"]),
                      r["remat"], f"{r['step_time_s']:.3g}", f"{r['tokens_per_s_per_chip']:,.0f}",
-                     f"{r['model_tflops_per_chip']:.0f}", f"{r['mfu']:.1%}", f"{r['memory_per_chip_gib']:.1f}", fits)
+                     f"{r['model_tflops_per_chip']:.3g}", f"{r['mfu']:.1%}", f"{r['memory_per_chip_gib']:.1f}", fits)
     console.print(perf)
     if req.tokens or req.baseline:
         what = f"{req.tokens:.3g} tokens" if req.tokens else "per hour of training"
@@ -87,7 +87,8 @@ def print_table(rows: list[PlanRow], req: PlanRequest, console: Console | None =
                 cells += [_ratio(r["tokens_per_usd_vs_baseline"]), _ratio(r["tokens_per_kwh_vs_baseline"])]
             cost.add_row(*cells)
         console.print(cost)
-    console.print(f"All figures are MODELLED, not measured. MFU = model FLOPs ({CONVENTION}) / dense bf16 peak. "
+    console.print(f"All figures are MODELLED, not measured. MFU = model FLOPs ({CONVENTION}) / the chip's peak "
+                  "(below: the catalog's dense bf16 peak, or one measured by `chipwise bench`). "
                   "Energy at the chip's rated power; cost at the catalog's on-demand price unless overridden; "
                   "n/a = not published (set it with --catalog-set ID.FIELD=VALUE).")
     for r in rows:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import yaml
 
-from chipwise.config import ConfigError, ModelConfig, from_dict
+from chipwise.config import ConfigError, ModelConfig, model_from_spec
 from chipwise.plan.perf import MESH_ORDER, Layout
 from chipwise.presets import PRESETS
 
@@ -15,7 +15,7 @@ def load_model(spec) -> ModelConfig:
     """A preset name, a YAML file of model fields (or with a `model:` section), or a mapping of fields."""
     if isinstance(spec, str) and spec not in PRESETS:
         path = Path(spec)
-        if not path.suffix in (".yaml", ".yml") and not path.exists():
+        if path.suffix not in (".yaml", ".yml") and not path.exists():
             raise ConfigError(f"--model {spec!r} is neither a preset ({', '.join(PRESETS)}) nor a YAML file")
         try:
             data = yaml.safe_load(path.read_text())
@@ -26,7 +26,7 @@ def load_model(spec) -> ModelConfig:
         if not isinstance(data, dict):
             raise ConfigError(f"model file {spec} must hold a mapping of model fields (num_layers, d_model, ...)")
         spec = data.get("model", data)
-    return from_dict({"model": spec}).model
+    return model_from_spec(spec)
 
 
 def parse_mesh(text: str, chips: int, microbatches: int = 1, remat: str = "none") -> Layout:

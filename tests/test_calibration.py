@@ -1,0 +1,96 @@
+"""`chipwise bench` on this CPU, then `chipwise plan` with its profile, against real train steps it never saw.
+
+Marked `timing`: `make test` runs it alone after the other tests (one CPU device), since it compares wall-clock
+times and another test running beside it would land in one measurement but not the other.
+"""
+
+import json
+
+import jax
+import pytest
+
+from chipwise import catalog
+from chipwise.cli import main
+from chipwise.config import ModelConfig
+from chipwise.plan.calibration import CALIBRATION_RUNS, fit_matmul, fit_step, measure_train_step
+from chipwise.plan.perf import Layout, chip_model, estimate
+
+# Shapes not in CALIBRATION_RUNS: other depths, widths, head sizes, vocabularies, sequence lengths and batches.
+HELD_OUT = [
+    (dict(num_layers=3, d_model=128, num_heads=4, num_kv_heads=2, d_ff=352, vocab_size=2048), 128, 4),
+    (dict(num_layers=2, d_model=160, num_heads=5, num_kv_heads=5, d_ff=448, vocab_size=1024), 64, 8),
+    (dict(num_layers=4, d_model=64, num_heads=2, num_kv_heads=1, d_ff=192, vocab_size=4096), 256, 2),
+]
+TOLERANCE = 0.15
+
+
+def test_fits_recover_known_parameters():
+    """The fitting code, on synthetic data made from known parameters (no timing involved)."""
+    shapes = [(m, k, n) for m in (64, 512, 4096) for k in (64, 512) for n in (32, 1024)]
+    samples = [(m, k, n, 2.0 * 0.8 * m / (m + 50) * k / (k + 50) * n / (n + 50)) for m, k, n in shapes]
+    samples.append((10**9, 10**9, 10**9, 2.0 * 0.8))  # the peak itself
+    peak, eff, half = fit_matmul(samples)
+    assert peak == pytest.approx(1.6) and eff == pytest.approx(1.0, rel=0.02) and half == pytest.approx(50, rel=0.05)
+    scale, overhead = fit_step([1.0, 2.0, 4.0], [1.5 + 0.01, 3.0 + 0.01, 6.0 + 0.01])
+    assert scale == pytest.approx(1.5) and overhead == pytest.approx(0.01)
+    assert not any(f == h for f, h in zip(CALIBRATION_RUNS, HELD_OUT))
+
+
+@pytest.mark.timing
+@pytest.mark.slow
+def test_calibrated_plan_predicts_held_out_cpu_step_times(tmp_path, capsys):
+    profile_file = tmp_path / "cpu.json"
+    assert main(["bench", "--accelerator", "cpu", "--out", str(profile_file)]) == 0
+    profile = json.loads(profile_file.read_text())
+    assert profile["accelerator"] == "cpu" and len(profile["measurements"]["train_steps"]) == len(CALIBRATION_RUNS)
+    capsys.readouterr()
+
+    device = jax.devices()[0]
+    results = []
+    for fields, seq_len, batch in HELD_OUT:
+        model = tmp_path / f"model{len(results)}.yaml"
+        model.write_text("\n".join(f"{k}: {v}" for k, v in (fields | {"max_seq_len": seq_len}).items()))
+        assert main(["plan", "--model", str(model), "--accelerator", "cpu", "--chips", "1", "--seq-len",
+                     str(seq_len), "--global-batch", str(batch), "--mesh", "data=1", "--remat", "none",
+                     "--microbatches", "1", "--calibration", str(profile_file), "--json"]) == 0
+        (row,) = json.loads(capsys.readouterr().out)
+        assert "calibrated" in row["peak_source"]
+        measured = measure_train_step(ModelConfig(**fields, max_seq_len=seq_len), seq_len, batch, device, "float32")
+        results.append((fields, row["step_time_s"], measured))
+    report = "; ".join(f"{f['num_layers']}x{f['d_model']}: predicted {p * 1e3:.1f} ms, measured {m * 1e3:.1f} ms "
+                       f"({p / m - 1:+.0%})" for f, p, m in results)
+    print(report)  # shown with -s / on failure; the figures in docs/planner.md come from this line
+    assert all(abs(p / m - 1) <= TOLERANCE for _, p, m in results), report
+
+
+def test_a_profile_from_another_machine_is_not_used(tmp_path):
+    from chipwise.plan.calibration import PROFILE_VERSION, find_profile
+
+    fields = dict(peak_tflops=0.1, matmul_efficiency=0.5, matmul_half_dim=10.0, attention_efficiency=0.5, tile=1,
+                  hbm_tbps=0.02, memory_efficiency=1.0, flash_attention=False, compute_bytes=4, step_overhead_s=0.001,
+                  compute_scale=1.5)
+    (tmp_path / "cpu.json").write_text(json.dumps({"version": PROFILE_VERSION, "accelerator": "cpu",
+                                                   "machine": "cpu: some other processor x64", "chip_model": fields}))
+    assert find_profile(catalog.get("cpu"), tmp_path) is None
+    (tmp_path / "cpu.json").write_text("{not json")
+    with pytest.raises(Exception, match="not valid JSON"):
+        find_profile(catalog.get("cpu"), tmp_path)
+
+
+def test_plan_on_an_uncalibrated_cpu_says_to_run_bench(tmp_path, capsys):
+    args = ["plan", "--model", "tiny", "--accelerator", "cpu", "--chips", "1", "--seq-len", "256",
+            "--global-batch", "8", "--calibration", str(tmp_path)]
+    assert main(args) == 2
+    assert "chipwise bench" in capsys.readouterr().err
+
+
+def test_estimate_uses_a_profile(tmp_path):
+    """A profile replaces the model's compute figures: twice the measured speed, half the compute time."""
+    fields = dict(peak_tflops=0.1, matmul_efficiency=0.5, matmul_half_dim=10.0, attention_efficiency=0.5, tile=1,
+                  hbm_tbps=0.02, memory_efficiency=1.0, flash_attention=False, compute_bytes=4, step_overhead_s=0.0,
+                  compute_scale=1.0)
+    model = ModelConfig(num_layers=2, d_model=64, num_heads=4, num_kv_heads=2, d_ff=128, vocab_size=256)
+    slow = estimate(model, 64, 4, chip_model(catalog.get("cpu"), {"chip_model": fields}), Layout())
+    fast = estimate(model, 64, 4, chip_model(catalog.get("cpu"), {"chip_model": fields | {"compute_scale": 0.5}}),
+                    Layout())
+    assert fast.step_time_s == pytest.approx(slow.step_time_s / 2)
