@@ -31,8 +31,12 @@ def test_fits_recover_known_parameters():
     samples.append((10**9, 10**9, 10**9, 2.0 * 0.8))  # the peak itself
     peak, eff, half = fit_matmul(samples)
     assert peak == pytest.approx(1.6) and eff == pytest.approx(1.0, rel=0.02) and half == pytest.approx(50, rel=0.05)
-    scale, overhead = fit_step([1.0, 2.0, 4.0], [1.5 + 0.01, 3.0 + 0.01, 6.0 + 0.01])
-    assert scale == pytest.approx(1.5) and overhead == pytest.approx(0.01)
+    parts = [[1.0, 0.2, 0.1], [2.0, 0.1, 0.3], [4.0, 0.5, 0.2], [1.0, 1.0, 1.0], [3.0, 0.3, 0.9]]
+    measured = [1.5 * a + 3.0 * b + 0.5 * c + 0.01 for a, b, c in parts]
+    scales, overhead = fit_step(parts, measured)
+    assert scales == pytest.approx([1.5, 3.0, 0.5], rel=1e-6) and overhead == pytest.approx(0.01, rel=1e-6)
+    scales, overhead = fit_step(parts, [2.0 * a for a, b, c in parts])  # a negative fit is clipped to zero
+    assert scales[0] == pytest.approx(2.0) and min(scales) >= 0 and overhead >= 0
     assert not any(f == h for f, h in zip(CALIBRATION_RUNS, HELD_OUT))
 
 
@@ -68,7 +72,7 @@ def test_a_profile_from_another_machine_is_not_used(tmp_path):
 
     fields = dict(peak_tflops=0.1, matmul_efficiency=0.5, matmul_half_dim=10.0, attention_efficiency=0.5, tile=1,
                   hbm_tbps=0.02, memory_efficiency=1.0, flash_attention=False, compute_bytes=4, step_overhead_s=0.001,
-                  compute_scale=1.5)
+                  matmul_scale=1.5, attention_scale=1.0, elementwise_scale=1.0)
     (tmp_path / "cpu.json").write_text(json.dumps({"version": PROFILE_VERSION, "accelerator": "cpu",
                                                    "machine": "cpu: some other processor x64", "chip_model": fields}))
     assert find_profile(catalog.get("cpu"), tmp_path) is None
@@ -88,9 +92,9 @@ def test_estimate_uses_a_profile(tmp_path):
     """A profile replaces the model's compute figures: twice the measured speed, half the compute time."""
     fields = dict(peak_tflops=0.1, matmul_efficiency=0.5, matmul_half_dim=10.0, attention_efficiency=0.5, tile=1,
                   hbm_tbps=0.02, memory_efficiency=1.0, flash_attention=False, compute_bytes=4, step_overhead_s=0.0,
-                  compute_scale=1.0)
+                  matmul_scale=1.0, attention_scale=1.0, elementwise_scale=1.0)
     model = ModelConfig(num_layers=2, d_model=64, num_heads=4, num_kv_heads=2, d_ff=128, vocab_size=256)
     slow = estimate(model, 64, 4, chip_model(catalog.get("cpu"), {"chip_model": fields}), Layout())
-    fast = estimate(model, 64, 4, chip_model(catalog.get("cpu"), {"chip_model": fields | {"compute_scale": 0.5}}),
-                    Layout())
+    half = {"matmul_scale": 0.5, "attention_scale": 0.5, "elementwise_scale": 0.5}
+    fast = estimate(model, 64, 4, chip_model(catalog.get("cpu"), {"chip_model": fields | half}), Layout())
     assert fast.step_time_s == pytest.approx(slow.step_time_s / 2)

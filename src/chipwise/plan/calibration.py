@@ -4,8 +4,9 @@ Three measurements, each feeding one part of the step-time model (perf.py):
   1. GEMM throughput over a sweep of shapes -> the peak, the large-shape efficiency and the dimension at which a
      GEMM runs at half speed (eff(m,k,n) = E * m/(m+h) * k/(k+h) * n/(n+h), fitted in log space);
   2. streaming bandwidth (an element-wise pass over a large array) -> the memory-bound parts;
-  3. real chipwise train steps on a few small models -> the share of the modelled compute time the real step
-     takes (`compute_scale`) and the fixed per-step overhead, by least squares.
+  3. real chipwise train steps on a few small models -> how much longer (or shorter) each modelled part really
+     takes (GEMMs, attention, element-wise: `*_scale`) and the fixed per-step overhead, by non-negative least
+     squares on relative errors.
 A profile is JSON: the fitted figures, every raw measurement, the machine, and the date.
 """
 
@@ -18,7 +19,7 @@ import math
 import os
 import platform
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 
 import jax
@@ -32,6 +33,7 @@ from chipwise.errors import ConfigError
 log = logging.getLogger("chipwise.bench")
 
 PROFILE_VERSION = 1
+PARTS = ("matmul", "attention", "elementwise")  # the step-time parts a calibration scales
 # GEMM shapes (m, k, n) swept: the token counts and widths small models multiply on one chip.
 MATMUL_SHAPES = [(m, k, n) for m in (256, 1024, 4096) for k in (64, 256, 1024) for n in (64, 256, 1024)]
 # Models whose real train steps calibrate the compute scale and overhead: (model fields, seq_len, batch).
@@ -41,6 +43,8 @@ CALIBRATION_RUNS = [
     (dict(num_layers=2, d_model=128, num_heads=4, num_kv_heads=2, d_ff=352, vocab_size=1024), 128, 4),
     (dict(num_layers=3, d_model=96, num_heads=4, num_kv_heads=4, d_ff=256, vocab_size=2048), 64, 8),
     (dict(num_layers=2, d_model=192, num_heads=6, num_kv_heads=2, d_ff=512, vocab_size=1024), 256, 2),
+    (dict(num_layers=2, d_model=64, num_heads=2, num_kv_heads=2, d_ff=176, vocab_size=512), 256, 4),  # attention
+    (dict(num_layers=1, d_model=96, num_heads=3, num_kv_heads=1, d_ff=256, vocab_size=8192), 128, 4),  # the head
 ]
 
 
@@ -187,13 +191,28 @@ def fit_matmul(samples: list[tuple[int, int, int, float]]) -> tuple[float, float
     return peak, best[1], best[2]
 
 
-def fit_step(modelled: list[float], measured: list[float]) -> tuple[float, float]:
-    """(compute_scale, overhead_s) with measured ~= scale * modelled + overhead, least squares, overhead >= 0."""
-    a = np.array([[c, 1.0] for c in modelled])
-    (scale, overhead), *_ = np.linalg.lstsq(a, np.array(measured), rcond=None)
-    if overhead < 0 or scale <= 0:
-        scale, overhead = float(np.dot(modelled, measured) / np.dot(modelled, modelled)), 0.0
-    return float(scale), float(overhead)
+def fit_step(parts: list[list[float]], measured: list[float]) -> tuple[list[float], float]:
+    """Scales for each modelled part and a fixed overhead: measured ~= sum(scale_i * part_i) + overhead.
+
+    Non-negative least squares on relative errors (each run weighs the same, whatever its length), solved by
+    trying every subset of free coefficients (a handful of unknowns). Returns ([scale per part], overhead_s).
+    """
+    a = np.array([list(p) + [1.0] for p in parts]) / np.array(measured)[:, None]
+    b = np.ones(len(measured))
+    n = a.shape[1]
+    best = None
+    for mask in range(1, 2**n):
+        cols = [i for i in range(n) if mask >> i & 1]
+        coef, *_ = np.linalg.lstsq(a[:, cols], b, rcond=None)
+        if (coef < 0).any():
+            continue
+        err = float(np.sum((a[:, cols] @ coef - b) ** 2))
+        if best is None or err < best[0]:
+            full = np.zeros(n)
+            full[cols] = coef
+            best = (err, full)
+    coef = best[1]
+    return [float(c) for c in coef[:-1]], float(coef[-1])
 
 
 def calibrate(acc: Accelerator, device=None, runs=CALIBRATION_RUNS, quick: bool = False) -> dict:
@@ -216,23 +235,23 @@ def calibrate(acc: Accelerator, device=None, runs=CALIBRATION_RUNS, quick: bool 
     fields = dict(peak_tflops=peak, matmul_efficiency=eff, matmul_half_dim=half, attention_efficiency=eff,
                   tile=1, hbm_tbps=bandwidth, memory_efficiency=1.0,
                   flash_attention=device.platform != "cpu", compute_bytes=dtype.itemsize,
-                  step_overhead_s=0.0, compute_scale=1.0)
+                  step_overhead_s=0.0, matmul_scale=1.0, attention_scale=1.0, elementwise_scale=1.0)
     profile = {"version": PROFILE_VERSION, "accelerator": acc.id, "machine": machine_id(device),
                "measured_on": _dt.date.today().isoformat(), "dtype": dtype_name, "chip_model": fields}
-    base = replace(chip_model(acc, profile), step_overhead_s=0.0, compute_scale=1.0)
+    base = chip_model(acc, profile)
     modelled, measured, records = [], [], []
     for fields_, seq_len, batch in runs:
         model = ModelConfig(**{**fields_, "max_seq_len": seq_len})
         est = estimate(model, seq_len, batch, base, Layout())
         t = measure_train_step(model, seq_len, batch, device, dtype_name)
-        modelled.append(est.step_time_s)
+        modelled.append([est.parts[p] for p in PARTS])
         measured.append(t)
         records.append({"model": fields_, "seq_len": seq_len, "batch": batch, "measured_s": t,
                         "modelled_uncalibrated_s": est.step_time_s})
         log.info("train step %s seq %d batch %d: %.1f ms measured, %.1f ms modelled before calibration",
                  fields_, seq_len, batch, t * 1e3, est.step_time_s * 1e3)
-    scale, overhead = fit_step(modelled, measured)
-    fields.update(compute_scale=scale, step_overhead_s=overhead)
+    scales, overhead = fit_step(modelled, measured)
+    fields.update({f"{p}_scale": v for p, v in zip(PARTS, scales)}, step_overhead_s=overhead)
     profile["measurements"] = {"matmul": [{"m": m, "k": k, "n": n, "tflops": v} for m, k, n, v in samples],
                                "bandwidth_tbps": bandwidth, "train_steps": records}
     return profile

@@ -96,7 +96,8 @@ def bench_command(args) -> int:
     for r in profile["measurements"]["train_steps"]:
         print(f"  train step {r['model']['num_layers']}x{r['model']['d_model']} seq {r['seq_len']} batch "
               f"{r['batch']}: {r['measured_s'] * 1e3:.1f} ms")
-    print(f"  fitted: compute scale {cm['compute_scale']:.2f}, overhead {cm['step_overhead_s'] * 1e3:.1f} ms/step")
+    print(f"  fitted: measured/modelled time of GEMMs {cm['matmul_scale']:.2f}, attention {cm['attention_scale']:.2f}, "
+          f"element-wise {cm['elementwise_scale']:.2f}; overhead {cm['step_overhead_s'] * 1e3:.1f} ms/step")
     print(f"profile written to {path}; `chipwise plan --accelerator {acc.id}` now uses it")
     return 0
 

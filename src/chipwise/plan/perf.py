@@ -56,7 +56,10 @@ class ChipModel:
     flash_attention: bool
     step_overhead_s: float
     compute_bytes: int = 2  # bytes per activation element (bf16; a CPU calibrated in fp32 has 4)
-    compute_scale: float = 1.0  # calibration: measured / modelled compute time of real train steps
+    # Calibration: measured / modelled time of each compute part, fitted on real train steps (calibration.py).
+    matmul_scale: float = 1.0
+    attention_scale: float = 1.0
+    elementwise_scale: float = 1.0
     source: str = "catalog + platform assumptions"
 
     @property
@@ -234,7 +237,9 @@ def estimate(cfg: ModelConfig, seq_len: int, global_batch: int, chip: ChipModel,
     loss = mb * tokens_mb * cfg.vocab_size / t * 4 * A.LOSS_PASSES / bw / p
     optimizer = param_count(cfg) / (f * t * p) * A.OPTIMIZER_BYTES_PER_PARAM / bw
     elementwise += loss + optimizer
-    compute = chip.compute_scale * (matmul + attention + elementwise)
+    matmul, attention = chip.matmul_scale * matmul, chip.attention_scale * attention
+    elementwise = chip.elementwise_scale * elementwise
+    compute = matmul + attention + elementwise
 
     # Collectives.
     st = _strides(layout)
@@ -262,8 +267,7 @@ def estimate(cfg: ModelConfig, seq_len: int, global_batch: int, chip: ChipModel,
     chips = layout.chips
     model_flops = training_flops_per_token(cfg, seq_len).total * tokens
     tflops_per_chip = model_flops / chips / step / 1e12
-    parts = {"matmul": chip.compute_scale * matmul, "attention": chip.compute_scale * attention,
-             "elementwise": chip.compute_scale * elementwise, "tensor_comm": tp_comm,
+    parts = {"matmul": matmul, "attention": attention, "elementwise": elementwise, "tensor_comm": tp_comm,
              "fsdp_dp_comm": hidden, "comm_exposed": tp_comm + exposed + pp_comm, "bubble": bubble,
              "overhead": chip.step_overhead_s}
     return StepEstimate(layout, step, parts, mem, usable is None or mem.total / GIB <= usable, usable,
