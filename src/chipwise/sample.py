@@ -96,17 +96,22 @@ def load_params(run: Path, cfg):
     from chipwise.train.optimizer import make_optimizer
 
     ckpt = Checkpoints(run / "checkpoints", keep=cfg.train.keep_checkpoints, save_every=1)
-    step = ckpt.latest_step()
-    if step is None:
-        raise ChipwiseError(f"{run} has no checkpoint yet; train it first (chipwise train ...)")
     abstract = nnx.eval_shape(lambda: Transformer(cfg.model, nnx.Rngs(params=0)))
     graphdef, abstract_state = nnx.split(abstract)
     params = nnx.to_pure_dict(abstract_state)
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), params)
-    opt = jax.eval_shape(make_optimizer(cfg.train).init, params)
-    opt = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), opt)
-    state, _ = ckpt.restore(step, {"step": jax.ShapeDtypeStruct((), jnp.int32, sharding=device),
-                                   "params": target, "opt_state": opt})
-    ckpt.close()
+
+    def on_device(tree):
+        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), tree)
+
+    target = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": params,
+              "opt_state": jax.eval_shape(make_optimizer(cfg.train).init, params),
+              "rng": jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0)))}
+    try:
+        found = ckpt.restore_latest(on_device(target))  # verified against its checksums; damaged ones skipped
+    finally:
+        ckpt.close()
+    if found is None:
+        raise ChipwiseError(f"{run} has no checkpoint yet; train it first (chipwise train ...)")
+    _, state, _ = found
     return state["params"], graphdef
