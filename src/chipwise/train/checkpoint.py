@@ -47,8 +47,9 @@ def _sha256(path: Path) -> str:
 
 
 def _file_digests(step_dir: Path) -> dict[str, str]:
-    return {str(p.relative_to(step_dir)): _sha256(p) for p in sorted(step_dir.rglob("*"))
-            if p.is_file() and p.name != CHECKSUMS}
+    """Every file of the saved items (state/, meta/). Orbax rewrites its own step-level files
+    (_CHECKPOINT_METADATA, commit_success.txt) as it publishes the step, after our callback, so they are left out."""
+    return {str(p.relative_to(step_dir)): _sha256(p) for p in sorted(step_dir.glob("*/**/*")) if p.is_file()}
 
 
 class Checkpoints:
@@ -87,13 +88,15 @@ class Checkpoints:
 
     def wait(self) -> bool:
         """Block until the save in flight is on disk; False (and reported) if it failed."""
-        step, self._saving = self._saving, None
+        step = self._saving
         try:
             self.manager.wait_until_finished()
             self.manager.check_for_errors()
         except Exception as e:  # noqa: BLE001
             self._failed(step, e)
             return False
+        finally:
+            self._saving = None  # only now: the checksum callback reads it until the save is finished
         return True
 
     def _failed(self, step, e: BaseException) -> None:
@@ -110,8 +113,9 @@ class Checkpoints:
         candidates = sorted(self.directory.glob(f"{step}{TMP_SUFFIX}*")) or [self.directory / str(step)]
         step_dir = candidates[0]
         try:
+            digests = _file_digests(step_dir)
             with atomic_path(step_dir / CHECKSUMS) as tmp:
-                tmp.write_text(json.dumps({"sha256": _file_digests(step_dir)}, indent=0))
+                tmp.write_text(json.dumps({"sha256": digests}, indent=0))
         except OSError as e:  # the checkpoint is still complete; a restore will treat it as unverified
             self.log(f"could not write checksums for the checkpoint at step {step} ({one_line(e)})")
 
