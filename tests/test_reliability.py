@@ -23,9 +23,10 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+import yaml
 
 from chipwise.cli import main
-from chipwise.config import load_config
+from chipwise.config import load_config, to_dict
 from chipwise.errors import ConfigError
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("reliability")]  # one worker: the fixtures are shared
@@ -63,7 +64,15 @@ def shared(tmp_path_factory):
     env = {**os.environ, "CHIPWISE_CACHE": str(root / "cache"), "PYTHONUNBUFFERED": "1",
            "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
            "JAX_COMPILATION_CACHE_DIR": str(root / "jax-cache"), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
-    return {"root": root, "corpus": corpus, "env": env}
+    # In-process runs (those that monkeypatch or read the console) use the same compilation cache as the
+    # subprocesses: a run with the reference's settings then compiles nothing.
+    previous = {k: getattr(jax.config, k) for k in ("jax_compilation_cache_dir",
+                                                 "jax_persistent_cache_min_compile_time_secs")}
+    jax.config.update("jax_compilation_cache_dir", env["JAX_COMPILATION_CACHE_DIR"])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    yield {"root": root, "corpus": corpus, "env": env}
+    for key, value in previous.items():
+        jax.config.update(key, value)
 
 
 def chipwise(shared, args, devices=8, **kw):
@@ -203,7 +212,7 @@ def test_resume_on_another_device_count(shared, reference, tmp_path, devices, me
           f"57-60 within {max(abs(got[s][-1] - ref[s][0]) for s in range(57, 61)):.1e} of the 8-device run")
 
 
-def test_damaged_latest_checkpoint_is_set_aside_and_the_previous_one_used(reference, tmp_path, capsys):
+def test_damaged_latest_checkpoint_is_set_aside_and_the_previous_one_used(shared, reference, tmp_path, capsys):
     run = tmp_path / "run"
     shutil.copytree(reference, run)
     data_files = sorted((run / "checkpoints" / "60" / "state").rglob("ocdbt.process_0/d/*"))
@@ -240,8 +249,20 @@ def test_incompatible_resume_is_one_line_and_touches_nothing(shared, reference, 
         err = capsys.readouterr().err.strip()
         assert expected in err and "\n" not in err, err
         fault(f"resume with {' '.join(extra[1::2])}: exit 2, {err}")
+    # Rerunning the original command with --resume, after editing the model in its config file
+    changed = to_dict(load_config(None, [*TINY, f"data.sources=[{shared['corpus']}]", f"run_dir={run}",
+                                         "model.num_layers=2"]))
+    (tmp_path / "changed.yaml").write_text(yaml.safe_dump(changed))
+    assert main(["train", "--config", str(tmp_path / "changed.yaml"), "--resume"]) == 2
+    assert "checkpoint has model.num_layers=1, config has 2" in capsys.readouterr().err
     after = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
     assert after == before
+
+
+# The failed-save and NaN runs share these settings (the injected NaNs are an input of the compiled step, not a
+# constant in it), so the second one reuses the first one's compilation.
+SHORT = ["train.steps=14", "train.checkpoint_every=4", "train.keep_checkpoints=3", "train.keep_every=0",
+         "train.max_bad_steps=3", "train.max_rollbacks=1"]
 
 
 def test_failed_saves_are_reported_and_training_goes_on(shared, tmp_path, monkeypatch, capsys):
@@ -259,31 +280,29 @@ def test_failed_saves_are_reported_and_training_goes_on(shared, tmp_path, monkey
 
     monkeypatch.setattr(jh.JsonCheckpointHandler, "_save_fn", failing)
     run = tmp_path / "run"
-    args = settings(run, shared["corpus"], "train.steps=16", "train.checkpoint_every=4", "train.keep_checkpoints=3",
-                    "train.keep_every=0")
+    args = settings(run, shared["corpus"], *SHORT)
     assert main(["train", *args]) == 0
     out = flat(capsys.readouterr().out)
     events = [r for r in read_metrics(run) if r.get("event") == "checkpoint_failed"]
     assert [(r["step"], "No space" in r["reason"] or "Permission" in r["reason"]) for r in events] == \
         [(8, True), (12, True)]
     assert "checkpoint at step 8 FAILED" in out and "training continues" in out
-    assert checkpoint_steps(run) == [4, 16]  # the failed ones never appeared; 4 survived both
-    assert max(step_losses(run)) == 16
+    assert checkpoint_steps(run) == [4, 14]  # the failed ones never appeared; 4 survived both
+    assert max(step_losses(run)) == 14
     monkeypatch.undo()
     from chipwise.train.checkpoint import Checkpoints
 
     ckpt = Checkpoints(run / "checkpoints", 3, 4)
-    assert ckpt.verify(4) is None and ckpt.verify(16) is None
+    assert ckpt.verify(4) is None and ckpt.verify(14) is None
     ckpt.close()
-    fault(f"saves at steps 8 (ENOSPC) and 12 (EACCES) failed: reported, run reached step 16, checkpoints "
+    fault(f"saves at steps 8 (ENOSPC) and 12 (EACCES) failed: reported, run reached step 14, checkpoints "
           f"{checkpoint_steps(run)} intact; {[e['reason'] for e in events]}")
 
 
 def test_nan_steps_are_skipped_then_rolled_back(shared, tmp_path, capsys):
     # data positions 5, 9, 10, 11 are steps 6, 10, 11, 12: one lone bad step, then three in a row
     run = tmp_path / "run"
-    args = settings(run, shared["corpus"], "train.steps=14", "train.checkpoint_every=4", "train.keep_every=0",
-                    "train.max_bad_steps=3", "train.max_rollbacks=1", "train.inject_nan_batches=[5,9,10,11]")
+    args = settings(run, shared["corpus"], *SHORT, "train.inject_nan_batches=[5,9,10,11]")
     assert main(["train", *args]) == 0
     out = flat(capsys.readouterr().out)
     records = read_metrics(run)
@@ -306,15 +325,14 @@ def test_nan_steps_are_skipped_then_rolled_back(shared, tmp_path, capsys):
     fault(f"three more NaN batches with no rollback left: exit 3, {err}")
 
 
-def test_a_non_finite_step_leaves_parameters_and_optimizer_untouched(small_model_cfg):
+def test_a_non_finite_step_leaves_parameters_and_optimizer_untouched():
     from chipwise.attention import reference as ref_attention
     from chipwise.sharding import make_mesh, use_mesh
     from chipwise.train.step import build_steps
 
-    cfg = load_config(None, ["train.batch_size=8", "train.seq_len=32", "mesh.data=8", "train.warmup_steps=0"])
-    cfg.model = small_model_cfg
-    mesh = make_mesh(cfg.mesh, jax.devices())
-    tokens = np.random.default_rng(0).integers(0, 128, (8, 33)).astype(np.int32)
+    cfg = load_config(None, [*TINY, "mesh.fsdp=1", "mesh.data=1", "train.warmup_steps=0"])
+    mesh = make_mesh(cfg.mesh, jax.devices()[:1])
+    tokens = np.random.default_rng(0).integers(0, 320, (8, 33)).astype(np.int32)
     with use_mesh(mesh):
         steps = build_steps(cfg, mesh, ref_attention.attend, jnp.float32)
         before = jax.tree.map(np.asarray, steps.init())

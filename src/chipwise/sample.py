@@ -6,6 +6,7 @@ decode step writes one position, so no shape depends on the data.
 
 from __future__ import annotations
 
+import sys
 from functools import partial
 from pathlib import Path
 
@@ -95,7 +96,8 @@ def load_params(run: Path, cfg):
     from chipwise.train.checkpoint import Checkpoints
     from chipwise.train.optimizer import make_optimizer
 
-    ckpt = Checkpoints(run / "checkpoints", keep=cfg.train.keep_checkpoints, save_every=1)
+    ckpt = Checkpoints(run / "checkpoints", keep=cfg.train.keep_checkpoints, save_every=1,
+                       log=lambda message: print(message, file=sys.stderr))  # stdout is for the text
     abstract = nnx.eval_shape(lambda: Transformer(cfg.model, nnx.Rngs(params=0)))
     graphdef, abstract_state = nnx.split(abstract)
     params = nnx.to_pure_dict(abstract_state)
@@ -108,7 +110,8 @@ def load_params(run: Path, cfg):
               "opt_state": jax.eval_shape(make_optimizer(cfg.train).init, params),
               "rng": jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0)))}
     try:
-        found = ckpt.restore_latest(on_device(target))  # verified against its checksums; damaged ones skipped
+        # verified against its checksums; damaged ones are skipped (and left for `train --resume` to set aside)
+        found = ckpt.restore_latest(on_device(target), move_damaged=False)
     finally:
         ckpt.close()
     if found is None:

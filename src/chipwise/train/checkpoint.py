@@ -145,10 +145,11 @@ class Checkpoints:
         out = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
         return out["state"]
 
-    def restore_latest(self, abstract_state, check: Callable[[dict], None] = lambda meta: None):
+    def restore_latest(self, abstract_state, check: Callable[[dict], None] = lambda meta: None,
+                       move_damaged: bool = True):
         """(step, state, meta) of the newest checkpoint that verifies, or None if there is none at all.
 
-        Damaged checkpoints met on the way are reported and moved aside. `check(meta)` raises a one-line
+        Damaged checkpoints met on the way are reported and (if `move_damaged`) moved aside. `check(meta)` raises a one-line
         ChipwiseError if the checkpoint belongs to an incompatible config; that is the user's to fix, so it
         stops the search instead of setting anything aside.
         """
@@ -169,13 +170,12 @@ class Checkpoints:
                         raise ChipwiseError(f"checkpoint at step {step} does not match this run's model "
                                             f"({one_line(e)}); resume with the config it was saved with") from None
                     problem = one_line(e)
-            where = self.set_aside(step, "damaged")
+            where = f"moved to {self.set_aside(step, 'damaged')}" if move_damaged else "left in place"
             damaged.append(step)
-            self.log(f"checkpoint at step {step} is damaged ({problem}); moved to {where}; "
-                     f"trying the one before it")
+            self.log(f"checkpoint at step {step} is damaged ({problem}); {where}; trying the one before it")
         if damaged:
-            raise ChipwiseError(f"no usable checkpoint in {self.directory}: every one was damaged (steps "
-                                f"{', '.join(map(str, damaged))}, now in {self.aside}); start a new run")
+            raise ChipwiseError(f"no usable checkpoint in {self.directory}: every one is damaged (steps "
+                                f"{', '.join(map(str, damaged))}); start a new run")
         return None
 
     def set_aside(self, step: int, reason: str) -> Path:

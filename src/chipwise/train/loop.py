@@ -224,16 +224,19 @@ class Trainer:
         """SIGTERM/SIGINT set a flag the loop checks between steps: it finishes the step, saves, and exits
         with 128 + the signal number. A second signal gets the old behaviour at once (the files on disk are
         always consistent: Orbax publishes a checkpoint only when it is complete)."""
-        self._signal = None
+        self._signal, self._training = None, False
         if threading.current_thread() is not threading.main_thread():  # Python allows handlers only there
             yield
             return
         watched = (signal.SIGTERM, signal.SIGINT)
 
         def handler(signum, frame):
-            self._signal = signum
             for s, h in previous.items():
                 signal.signal(s, h)
+            if not self._training:  # data preparation or compilation: nothing new to save, so stop now
+                name = signal.Signals(signum).name
+                raise TrainingStopped(f"{name} before training started; nothing new to save", 128 + signum)
+            self._signal = signum
 
         previous = {s: signal.signal(s, handler) for s in watched}
         try:
@@ -370,6 +373,7 @@ class Trainer:
 
         step = start
         data_pos = iterator.get_state()["step"]  # stream position of the next batch
+        self._training = True  # from here a signal lets the step finish and saves (see _stop_on_signals)
         while step < t.steps and self._signal is None:
             step += 1
             w0 = time.perf_counter()
