@@ -1,6 +1,6 @@
 """Faults injected into real training runs: kills, preemption signals, damaged and failed checkpoints, NaNs,
-incompatible resumes and other device counts. Each test prints `FAULT:` lines with what it observed (run with -s);
-docs/reliability.md records them.
+incompatible resumes and other device counts. Each test reports what it observed through `fault()`;
+docs/reliability.md records those reports.
 
 Killed runs are real `python -m chipwise train` subprocesses; they share one persistent JAX compilation cache so
 each pays only its start-up. One uninterrupted reference run (module fixture) is what everything is compared with.
@@ -49,7 +49,11 @@ def flat(text: str) -> str:
 
 
 def fault(message):
+    """What a test observed; also appended to $CHIPWISE_FAULT_LOG if set (how docs/reliability.md was written)."""
     print(f"FAULT: {message}")
+    if os.environ.get("CHIPWISE_FAULT_LOG"):
+        with open(os.environ["CHIPWISE_FAULT_LOG"], "a") as f:
+            f.write(f"{message}\n")
 
 
 @pytest.fixture(scope="module")

@@ -272,7 +272,8 @@ def validate(cfg: Config) -> None:
     if t.max_bad_steps <= 0:
         raise ConfigError(f"train.max_bad_steps must be positive, got {t.max_bad_steps}")
     if any(i < 0 for i in t.inject_nan_batches):
-        raise ConfigError(f"train.inject_nan_batches holds data positions, which start at 0; got {t.inject_nan_batches}")
+        raise ConfigError(f"train.inject_nan_batches holds data positions, which start at 0; "
+                          f"got {t.inject_nan_batches}")
     if t.warmup_steps < 0:
         raise ConfigError(f"train.warmup_steps must be zero or more, got {t.warmup_steps}")
     if t.lr <= 0:

@@ -149,9 +149,9 @@ class Checkpoints:
                        move_damaged: bool = True):
         """(step, state, meta) of the newest checkpoint that verifies, or None if there is none at all.
 
-        Damaged checkpoints met on the way are reported and (if `move_damaged`) moved aside. `check(meta)` raises a one-line
-        ChipwiseError if the checkpoint belongs to an incompatible config; that is the user's to fix, so it
-        stops the search instead of setting anything aside.
+        Damaged checkpoints met on the way are reported and (if `move_damaged`) moved aside. `check(meta)`
+        raises a one-line ChipwiseError if the checkpoint belongs to an incompatible config; that is the
+        user's to fix, so it stops the search instead of setting anything aside.
         """
         damaged = []
         for step in reversed(self.all_steps()):
@@ -166,7 +166,8 @@ class Checkpoints:
                 try:
                     return step, self.restore(step, abstract_state), meta
                 except Exception as e:  # noqa: BLE001
-                    if (self.directory / str(step) / CHECKSUMS).is_file():  # intact files: a mismatch, not damage
+                    # files that match their checksums are intact: the config, not the checkpoint, is wrong
+                    if (self.directory / str(step) / CHECKSUMS).is_file():
                         raise ChipwiseError(f"checkpoint at step {step} does not match this run's model "
                                             f"({one_line(e)}); resume with the config it was saved with") from None
                     problem = one_line(e)
