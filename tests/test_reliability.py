@@ -173,6 +173,7 @@ def test_killed_and_preempted_run_ends_bitwise_identical(shared, reference):
     fault(f"kill/preempt chain seed {seed} (CHIPWISE_FAULT_SEED replays it)")
     run = shared["root"] / "chain"
     signals = [signal.SIGKILL, signal.SIGTERM, signal.SIGKILL, signal.SIGINT, signal.SIGKILL]
+    last = 0  # the last step the previous run logged
     for i, sig in enumerate(signals):
         target = rng.randint(3 + 11 * i, 9 + 11 * i)
         args = settings(run, shared["corpus"], f"train.steps={STEPS}")
@@ -183,6 +184,8 @@ def test_killed_and_preempted_run_ends_bitwise_identical(shared, reference):
         out, err = proc.communicate(timeout=120)
         resumed = [line for line in out.splitlines() if line.startswith("resumed from step")]
         start = int(resumed[0].split()[-1]) if resumed else 0
+        if i:
+            fault(f"  the next run started at step {start}: {last - start} steps lost and redone")
         if sig == signal.SIGKILL:
             assert proc.returncode == -signal.SIGKILL
             last = max(r["step"] for r in read_metrics(run) if "loss" in r)
@@ -196,12 +199,15 @@ def test_killed_and_preempted_run_ends_bitwise_identical(shared, reference):
             assert seen <= saved <= seen + 5, line
             assert saved in checkpoint_steps(run) and (run / "checkpoints" / str(saved) /
                                                        "chipwise_checksums.json").is_file()
-            fault(f"{sig.name} once step {seen} was logged: exit {proc.returncode}, checkpoint at step {saved}; "
-                  f"message: {line}")
+            fault(f"{sig.name} once step {seen} was logged (started at {start}): exit {proc.returncode}, "
+                  f"checkpoint at step {saved}; message: {line}")
+            last = saved
     proc = chipwise(shared, ["--resume", str(run)])
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err[-3000:]
-    fault(f"final resume: {[x for x in out.splitlines() if x.startswith('resumed')]}, exit 0")
+    start = int([x for x in out.splitlines() if x.startswith("resumed from step")][0].split()[-1])
+    fault(f"  the final run started at step {start}: {last - start} steps lost and redone; it ran to step "
+          f"{STEPS} and exited 0")
 
     ref, got = step_losses(reference), step_losses(run)
     assert sorted(got) == list(range(1, STEPS + 1))
