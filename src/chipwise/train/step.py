@@ -97,7 +97,10 @@ def build_steps(cfg: Config, mesh: Mesh, attend: Callable, compute_dtype) -> Ste
         grad_norm = optax.tree.norm(grads)
         updates, opt_state = tx.update(grads, state["opt_state"], params)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        keep_good = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
+
+        def keep_good(new, old):
+            return jnp.where(finite, new, old)
+
         new_state = {"step": state["step"] + 1,
                      "params": jax.tree.map(keep_good, optax.apply_updates(params, updates), params),
                      "opt_state": jax.tree.map(keep_good, opt_state, state["opt_state"]),
