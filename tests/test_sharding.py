@@ -51,7 +51,7 @@ def five_step_losses(data, fsdp, tensor, extra=()):
         steps = build_steps(cfg, mesh, reference.attend, jnp.float32)
         state, losses = steps.init(), []
         for tokens in batches:
-            state, metrics = steps.train(state, jax.device_put(tokens, steps.batch_sharding))
+            state, metrics = steps.train(state, jax.device_put(tokens, steps.batch_sharding), 0.0)
             losses.append(float(metrics["loss"]))
     params = jax.tree.map(np.asarray, state["params"])
     return np.array(losses), params

@@ -8,7 +8,7 @@ import os
 import sys
 
 from chipwise import __version__, ecosystem
-from chipwise.errors import ChipwiseError
+from chipwise.errors import ChipwiseError, TrainingStopped
 from chipwise.plan import cli as plan_cli
 
 EXIT_USAGE = 2
@@ -84,10 +84,10 @@ def _train(args) -> int:
     run_dir = args.resume
     if run_dir == "":  # bare --resume: the run named by the config
         run_dir = load_config(args.config, args.overrides).run_dir
-    if run_dir:  # a run continues under its own saved config; --set may still change e.g. train.steps
+    if run_dir and not args.config:  # a run continues under its own saved config; --set may change e.g. steps
         cfg = from_dict(apply_overrides(to_dict(load_run_config(run_dir)), args.overrides + [f"run_dir={run_dir}"]))
-    else:
-        cfg = load_config(args.config, args.overrides)
+    else:  # rerunning a command with --resume uses its config; the checkpoint refuses an incompatible model
+        cfg = load_config(args.config, args.overrides + ([f"run_dir={run_dir}"] if run_dir else []))
     if cfg.train.init_from and not run_dir:  # a model --set against the checkpoint fails now, not after compiling
         from chipwise.hf import check_model
 
@@ -119,6 +119,9 @@ def run_guarded(parser: argparse.ArgumentParser, handler, argv: list[str] | None
     except ChipwiseError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except TrainingStopped as e:  # preempted (128 + signal number) or diverged; the state is saved
+        print(f"stopped: {e}", file=sys.stderr)
+        return e.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -71,7 +71,14 @@ class TrainConfig:
     eval_every: int = 50
     eval_batches: int = 4
     checkpoint_every: int = 100
-    keep_checkpoints: int = 3
+    keep_checkpoints: int = 3  # the latest K checkpoints are kept...
+    keep_every: int = 0  # ...plus every checkpoint whose step is a multiple of this (0: none)
+    max_bad_steps: int = 3  # consecutive non-finite steps (each skipped) before rolling back to a checkpoint
+    max_rollbacks: int = 3  # rollbacks allowed in one invocation before the run stops as diverged
+    # Fault injection for tests and drills: data batches (0-based position in the training stream) whose loss
+    # is multiplied by NaN, so their update is skipped. Keyed on data position, not step, so a rollback that
+    # skips ahead in the data does not meet them again.
+    inject_nan_batches: list[int] = field(default_factory=list)
     init_from: str = ""  # a Hugging Face Llama directory whose weights start the run (see `train --init-from`)
 
 
@@ -260,6 +267,14 @@ def validate(cfg: Config) -> None:
                  "checkpoint_every", "keep_checkpoints"):
         if getattr(t, name) <= 0:
             raise ConfigError(f"train.{name} must be positive, got {getattr(t, name)}")
+    for name in ("keep_every", "max_rollbacks"):
+        if getattr(t, name) < 0:
+            raise ConfigError(f"train.{name} must be zero or more, got {getattr(t, name)}")
+    if t.max_bad_steps <= 0:
+        raise ConfigError(f"train.max_bad_steps must be positive, got {t.max_bad_steps}")
+    if any(i < 0 for i in t.inject_nan_batches):
+        raise ConfigError(f"train.inject_nan_batches holds data positions, which start at 0; "
+                          f"got {t.inject_nan_batches}")
     if t.warmup_steps < 0:
         raise ConfigError(f"train.warmup_steps must be zero or more, got {t.warmup_steps}")
     if t.lr <= 0:

@@ -14,3 +14,15 @@ class ConfigError(ChipwiseError):
 
 class DataError(ChipwiseError):
     pass
+
+
+class TrainingStopped(Exception):
+    """The run stopped early on purpose, its state saved: preemption, or divergence it could not roll back from.
+
+    Not a ChipwiseError: the input was fine. The command prints the one-line message and exits with `exit_code`
+    (see docs/reliability.md for the codes), so a scheduler can tell a preempted run from a failed one.
+    """
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code

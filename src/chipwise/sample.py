@@ -6,6 +6,7 @@ decode step writes one position, so no shape depends on the data.
 
 from __future__ import annotations
 
+import sys
 from functools import partial
 from pathlib import Path
 
@@ -95,18 +96,25 @@ def load_params(run: Path, cfg):
     from chipwise.train.checkpoint import Checkpoints
     from chipwise.train.optimizer import make_optimizer
 
-    ckpt = Checkpoints(run / "checkpoints", keep=cfg.train.keep_checkpoints, save_every=1)
-    step = ckpt.latest_step()
-    if step is None:
-        raise ChipwiseError(f"{run} has no checkpoint yet; train it first (chipwise train ...)")
+    ckpt = Checkpoints(run / "checkpoints", keep=cfg.train.keep_checkpoints, save_every=1,
+                       log=lambda message: print(message, file=sys.stderr))  # stdout is for the text
     abstract = nnx.eval_shape(lambda: Transformer(cfg.model, nnx.Rngs(params=0)))
     graphdef, abstract_state = nnx.split(abstract)
     params = nnx.to_pure_dict(abstract_state)
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), params)
-    opt = jax.eval_shape(make_optimizer(cfg.train).init, params)
-    opt = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), opt)
-    state, _ = ckpt.restore(step, {"step": jax.ShapeDtypeStruct((), jnp.int32, sharding=device),
-                                   "params": target, "opt_state": opt})
-    ckpt.close()
+
+    def on_device(tree):
+        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), tree)
+
+    target = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": params,
+              "opt_state": jax.eval_shape(make_optimizer(cfg.train).init, params),
+              "rng": jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0)))}
+    try:
+        # verified against its checksums; damaged ones are skipped (and left for `train --resume` to set aside)
+        found = ckpt.restore_latest(on_device(target), move_damaged=False)
+    finally:
+        ckpt.close()
+    if found is None:
+        raise ChipwiseError(f"{run} has no checkpoint yet; train it first (chipwise train ...)")
+    _, state, _ = found
     return state["params"], graphdef

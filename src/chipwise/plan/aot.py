@@ -88,7 +88,8 @@ def compile_for_topology(cfg, topology: str, mesh_sizes: dict[str, int]):
         state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes,
                              steps.state_shardings)
         tokens = jax.ShapeDtypeStruct((t.batch_size, t.seq_len + 1), jnp.int32, sharding=steps.batch_sharding)
-        compiled = steps.train.lower(state, tokens).compile()
+        no_fault = jax.ShapeDtypeStruct((), jnp.float32)  # the step's NaN-injection input (0.0 in real runs)
+        compiled = steps.train.lower(state, tokens, no_fault).compile()
     return compiled, choice.name
 
 

@@ -157,14 +157,15 @@ def measure_train_step(model: ModelConfig, seq_len: int, batch: int, device, dty
         state = s.init()
         tokens = jax.device_put(np.random.default_rng(0).integers(0, model.vocab_size, (batch, seq_len + 1),
                                                                   dtype=np.int32), s.batch_sharding)
-        train = s.train.lower(state, tokens).compile()
+        clean = np.float32(0.0)  # the step's fault-injection input: no fault
+        train = s.train.lower(state, tokens, clean).compile()
         for _ in range(2):  # warm-up
-            state, metrics = train(state, tokens)
+            state, metrics = train(state, tokens, clean)
         jax.block_until_ready(metrics)
         times = []
         for _ in range(steps):
             t = time.perf_counter()
-            state, metrics = train(state, tokens)
+            state, metrics = train(state, tokens, clean)
             jax.block_until_ready(metrics)
             times.append(time.perf_counter() - t)
     return min(times)

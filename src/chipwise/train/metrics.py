@@ -40,8 +40,10 @@ class MetricsWriter:
             if key not in ("step", "time") and isinstance(value, (int, float)) and value is not None:
                 self.tb.add_scalar(key, value, step)
 
-    def advance(self, step: int, loss: float | None = None) -> None:
+    def advance(self, step: int, loss: float | None = None, skipped: int = 0) -> None:
         desc = f"loss {loss:.3f}" if loss is not None else ""
+        if skipped:  # the divergence guard's count stays in sight once it is non-zero
+            desc += f"  skipped {skipped}"
         self.progress.update(self.task, completed=step, description=desc)
 
     def log(self, message: str) -> None:

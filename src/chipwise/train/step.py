@@ -1,8 +1,11 @@
 """The jitted train and eval steps, and the sharded training state they run on.
 
-State is a plain pytree {"step", "params", "opt_state"} (params as a pure dict from the NNX model), so that
-optax, Orbax and the sharding rules all see the same arrays. Shapes are static; gradient accumulation is a
+State is a plain pytree {"step", "params", "opt_state", "rng"} (params as a pure dict from the NNX model), so
+that optax, Orbax and the sharding rules all see the same arrays. Shapes are static; gradient accumulation is a
 `lax.scan` over micro-batches; there is no `lax.cond` and no host callback in the step.
+
+Divergence guard: a step whose loss or gradient norm is not finite keeps the old parameters and optimizer state,
+chosen with `jnp.where` leaf by leaf (both branches are computed; shapes stay static), and reports `finite` = 0.
 """
 
 from __future__ import annotations
@@ -30,7 +33,8 @@ def next_token_loss(logits, targets):
 class Steps:
     """Everything compiled for one run: init, train and eval steps, and the shardings they use."""
     init: Callable  # () -> state
-    train: Callable  # (state, tokens [batch, seq+1]) -> (state, metrics)
+    train: Callable  # (state, tokens [batch, seq+1], poison) -> (state, metrics); poison is 0.0, or NaN to inject
+    # a non-finite step (train.inject_nan_batches)
     eval: Callable  # (params, tokens) -> loss
     state_shardings: dict
     batch_sharding: NamedSharding
@@ -52,7 +56,8 @@ def build_steps(cfg: Config, mesh: Mesh, attend: Callable, compute_dtype) -> Ste
     # Optimizer moments shard like their parameters; counters are replicated.
     opt_shardings = optax.tree_map_params(tx, lambda _, s: s, abstract_opt, param_shardings,
                                           transform_non_params=lambda _: replicated)
-    state_shardings = {"step": replicated, "params": param_shardings, "opt_state": opt_shardings}
+    state_shardings = {"step": replicated, "params": param_shardings, "opt_state": opt_shardings,
+                       "rng": replicated}
     tokens_sharding = batch_sharding(mesh, 2, batch_size=t.batch_size)
 
     def forward(params, tokens):
@@ -63,31 +68,50 @@ def build_steps(cfg: Config, mesh: Mesh, attend: Callable, compute_dtype) -> Ste
     def init():
         model = Transformer(m, nnx.Rngs(params=t.seed))
         params = nnx.to_pure_dict(nnx.state(model))
-        return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
+        # The run's PRNG state, stored as raw key data (Orbax saves plain arrays). The model draws no random
+        # numbers today (no dropout); the key still advances every step and is checkpointed, so anything
+        # stochastic added to the step resumes exactly.
+        rng = jax.random.key_data(jax.random.fold_in(jax.random.key(t.seed), 1))
+        return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params), "rng": rng}
 
-    def train_step(state, tokens):
+    def train_step(state, tokens, poison):
         params = state["params"]
+        _, next_rng = jax.random.split(jax.random.wrap_key_data(state["rng"]))
+
+        def poisoned_forward(params, tokens):
+            # x * (1 + 0.0) is x exactly, so a clean step is unchanged; NaN reaches the loss and every gradient.
+            return forward(params, tokens) * (1.0 + poison)
+
         if t.grad_accum == 1:
-            loss, grads = jax.value_and_grad(forward)(params, tokens)
+            loss, grads = jax.value_and_grad(poisoned_forward)(params, tokens)
         else:
             micro = tokens.reshape(t.grad_accum, tokens.shape[0] // t.grad_accum, tokens.shape[1])
 
             def accumulate(carry, mb):
-                loss, grads = jax.value_and_grad(forward)(params, mb)
+                loss, grads = jax.value_and_grad(poisoned_forward)(params, mb)
                 return jax.tree.map(jnp.add, carry, (loss, grads)), None
 
             zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
             (loss, grads), _ = jax.lax.scan(accumulate, zeros, micro)
             loss, grads = jax.tree.map(lambda x: x / t.grad_accum, (loss, grads))
+        grad_norm = optax.tree.norm(grads)
         updates, opt_state = tx.update(grads, state["opt_state"], params)
-        new_state = {"step": state["step"] + 1, "params": optax.apply_updates(params, updates),
-                     "opt_state": opt_state}
-        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": schedule(state["step"])}
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+
+        def keep_good(new, old):
+            return jnp.where(finite, new, old)
+
+        new_state = {"step": state["step"] + 1,
+                     "params": jax.tree.map(keep_good, optax.apply_updates(params, updates), params),
+                     "opt_state": jax.tree.map(keep_good, opt_state, state["opt_state"]),
+                     "rng": jax.random.key_data(next_rng)}
+        metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state["step"]),
+                   "finite": finite.astype(jnp.float32)}
         return new_state, metrics
 
     return Steps(
         init=jax.jit(init, out_shardings=state_shardings),
-        train=jax.jit(train_step, in_shardings=(state_shardings, tokens_sharding),
+        train=jax.jit(train_step, in_shardings=(state_shardings, tokens_sharding, replicated),
                       out_shardings=(state_shardings, replicated), donate_argnums=0),
         eval=jax.jit(forward, in_shardings=(param_shardings, tokens_sharding), out_shardings=replicated),
         state_shardings=state_shardings,
