@@ -15,11 +15,12 @@ import yaml
 from rich.console import Console
 
 from chipwise import attention, data, efficiency, flops, provenance
+from chipwise.distributed import agree, barrier, is_leader
 from chipwise.config import Config, from_dict, to_dict
 from chipwise.errors import ChipwiseError, ConfigError
 from chipwise.sharding import data_parallel_size, make_mesh, platform_rules, use_mesh
 from chipwise.train.checkpoint import Checkpoints, abstract_like
-from chipwise.train.metrics import MetricsWriter
+from chipwise.train.metrics import open_writer
 from chipwise.train.step import build_steps
 
 CONFIG_FILE = "config.yaml"
@@ -45,8 +46,12 @@ def prepare_run_dir(cfg: Config, resume: bool, overwrite: bool) -> Path:
         if not (run_dir / CONFIG_FILE).is_file():
             raise ChipwiseError(f"refusing to overwrite {run_dir}: it is not a chipwise run directory "
                                 f"(no {CONFIG_FILE}); choose another run_dir")
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    barrier("run-dir-checked")  # every process has judged the directory before one of them changes it
+    if is_leader():
+        if run_dir.exists():
+            shutil.rmtree(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+    barrier("run-dir-ready")
     return run_dir
 
 
@@ -86,7 +91,7 @@ class Totals:
 class Trainer:
     def __init__(self, cfg: Config, *, resume: bool = False, overwrite: bool = False, console: Console | None = None):
         self.cfg = cfg
-        self.console = console or Console()
+        self.console = console or Console(quiet=not is_leader())  # one process speaks for the run
         self.run_dir = prepare_run_dir(cfg, resume, overwrite)
         self.resume = resume
 
@@ -111,10 +116,18 @@ class Trainer:
         m = cfg.model
         self.attention = attention.select(self.platform, seq_len=t.seq_len, head_dim=m.head_dim,
                                           num_heads=m.num_heads, num_kv_heads=m.num_kv_heads, dtype=self.dtype)
+        barrier("measure-peak")  # processes sharing a CPU measure it together, so each sees its share
         self.hardware = efficiency.resolve_hardware(self.devices, self.dtype, cfg.hardware)
         self.flops = flops.training_flops_per_token(m, t.seq_len)
-        self.data = data.prepare_data(cfg.data, m.vocab_size, log=self.log)
-        if not self.resume:  # sampling and export read the run's own copy of its tokenizer
+        # Process 0 builds the tokenizer and token cache first; the others then find it where the cache is
+        # shared, and must in any case end up with the very same tokens.
+        if is_leader():
+            self.data = data.prepare_data(cfg.data, m.vocab_size, log=self.log)
+        barrier("data-prepared")
+        if not is_leader():
+            self.data = data.prepare_data(cfg.data, m.vocab_size, log=self.log)
+        agree(f"{self.data.tokenizer_fingerprint}:{len(self.data.train_tokens)}", "the tokenizer and tokens")
+        if not self.resume and is_leader():  # sampling and export read the run's own copy of its tokenizer
             self.data.tokenizer.save(str(self.run_dir / TOKENIZER_FILE))
 
     def _describe(self, compile_s: float) -> dict:
@@ -138,14 +151,16 @@ class Trainer:
             "jax": jax.__version__,
             "provenance": provenance.collect(self.devices),  # versions, git commit, devices: what exactly ran
         }
-        (self.run_dir / "run_info.json").write_text(json.dumps(info, indent=2))
+        if is_leader():
+            (self.run_dir / "run_info.json").write_text(json.dumps(info, indent=2))
         return info
 
     # ---- the run ------------------------------------------------------------------------------------------
     def run(self) -> dict:
         cfg, t = self.cfg, self.cfg.train
         self._setup()
-        (self.run_dir / CONFIG_FILE).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        if is_leader():
+            (self.run_dir / CONFIG_FILE).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
         with use_mesh(self.mesh, self.rules):
             steps = build_steps(cfg, self.mesh, self.attention.fn, self.dtype)
             abstract_state = abstract_like(jax.eval_shape(steps.init), steps.state_shardings)
@@ -159,7 +174,7 @@ class Trainer:
             ckpt = Checkpoints(self.run_dir / "checkpoints", t.keep_checkpoints, t.checkpoint_every)
             state, start, iterator = self._initial_state(steps, ckpt, abstract_state)
             val_batches = data.eval_batches(self.data.val_tokens, t.seq_len, t.batch_size, t.eval_batches)
-            writer = MetricsWriter(self.run_dir, self.console, t.steps, start)
+            writer = open_writer(self.run_dir, self.console, t.steps, start)  # a no-op beyond process 0
             writer.write({"step": start, "compile_time_s": compile_s})
             try:
                 totals = self._loop(state, start, iterator, train_step, steps, ckpt, writer, val_batches)
@@ -167,7 +182,8 @@ class Trainer:
                 writer.close()
                 ckpt.close()
         summary = self._summary(totals, info)
-        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        if is_leader():
+            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         self._print_summary(summary)
         return summary
 
