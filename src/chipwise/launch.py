@@ -29,7 +29,7 @@ def add_commands(sub) -> None:
     p.add_argument("--processes", type=int, required=True, metavar="P")
     p.add_argument("--devices-per-process", type=int, default=1, metavar="D",
                    help="simulated CPU devices in each process (default 1)")
-    p.add_argument("--grace", type=float, default=30.0, metavar="SECONDS",
+    p.add_argument("--grace", type=float, default=10.0, metavar="SECONDS",
                    help="after one process fails, how long the others get to stop before they are killed")
     p.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- COMMAND ...")
 
@@ -68,7 +68,7 @@ def describe(code: int) -> str:
     return f"exit code {code}"
 
 
-def launch(cmd: list[str], processes: int, devices: int, grace: float = 30.0, say=None) -> int:
+def launch(cmd: list[str], processes: int, devices: int, grace: float = 10.0, say=None) -> int:
     say = say or (lambda m: print(f"launch: {m}", file=sys.stderr, flush=True))
     if cmd[:1] == ["chipwise"]:  # the same installation as this launcher, whatever PATH says
         cmd = [sys.executable, "-m", "chipwise", *cmd[1:]]
