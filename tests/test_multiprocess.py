@@ -13,7 +13,6 @@ import signal
 import subprocess
 import sys
 import sysconfig
-import time
 from pathlib import Path
 
 import jax
@@ -103,30 +102,51 @@ def test_two_processes_train_like_one(tmp_path, corpus):
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=0, atol=1e-5), got, want)
 
 
-def test_a_dead_process_stops_the_others(tmp_path, corpus):
-    run = tmp_path / "run"
-    launcher = subprocess.Popen(launch_cmd(2, 4, "--grace", "3", "--", "chipwise",
-                                           *train_args(run, corpus, 100000, 100000)),
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        pids = {}
-        while len(pids) < 2:  # the launcher names its children first
-            line = launcher.stderr.readline()
-            assert line, "launcher ended before starting its processes"
+class Launched:
+    """`chipwise launch` in the background, its output read line by line (stdout and stderr together)."""
+
+    def __init__(self, *args):
+        self.proc = subprocess.Popen(launch_cmd(2, 4, "--grace", "3", "--", "chipwise", *args), text=True,
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     env={**os.environ, "PYTHONUNBUFFERED": "1"})  # lines as they are printed
+        self.pids, self.lines = {}, []
+
+    def wait_for(self, pattern: str) -> re.Match:
+        while line := self.proc.stdout.readline():  # bounded by the test's timeout
+            self.lines.append(line)
             if m := re.search(r"process (\d) of 2 is pid (\d+)", line):
-                pids[int(m[1])] = int(m[2])
-        # Both processes have joined and prepared the data once the config is written; kill the second.
-        deadline = time.monotonic() + 240
-        while not (run / "config.yaml").exists():
-            assert time.monotonic() < deadline and launcher.poll() is None, "the run never got going"
-            time.sleep(0.2)
-        os.kill(pids[1], signal.SIGKILL)
-        err = launcher.communicate(timeout=60)[1]  # bounded: 3 s grace, then process 0 is killed
-    finally:
-        if launcher.poll() is None:
-            launcher.kill()
-    assert launcher.returncode == 128 + signal.SIGKILL
-    assert "process 1 failed (killed by SIGKILL); stopping the other 1 process(es)" in err
-    for pid in pids.values():
+                self.pids[int(m[1])] = int(m[2])
+            if m := re.search(pattern, line):
+                return m
+        raise AssertionError(f"never saw {pattern!r}:\n{''.join(self.lines)[-3000:]}")
+
+    def finish(self) -> str:
+        try:
+            rest = self.proc.communicate(timeout=90)[0]  # bounded: the launcher kills stragglers after 3 s
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+        return "".join(self.lines) + rest
+
+
+@pytest.mark.timeout(400)
+def test_sigterm_saves_everywhere_and_a_dead_process_stops_the_others(tmp_path, corpus):
+    run = tmp_path / "run"
+    # SIGTERM (a preemption) while training: both processes save at the same step and exit 143.
+    first = Launched(*train_args(run, corpus, 100000, 100000))
+    first.wait_for(r"step +3  loss")
+    first.proc.send_signal(signal.SIGTERM)
+    out = first.finish()
+    assert first.proc.returncode == 128 + signal.SIGTERM, out[-3000:]
+    step = int(re.search(r"stopped by SIGTERM at step (\d+)", out)[1])  # once, by process 0
+
+    # Resumed on two processes, one of them dies mid-run: the launcher stops the other and reports it.
+    second = Launched("train", "--resume", str(run))
+    second.wait_for(f"resumed from step {step}")
+    os.kill(second.pids[1], signal.SIGKILL)
+    out = second.finish()
+    assert second.proc.returncode == 128 + signal.SIGKILL, out[-3000:]
+    assert "process 1 failed (killed by SIGKILL); stopping the other 1 process(es)" in out
+    for pid in second.pids.values():
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)

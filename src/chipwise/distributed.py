@@ -179,3 +179,19 @@ def run_to_exit(fn):
     print(f"{message} (process {jax.process_index()} of {jax.process_count()})", file=sys.stderr, flush=True)
     sys.stdout.flush()
     os._exit(code)
+
+
+def preemption_point(step: int) -> bool:
+    """True at the one step where every process saves and stops after any of them got SIGTERM.
+
+    With several processes JAX's preemption service catches SIGTERM, tells every process and agrees on a step
+    (the latest any of them has reached, plus one); each process must ask at every step. Saving is a collective,
+    so all must save at that same step. A single process is never told here: its SIGTERM acts on it directly.
+    """
+    import jax
+
+    if jax.process_count() == 1:
+        return False
+    from jax.experimental import multihost_utils
+
+    return multihost_utils.reached_preemption_sync_point(step)

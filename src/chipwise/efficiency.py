@@ -118,9 +118,11 @@ def mfu_label(hw: Hardware) -> str:
 
 
 def peak_memory_bytes(devices) -> int | None:
-    """Largest peak allocation over the devices, where the backend reports it (GPU, TPU; not CPU)."""
+    """Largest peak allocation over this process's devices, where the backend reports it (GPU, TPU; not CPU)."""
     peaks = []
     for d in devices:
+        if d.process_index != jax.process_index():  # another host's device: only that host can ask
+            continue
         try:
             stats = d.memory_stats()
         except Exception:  # noqa: BLE001 - backends without the API raise various errors

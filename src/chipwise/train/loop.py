@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,8 +16,8 @@ import yaml
 from rich.console import Console
 
 from chipwise import attention, data, efficiency, flops, provenance
-from chipwise.distributed import agree, barrier, is_leader
 from chipwise.config import Config, from_dict, to_dict
+from chipwise.distributed import agree, barrier, is_leader, preemption_point
 from chipwise.errors import ChipwiseError, ConfigError
 from chipwise.sharding import data_parallel_size, make_mesh, platform_rules, use_mesh
 from chipwise.train.checkpoint import Checkpoints, abstract_like
@@ -272,21 +273,26 @@ class Trainer:
             if pending is not None:
                 finish(pending)
             pending = (step, metrics, wait)
-            boundary = step % t.eval_every == 0 or step % t.checkpoint_every == 0 or step == t.steps
+            stop = preemption_point(step)  # SIGTERM to a multi-process run: all processes save at this step
+            boundary = stop or step % t.eval_every == 0 or step % t.checkpoint_every == 0 or step == t.steps
             if boundary:
                 finish(pending)
                 pending = None
                 if step % t.eval_every == 0 or step == t.steps:
                     evaluate(step)
-                if step % t.checkpoint_every == 0 or step == t.steps:
+                if stop or step % t.checkpoint_every == 0 or step == t.steps:
                     c0 = time.perf_counter()
                     meta = {"step": step, "data_iterator": iterator.get_state(),
                             "tokenizer_fingerprint": self.data.tokenizer_fingerprint}
-                    ckpt.save(step, state, meta, force=step == t.steps)
+                    ckpt.save(step, state, meta, force=stop or step == t.steps)
                     seconds = time.perf_counter() - c0
                     totals.checkpoint_seconds += seconds
                     writer.write({"step": step, "checkpoint_s": seconds})  # per-step breakdown in reports
                 last_done = time.perf_counter()  # eval and checkpoint time is not step time
+            if stop:
+                ckpt.wait()
+                writer.log(f"stopped by SIGTERM at step {step}; its checkpoint is saved (continue with --resume)")
+                raise SystemExit(128 + signal.SIGTERM)
         if pending is not None:
             finish(pending)
         ckpt.wait()
