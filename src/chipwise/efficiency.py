@@ -68,8 +68,10 @@ def resolve_hardware(devices, compute_dtype, hw: HardwareConfig) -> Hardware:
     acc = catalog.find_by_device_kind(kind)
     # A CPU is one chip however many XLA devices it is split into (tests simulate 8 on one CPU), and each
     # process of a multi-process run has its own: its devices are the ones on this process's chip.
-    local = sum(1 for d in devices if d.process_index == device.process_index)
-    per_chip = local if device.platform == "cpu" else (acc.devices_per_chip if acc else 1)
+    if device.platform == "cpu":
+        per_chip = sum(1 for d in devices if d.process_index == device.process_index)
+    else:
+        per_chip = acc.devices_per_chip if acc else 1
     dtype_name = jnp.dtype(compute_dtype).name
     if hw.peak_tflops is not None:
         peak = Peak(hw.peak_tflops, "user-given hardware.peak_tflops", "user")
