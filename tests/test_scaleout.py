@@ -126,6 +126,8 @@ def test_launcher_needs_a_command(capsys):
 
     assert main(["launch", "--processes", "2", "--"]) == 2
     assert "needs a command after --" in capsys.readouterr().err
+    assert main(["launch", "--processes", "2", "--", "no-such-command-here"]) == 2
+    assert capsys.readouterr().err.strip() == "error: cannot start no-such-command-here: No such file or directory"
 
 
 # ---- deployment recipes --------------------------------------------------------------------------------------

@@ -92,8 +92,11 @@ def launch(cmd: list[str], processes: int, devices: int, grace: float = 10.0, sa
     try:
         for i in range(processes):
             # A session of its own: a terminal's Ctrl-C reaches the launcher only, which forwards it once.
-            children.append(subprocess.Popen(cmd, env=child_env(os.environ, i, processes, devices, port),
-                                             start_new_session=True))
+            try:
+                children.append(subprocess.Popen(cmd, env=child_env(os.environ, i, processes, devices, port),
+                                                 start_new_session=True))
+            except OSError as e:  # the processes already started are killed below
+                raise ChipwiseError(f"cannot start {cmd[0]}: {e.strerror}") from None
             say(f"process {i} of {processes} is pid {children[-1].pid} ({devices} CPU devices)")
         codes: dict[int, int] = {}
         first_failure, kill_at = None, None
