@@ -11,10 +11,18 @@ from chipwise.config import HardwareConfig
 class FakeDevice:
     device_kind: str
     platform: str
+    process_index: int = 0
 
 
 def hardware(kind, platform="gpu", n=8, **hw):
     return efficiency.resolve_hardware([FakeDevice(kind, platform)] * n, jnp.bfloat16, HardwareConfig(**hw))
+
+
+def test_each_process_of_a_cpu_run_is_one_chip():
+    one = efficiency.resolve_hardware([FakeDevice("cpu", "cpu")] * 8, jnp.float32, HardwareConfig(peak_tflops=1.0))
+    two = efficiency.resolve_hardware([FakeDevice("cpu", "cpu", p) for p in (0, 1) for _ in range(4)], jnp.float32,
+                                      HardwareConfig(peak_tflops=1.0))
+    assert (one.num_devices, one.num_chips) == (8, 1) and (two.num_devices, two.num_chips) == (8, 2)
 
 
 def test_known_chip_uses_its_catalog_peak_price_and_power():

@@ -7,7 +7,7 @@ import logging
 import os
 import sys
 
-from chipwise import __version__, ecosystem
+from chipwise import __version__, ecosystem, launch
 from chipwise.errors import ChipwiseError, TrainingStopped
 from chipwise.plan import cli as plan_cli
 
@@ -45,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     ecosystem.add_commands(sub)
     plan_cli.add_commands(sub)
+    launch.add_commands(sub)
     return p
 
 
@@ -71,10 +72,12 @@ def _quiet_logs() -> None:
 
 def _train(args) -> int:
     from chipwise.config import apply_overrides, from_dict, load_config, to_dict
+    from chipwise.distributed import initialize, run_to_exit
     from chipwise.train.loop import Trainer, load_run_config
 
     if args.resume is not None and args.overwrite:
         raise ChipwiseError("--resume and --overwrite contradict each other; pick one")
+    initialize()  # join the run's other processes, if it has any (before anything touches a device)
     if args.init_from is not None:
         if args.resume is not None:
             raise ChipwiseError("--init-from starts a new run; --resume continues one from its own checkpoint")
@@ -92,7 +95,7 @@ def _train(args) -> int:
         from chipwise.hf import check_model
 
         check_model(cfg)
-    Trainer(cfg, resume=run_dir is not None, overwrite=args.overwrite).run()
+    run_to_exit(lambda: Trainer(cfg, resume=run_dir is not None, overwrite=args.overwrite).run())
     return 0
 
 
@@ -129,7 +132,7 @@ def run_guarded(parser: argparse.ArgumentParser, handler, argv: list[str] | None
 
 def main(argv: list[str] | None = None) -> int:
     _quiet_logs()
-    commands = {"train": _train, "sample": _sample, **ecosystem.COMMANDS, **plan_cli.COMMANDS}
+    commands = {"train": _train, "sample": _sample, **ecosystem.COMMANDS, **plan_cli.COMMANDS, **launch.COMMANDS}
     return run_guarded(build_parser(), lambda args: commands[args.command](args), argv)
 
 

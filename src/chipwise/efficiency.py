@@ -66,8 +66,12 @@ def resolve_hardware(devices, compute_dtype, hw: HardwareConfig) -> Hardware:
     device = devices[0]
     kind = device.device_kind
     acc = catalog.find_by_device_kind(kind)
-    # A CPU is one chip however many XLA devices it is split into (tests simulate 8 on one CPU).
-    per_chip = len(devices) if device.platform == "cpu" else (acc.devices_per_chip if acc else 1)
+    # A CPU is one chip however many XLA devices it is split into (tests simulate 8 on one CPU), and each
+    # process of a multi-process run has its own: its devices are the ones on this process's chip.
+    if device.platform == "cpu":
+        per_chip = sum(1 for d in devices if d.process_index == device.process_index)
+    else:
+        per_chip = acc.devices_per_chip if acc else 1
     dtype_name = jnp.dtype(compute_dtype).name
     if hw.peak_tflops is not None:
         peak = Peak(hw.peak_tflops, "user-given hardware.peak_tflops", "user")
@@ -116,9 +120,11 @@ def mfu_label(hw: Hardware) -> str:
 
 
 def peak_memory_bytes(devices) -> int | None:
-    """Largest peak allocation over the devices, where the backend reports it (GPU, TPU; not CPU)."""
+    """Largest peak allocation over this process's devices, where the backend reports it (GPU, TPU; not CPU)."""
     peaks = []
     for d in devices:
+        if d.process_index != jax.process_index():  # another host's device: only that host can ask
+            continue
         try:
             stats = d.memory_stats()
         except Exception:  # noqa: BLE001 - backends without the API raise various errors

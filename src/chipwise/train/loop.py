@@ -20,10 +20,11 @@ from rich.console import Console
 
 from chipwise import attention, data, efficiency, flops, provenance
 from chipwise.config import Config, from_dict, to_dict
+from chipwise.distributed import agree, barrier, is_leader, preemption_point
 from chipwise.errors import ChipwiseError, ConfigError, TrainingStopped
 from chipwise.sharding import data_parallel_size, make_mesh, platform_rules, use_mesh
 from chipwise.train.checkpoint import Checkpoints, abstract_like
-from chipwise.train.metrics import MetricsWriter
+from chipwise.train.metrics import open_writer
 from chipwise.train.step import build_steps
 
 CONFIG_FILE = "config.yaml"
@@ -50,8 +51,12 @@ def prepare_run_dir(cfg: Config, resume: bool, overwrite: bool) -> Path:
         if not (run_dir / CONFIG_FILE).is_file():
             raise ChipwiseError(f"refusing to overwrite {run_dir}: it is not a chipwise run directory "
                                 f"(no {CONFIG_FILE}); choose another run_dir")
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    barrier("run-dir-checked")  # every process has judged the directory before one of them changes it
+    if is_leader():
+        if run_dir.exists():
+            shutil.rmtree(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+    barrier("run-dir-ready")
     return run_dir
 
 
@@ -120,7 +125,7 @@ class Totals:
 class Trainer:
     def __init__(self, cfg: Config, *, resume: bool = False, overwrite: bool = False, console: Console | None = None):
         self.cfg = cfg
-        self.console = console or Console()
+        self.console = console or Console(quiet=not is_leader())  # one process speaks for the run
         self.run_dir = prepare_run_dir(cfg, resume, overwrite)
         self.resume = resume
 
@@ -145,10 +150,18 @@ class Trainer:
         m = cfg.model
         self.attention = attention.select(self.platform, seq_len=t.seq_len, head_dim=m.head_dim,
                                           num_heads=m.num_heads, num_kv_heads=m.num_kv_heads, dtype=self.dtype)
+        barrier("measure-peak")  # processes sharing a CPU measure it together, so each sees its share
         self.hardware = efficiency.resolve_hardware(self.devices, self.dtype, cfg.hardware)
         self.flops = flops.training_flops_per_token(m, t.seq_len)
-        self.data = data.prepare_data(cfg.data, m.vocab_size, log=self.log)
-        if not self.resume:  # sampling and export read the run's own copy of its tokenizer
+        # Process 0 builds the tokenizer and token cache first; the others then find it where the cache is
+        # shared, and must in any case end up with the very same tokens.
+        if is_leader():
+            self.data = data.prepare_data(cfg.data, m.vocab_size, log=self.log)
+        barrier("data-prepared")
+        if not is_leader():
+            self.data = data.prepare_data(cfg.data, m.vocab_size, log=self.log)
+        agree(f"{self.data.tokenizer_fingerprint}:{len(self.data.train_tokens)}", "the tokenizer and tokens")
+        if not self.resume and is_leader():  # sampling and export read the run's own copy of its tokenizer
             self.data.tokenizer.save(str(self.run_dir / TOKENIZER_FILE))
 
     def _describe(self, compile_s: float) -> dict:
@@ -172,7 +185,8 @@ class Trainer:
             "jax": jax.__version__,
             "provenance": provenance.collect(self.devices),  # versions, git commit, devices: what exactly ran
         }
-        (self.run_dir / "run_info.json").write_text(json.dumps(info, indent=2))
+        if is_leader():
+            (self.run_dir / "run_info.json").write_text(json.dumps(info, indent=2))
         return info
 
     # ---- the run ------------------------------------------------------------------------------------------
@@ -200,7 +214,7 @@ class Trainer:
                     info = self._describe(compile_s)
                     self._print_header(info)
                     val_batches = data.eval_batches(self.data.val_tokens, t.seq_len, t.batch_size, t.eval_batches)
-                    writer = MetricsWriter(self.run_dir, self.console, t.steps, start)
+                    writer = open_writer(self.run_dir, self.console, t.steps, start)  # a no-op beyond process 0
                     writer.write({"step": start, "compile_time_s": compile_s,
                                   **({"event": "resumed"} if start else {})})
                     try:
@@ -213,12 +227,14 @@ class Trainer:
         if totals.stopped_by is not None:
             raise TrainingStopped(totals.stopped_by, 128 + self._signal)
         summary = self._summary(totals, info)
-        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        if is_leader():
+            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         self._print_summary(summary)
         return summary
 
     def _write_config(self) -> None:
-        (self.run_dir / CONFIG_FILE).write_text(yaml.safe_dump(to_dict(self.cfg), sort_keys=False))
+        if is_leader():  # one process writes the run's files
+            (self.run_dir / CONFIG_FILE).write_text(yaml.safe_dump(to_dict(self.cfg), sort_keys=False))
 
     @contextmanager
     def _stop_on_signals(self):
@@ -227,6 +243,9 @@ class Trainer:
         always consistent: Orbax publishes a checkpoint only when it is complete)."""
         self._signal, self._training = None, False
         if threading.current_thread() is not threading.main_thread():  # Python allows handlers only there
+            yield
+            return
+        if jax.process_count() > 1:  # JAX's preemption service owns SIGTERM: the loop asks preemption_point
             yield
             return
         watched = (signal.SIGTERM, signal.SIGINT)
@@ -394,6 +413,8 @@ class Trainer:
             state, metrics = train_step(state, batch, poison)
             diverged = finish(pending) if pending is not None else False
             pending = (step, metrics, wait)
+            if preemption_point(step):  # SIGTERM to a multi-process run: every process stops after this step
+                self._signal = signal.SIGTERM
             boundary = step % t.eval_every == 0 or step % t.checkpoint_every == 0 or step == t.steps
             if boundary and not diverged:
                 diverged = finish(pending)
@@ -406,13 +427,17 @@ class Trainer:
             if boundary:
                 if step % t.eval_every == 0 or step == t.steps:
                     evaluate(step)
-                if step % t.checkpoint_every == 0 or step == t.steps:
+                if stop or step % t.checkpoint_every == 0 or step == t.steps:
                     c0 = time.perf_counter()
                     self._save(ckpt, writer, step, state, iterator, guard, force=step == t.steps)
                     seconds = time.perf_counter() - c0
                     totals.checkpoint_seconds += seconds
                     writer.write({"step": step, "checkpoint_s": seconds})  # per-step breakdown in reports
                 last_done = time.perf_counter()  # eval and checkpoint time is not step time
+            if stop:
+                ckpt.wait()
+                writer.log(f"stopped by SIGTERM at step {step}; its checkpoint is saved (continue with --resume)")
+                raise SystemExit(128 + signal.SIGTERM)
         if pending is not None:
             finish(pending)  # a rollback it might call for happens after the resume; the streak is saved
         if self._signal is not None:

@@ -53,3 +53,30 @@ class MetricsWriter:
         self.progress.stop()
         self.jsonl.close()
         self.tb.close()
+
+
+class NullWriter:
+    """What the processes other than 0 write: nothing (process 0 already records the whole run)."""
+
+    def __init__(self, console: Console):
+        self.console = console
+
+    def write(self, record: dict) -> None:
+        pass
+
+    def advance(self, step: int, loss: float | None = None) -> None:
+        pass
+
+    def log(self, message: str) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def open_writer(run_dir: Path, console: Console, total_steps: int, start_step: int) -> MetricsWriter | NullWriter:
+    import jax
+
+    if jax.process_index() != 0:
+        return NullWriter(console)
+    return MetricsWriter(run_dir, console, total_steps, start_step)

@@ -1,0 +1,152 @@
+"""Training as several processes on JAX's distributed runtime, started by `chipwise launch` (gloo on 127.0.0.1).
+
+Two processes of 4 CPU devices must train exactly like one process of 8, write one set of run files and one
+checkpoint that a single process restores; and when one process dies the other must be stopped, not left
+waiting in a collective.
+"""
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from chipwise.cli import main
+from chipwise.sharding import make_mesh, use_mesh
+from chipwise.train.checkpoint import Checkpoints, abstract_like
+from chipwise.train.loop import load_run_config
+from chipwise.train.step import build_steps
+
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("multiprocess")]
+
+SETTINGS = ["model.num_layers=2", "model.d_model=32", "model.num_heads=2", "model.num_kv_heads=1", "model.d_ff=64",
+            "model.vocab_size=320", "model.max_seq_len=64", "train.seq_len=32", "train.batch_size=8",
+            "train.log_every=1", "train.eval_every=1000", "train.eval_batches=1", "train.warmup_steps=1",
+            "train.dtype=float32"]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("corpus")
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    for name in ("textwrap.py", "shlex.py", "string.py", "glob.py", "fnmatch.py", "bisect.py", "heapq.py",
+                 "colorsys.py", "keyword.py", "queue.py", "sched.py", "this.py", "token.py", "abc.py"):
+        shutil.copy(stdlib / name, root / name)
+    return root
+
+
+def train_args(run_dir, corpus, steps, checkpoint_every):
+    items = [*SETTINGS, f"train.steps={steps}", f"train.checkpoint_every={checkpoint_every}",
+             f"data.sources=[{corpus}]", f"run_dir={run_dir}"]
+    return ["train", *[x for s in items for x in ("--set", s)]]
+
+
+def launch_cmd(processes, devices, *rest):
+    return [sys.executable, "-m", "chipwise", "launch", "--processes", str(processes), "--devices-per-process",
+            str(devices), *rest]
+
+
+def train_records(run_dir):
+    return [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+
+
+def restored_params(run_dir, step):
+    """The checkpoint's parameters, restored by this single process onto its 8-device mesh."""
+    cfg = load_run_config(run_dir)
+    mesh = make_mesh(cfg.mesh, jax.devices())
+    with use_mesh(mesh):
+        steps = build_steps(cfg, mesh, attend=None, compute_dtype=np.float32)  # nothing is run, only restored
+        ckpt = Checkpoints(run_dir / "checkpoints", 2, 10)
+        state, meta = ckpt.restore(step, abstract_like(jax.eval_shape(steps.init), steps.state_shardings))
+        ckpt.close()
+    return jax.tree.map(np.asarray, state["params"]), meta
+
+
+def test_two_processes_train_like_one(tmp_path, corpus):
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert main(train_args(one, corpus, 10, 10)) == 0  # this process: 8 devices (conftest)
+
+    done = subprocess.run(launch_cmd(2, 4, "--", "chipwise", *train_args(two, corpus, 10, 10)),
+                          capture_output=True, text=True, timeout=400)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("chipwise run summary") == 1  # process 1 prints nothing of its own
+
+    a, b = train_records(one), train_records(two)
+    assert [r["step"] for r in b] == list(range(1, 11))  # written once, by process 0 alone
+    np.testing.assert_allclose([r["loss"] for r in b], [r["loss"] for r in a], rtol=0, atol=1e-5)
+    np.testing.assert_allclose([r["grad_norm"] for r in b], [r["grad_norm"] for r in a], rtol=0, atol=1e-5)
+
+    # Throughput counts the tokens of the whole global batch and every chip of both processes.
+    info = json.loads((two / "run_info.json").read_text())
+    assert info["devices"].startswith("8 x ") and info["chips"] == 2
+    assert {d["process"] for d in info["provenance"]["device_list"]} == {0, 1}
+    for r in b:
+        assert r["tokens_per_s_per_device"] == pytest.approx(r["tokens_per_s"] / 8)
+        assert r["tokens_per_s"] == pytest.approx(8 * 32 / r["step_time_s"])
+    summary = json.loads((two / "summary.json").read_text())
+    assert summary["tokens"] == 10 * 8 * 32 and summary["mfu"] > 0
+
+    # The two processes' checkpoint restores in one process, with another device layout per process, and
+    # holds what the one-process run trained.
+    got, meta = restored_params(two, 10)
+    want, _ = restored_params(one, 10)
+    assert meta["data_iterator"]["step"] == 10
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=0, atol=1e-5), got, want)
+
+
+class Launched:
+    """`chipwise launch` in the background, its output read line by line (stdout and stderr together)."""
+
+    def __init__(self, *args):
+        self.proc = subprocess.Popen(launch_cmd(2, 4, "--grace", "3", "--", "chipwise", *args), text=True,
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     env={**os.environ, "PYTHONUNBUFFERED": "1"})  # lines as they are printed
+        self.pids, self.lines = {}, []
+
+    def wait_for(self, pattern: str) -> re.Match:
+        while line := self.proc.stdout.readline():  # bounded by the test's timeout
+            self.lines.append(line)
+            if m := re.search(r"process (\d) of 2 is pid (\d+)", line):
+                self.pids[int(m[1])] = int(m[2])
+            if m := re.search(pattern, line):
+                return m
+        raise AssertionError(f"never saw {pattern!r}:\n{''.join(self.lines)[-3000:]}")
+
+    def finish(self) -> str:
+        try:
+            rest = self.proc.communicate(timeout=90)[0]  # bounded: the launcher kills stragglers after 3 s
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+        return "".join(self.lines) + rest
+
+
+@pytest.mark.timeout(400)
+def test_sigterm_saves_everywhere_and_a_dead_process_stops_the_others(tmp_path, corpus):
+    run = tmp_path / "run"
+    # SIGTERM (a preemption) while training: both processes save at the same step and exit 143.
+    first = Launched(*train_args(run, corpus, 100000, 100000))
+    first.wait_for(r"step +3  loss")
+    first.proc.send_signal(signal.SIGTERM)
+    out = first.finish()
+    assert first.proc.returncode == 128 + signal.SIGTERM, out[-3000:]
+    step = int(re.search(r"stopped by SIGTERM at step (\d+)", out)[1])  # once, by process 0
+
+    # Resumed on two processes, one of them dies mid-run: the launcher stops the other and reports it.
+    second = Launched("train", "--resume", str(run))
+    second.wait_for(f"resumed from step {step}")
+    os.kill(second.pids[1], signal.SIGKILL)
+    out = second.finish()
+    assert second.proc.returncode == 128 + signal.SIGKILL, out[-3000:]
+    assert "process 1 failed (killed by SIGKILL); stopping the other 1 process(es)" in out
+    for pid in second.pids.values():
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
