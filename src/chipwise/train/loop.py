@@ -427,17 +427,13 @@ class Trainer:
             if boundary:
                 if step % t.eval_every == 0 or step == t.steps:
                     evaluate(step)
-                if stop or step % t.checkpoint_every == 0 or step == t.steps:
+                if step % t.checkpoint_every == 0 or step == t.steps:
                     c0 = time.perf_counter()
                     self._save(ckpt, writer, step, state, iterator, guard, force=step == t.steps)
                     seconds = time.perf_counter() - c0
                     totals.checkpoint_seconds += seconds
                     writer.write({"step": step, "checkpoint_s": seconds})  # per-step breakdown in reports
                 last_done = time.perf_counter()  # eval and checkpoint time is not step time
-            if stop:
-                ckpt.wait()
-                writer.log(f"stopped by SIGTERM at step {step}; its checkpoint is saved (continue with --resume)")
-                raise SystemExit(128 + signal.SIGTERM)
         if pending is not None:
             finish(pending)  # a rollback it might call for happens after the resume; the streak is saved
         if self._signal is not None:
