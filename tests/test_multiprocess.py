@@ -65,8 +65,10 @@ def restored_params(run_dir, step):
     with use_mesh(mesh):
         steps = build_steps(cfg, mesh, attend=None, compute_dtype=np.float32)  # nothing is run, only restored
         ckpt = Checkpoints(run_dir / "checkpoints", 2, 10)
-        state, meta = ckpt.restore(step, abstract_like(jax.eval_shape(steps.init), steps.state_shardings))
+        found, state, meta = ckpt.restore_latest(abstract_like(jax.eval_shape(steps.init), steps.state_shardings),
+                                                 move_damaged=False)
         ckpt.close()
+    assert found == step
     return jax.tree.map(np.asarray, state["params"]), meta
 
 
@@ -138,7 +140,9 @@ def test_sigterm_saves_everywhere_and_a_dead_process_stops_the_others(tmp_path, 
     first.proc.send_signal(signal.SIGTERM)
     out = first.finish()
     assert first.proc.returncode == 128 + signal.SIGTERM, out[-3000:]
-    step = int(re.search(r"stopped by SIGTERM at step (\d+)", out)[1])  # once, by process 0
+    saved = re.findall(r"SIGTERM after step (\d+): checkpoint saved at step (\d+)", out)
+    assert saved and all(a == b == saved[0][0] for a, b in saved), out[-3000:]  # every process: the same step
+    step = int(saved[0][0])
 
     # Resumed on two processes, one of them dies mid-run: the launcher stops the other and reports it.
     second = Launched("train", "--resume", str(run))

@@ -64,7 +64,7 @@ class NullWriter:
     def write(self, record: dict) -> None:
         pass
 
-    def advance(self, step: int, loss: float | None = None) -> None:
+    def advance(self, step: int, loss: float | None = None, skipped: int = 0) -> None:
         pass
 
     def log(self, message: str) -> None:
