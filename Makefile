@@ -26,7 +26,7 @@ demo: $(STAMP)
 # worker's load does not land in their measurements.
 test: $(STAMP)
 	XLA_FLAGS="--xla_force_host_platform_device_count=8" $(VENV)/bin/pytest -q -n 2 --dist loadgroup -m "not timing"
-	XLA_FLAGS="--xla_force_host_platform_device_count=1" $(VENV)/bin/pytest -q -p no:xdist -m timing
+	XLA_FLAGS="--xla_force_host_platform_device_count=1" $(VENV)/bin/pytest -q -s -p no:xdist -m timing
 
 # The CPU benchmark against PyTorch (eager and torch.compile); installs the CPU wheel of torch.
 bench: $(STAMP)
