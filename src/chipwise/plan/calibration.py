@@ -40,7 +40,7 @@ PARTS = (("matmul", "attention"), ("elementwise",))
 # GEMM shapes (m, k, n) swept: the token counts and widths small models multiply on one chip.
 MATMUL_SHAPES = [(m, k, n) for m in (256, 1024, 4096) for k in (64, 256, 1024) for n in (64, 256, 1024)]
 # Models whose real train steps calibrate the compute scale and overhead: (model fields, seq_len, batch).
-# Small on purpose (a CPU runs each in a second); `tests/test_calibration.py` holds out other shapes.
+# Small on purpose (a CPU runs each in a fraction of a second); depths 1-4 span the held-out shapes' depths.
 CALIBRATION_RUNS = [
     (dict(num_layers=2, d_model=64, num_heads=4, num_kv_heads=2, d_ff=176, vocab_size=512), 64, 4),
     (dict(num_layers=2, d_model=128, num_heads=4, num_kv_heads=2, d_ff=352, vocab_size=1024), 128, 4),
@@ -48,6 +48,7 @@ CALIBRATION_RUNS = [
     (dict(num_layers=2, d_model=192, num_heads=6, num_kv_heads=2, d_ff=512, vocab_size=1024), 256, 2),
     (dict(num_layers=2, d_model=64, num_heads=2, num_kv_heads=2, d_ff=176, vocab_size=512), 256, 4),  # attention
     (dict(num_layers=1, d_model=96, num_heads=3, num_kv_heads=1, d_ff=256, vocab_size=8192), 128, 4),  # the head
+    (dict(num_layers=4, d_model=96, num_heads=3, num_kv_heads=1, d_ff=256, vocab_size=1024), 128, 4),  # depth
 ]
 # Shapes never fitted, timed in the same interleaved pass and predicted with the fitted profile: the profile
 # records how well it predicts steps it has not seen (other depths, widths, head sizes, vocabularies, batches).
