@@ -3,14 +3,21 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+DEV_STAMP := $(VENV)/.installed-dev
 
 .PHONY: demo test install bench clean
 
+# chipwise itself: all `make demo` needs.
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PY) -m pip install --quiet -e .
 	touch $(STAMP)
+
+# The test dependencies on top (pytest, transformers and PyTorch's CPU build, libtpu for TPU AOT compiles).
+$(DEV_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $(DEV_STAMP)
 
 install: $(STAMP)
 
@@ -24,7 +31,7 @@ demo: $(STAMP)
 
 # Timing tests (the planner's CPU calibration) run alone afterwards, on one CPU device, so that the other test
 # worker's load does not land in their measurements.
-test: $(STAMP)
+test: $(DEV_STAMP)
 	XLA_FLAGS="--xla_force_host_platform_device_count=8" $(VENV)/bin/pytest -q -n 2 --dist loadgroup -m "not timing"
 	XLA_FLAGS="--xla_force_host_platform_device_count=1" $(VENV)/bin/pytest -q -s -p no:xdist -m timing
 
