@@ -1,4 +1,7 @@
 import os
+import shutil
+import sysconfig
+from pathlib import Path
 
 # Eight simulated CPU devices for the sharding tests; must be set before jax is imported.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
@@ -24,3 +27,14 @@ def small_model_cfg() -> ModelConfig:
 def _isolated_cache(tmp_path, monkeypatch):
     """Never write tokenizers or token caches into the user's home during tests."""
     monkeypatch.setenv("CHIPWISE_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    """A small corpus for end-to-end runs: 14 modules of this Python's own standard library."""
+    root = tmp_path_factory.mktemp("corpus")
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    for name in ("textwrap.py", "shlex.py", "string.py", "glob.py", "fnmatch.py", "bisect.py", "heapq.py",
+                 "colorsys.py", "keyword.py", "queue.py", "sched.py", "this.py", "token.py", "abc.py"):
+        shutil.copy(stdlib / name, root / name)
+    return root

@@ -8,12 +8,9 @@ waiting in a collective.
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
-import sysconfig
-from pathlib import Path
 
 import jax
 import numpy as np
@@ -31,16 +28,6 @@ SETTINGS = ["model.num_layers=2", "model.d_model=32", "model.num_heads=2", "mode
             "model.vocab_size=320", "model.max_seq_len=64", "train.seq_len=32", "train.batch_size=8",
             "train.log_every=1", "train.eval_every=1000", "train.eval_batches=1", "train.warmup_steps=1",
             "train.dtype=float32"]
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("corpus")
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    for name in ("textwrap.py", "shlex.py", "string.py", "glob.py", "fnmatch.py", "bisect.py", "heapq.py",
-                 "colorsys.py", "keyword.py", "queue.py", "sched.py", "this.py", "token.py", "abc.py"):
-        shutil.copy(stdlib / name, root / name)
-    return root
 
 
 def train_args(run_dir, corpus, steps, checkpoint_every):

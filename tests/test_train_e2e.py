@@ -1,9 +1,6 @@
 """The whole trainer through its command line, on a tiny model and a tiny corpus of real Python files."""
 
 import json
-import shutil
-import sysconfig
-from pathlib import Path
 
 import pytest
 
@@ -13,16 +10,6 @@ pytestmark = pytest.mark.slow
 
 REQUIRED = {"step", "loss", "lr", "grad_norm", "tokens_per_s", "tokens_per_s_per_device", "tflops_per_device",
             "mfu", "step_time_s"}
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("corpus")
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    for name in ("textwrap.py", "shlex.py", "string.py", "glob.py", "fnmatch.py", "bisect.py", "heapq.py",
-                 "colorsys.py", "keyword.py", "queue.py", "sched.py", "this.py", "token.py", "abc.py"):
-        shutil.copy(stdlib / name, root / name)
-    return root
 
 
 def train_args(run_dir, corpus, steps=6, *extra):
