@@ -93,9 +93,15 @@ def test_launcher_gives_each_process_its_place_and_reports_the_failure(tmp_path)
 def test_launcher_stops_the_others_when_one_fails(tmp_path):
     said = []
     # Process 0 ignores SIGTERM and would wait forever, like a process stuck in a collective with a dead peer.
-    code = launch(child("signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
-                        "time.sleep(600) if i == 0 else sys.exit(5)"), processes=2, devices=1, grace=0.5,
-                  say=said.append)
+    # Process 1 fails only once process 0 ignores SIGTERM: on a loaded machine process 0 may otherwise still be
+    # starting when the launcher's SIGTERM arrives, and die of it within the grace period.
+    ready = tmp_path / "ignoring"
+    code = launch(child("if i == 0:\n"
+                        "    signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+                        f"    pathlib.Path(r'{ready}').touch()\n"
+                        "    time.sleep(600)\n"
+                        f"while not pathlib.Path(r'{ready}').exists(): time.sleep(0.01)\n"
+                        "sys.exit(5)"), processes=2, devices=1, grace=0.5, say=said.append)
     assert code == 5
     assert any("stopping the other 1 process(es)" in m for m in said)
     assert any("did not stop within 0.5 s; killing them" in m for m in said)
