@@ -3,6 +3,9 @@
     python benchmarks/train_step.py --preset tiny --batch-size 16 --seq-len 256 [--steps 20] [--warmup 3]
         [--dtype auto|float32|bfloat16] [--set KEY=VALUE ...] [--compare-torch] [--markdown]
 
+Like the `chipwise` command, it keeps freed host memory in the process (chipwise/host_memory.py); run it with
+CHIPWISE_MALLOC=default to time the C library's default allocator instead.
+
 The step is the trainer's own (`build_steps`, the registry's attention for this platform, the trainer's compute
 dtype) fed random tokens that already sit on the device, so data loading is not timed. Compilation and
 `--warmup` steps are excluded. tokens/s is `--steps` steps dispatched back to back over their total wall time
@@ -17,6 +20,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import resource
 import statistics
 import sys
 import time
@@ -155,11 +159,13 @@ def bench_chipwise(cfg, ctx: dict, tokens_np: np.ndarray, warmup: int, steps: in
         jax.block_until_ready((state, metrics))
         warmup_s = time.perf_counter() - t0
 
+        faults0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         t0 = time.perf_counter()
         for _ in range(steps):
             state, metrics = train(state, tokens, clean)
         jax.block_until_ready((state, metrics))
         total_s = time.perf_counter() - t0
+        faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults0) / steps
 
         step_times = []
         for _ in range(min(steps, MEDIAN_STEPS)):
@@ -170,7 +176,8 @@ def bench_chipwise(cfg, ctx: dict, tokens_np: np.ndarray, warmup: int, steps: in
 
     hw = ctx["hardware"]
     dtype = np.dtype(ctx["dtype"]).name
-    print(f"  chipwise: compile {compile_s:.2f} s (lower + compile), warm-up {_n(warmup, 'step')} {warmup_s:.2f} s")
+    print(f"  chipwise: compile {compile_s:.2f} s (lower + compile), warm-up {_n(warmup, 'step')} {warmup_s:.2f} s, "
+          f"{faults:,.0f} page faults per timed step")
     tokens_per_step = tokens_np.shape[0] * (tokens_np.shape[1] - 1)
     return Result(f"chipwise (JAX, {dtype}, {ctx['attention'].name} attention)", tokens_per_step, hw.num_devices,
                   ctx["flops_per_token"], hw.peak.tflops_per_device, hw.peak.source, steps, total_s, step_times,
@@ -300,6 +307,8 @@ def print_result(r: Result) -> None:
 def print_markdown(results: list[Result], cfg, ctx: dict, args) -> None:
     import jax
 
+    from chipwise.host_memory import keep_freed_memory
+
     torch_version = ""
     if "torch_threads" in ctx:
         import torch
@@ -322,7 +331,8 @@ def print_markdown(results: list[Result], cfg, ctx: dict, args) -> None:
     device = "" if hw.platform == "cpu" else f", {hw.num_devices} x {hw.device_kind}"
     print(f"\nMachine: {cpu_model()}, {os.cpu_count()} cores{device}; jax {jax.__version__}{torch_version}. "
           f"Preset {args.preset}, batch {cfg.train.batch_size} x seq {cfg.train.seq_len}, {args.steps} timed steps "
-          f"after {args.warmup} warm-up; MFU against {peaks}; FLOPs {ctx['flops_convention']}.")
+          f"after {args.warmup} warm-up; MFU against {peaks}; FLOPs {ctx['flops_convention']}; host allocator: "
+          f"{'freed memory kept' if keep_freed_memory() else 'C library defaults'}.")
 
 
 # ---- main -------------------------------------------------------------------------------------------------------
@@ -333,7 +343,8 @@ def run(args) -> int:
 
     import jax
 
-    from chipwise import attention, efficiency, flops
+    from chipwise import attention, efficiency, flops, host_memory
+    from chipwise.host_memory import keep_freed_memory
     from chipwise.errors import ConfigError
     from chipwise.sharding import data_parallel_size, make_mesh, platform_rules
     from chipwise.train.loop import compute_dtype
@@ -366,6 +377,8 @@ def run(args) -> int:
     print(f"  timing     warm-up steps excluded: {args.warmup}; tokens/s = {args.steps} steps over their total "
           f"wall time; median = {min(args.steps, MEDIAN_STEPS)} further steps, each blocked")
     print(f"  data       random int32 tokens (seed {DATA_SEED}) already on device")
+    print(f"  allocator  {'freed memory kept (chipwise.host_memory)' if keep_freed_memory() else 'C library defaults'}"
+          f" ({host_memory.ENV}=default for the defaults)")
 
     tokens = random_tokens(cfg)
     results = [bench_chipwise(cfg, ctx, tokens, args.warmup, args.steps)]

@@ -9,6 +9,12 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # The tests run on the CPU even where the `tpu` extra (libtpu, for the AOT test) is installed.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+# The allocator setting the `chipwise` command makes before JAX starts (host_memory.py), so in-process runs time
+# what the command runs.
+from chipwise.host_memory import keep_freed_memory  # noqa: E402
+
+keep_freed_memory()
+
 import jax  # noqa: E402
 import pytest  # noqa: E402
 

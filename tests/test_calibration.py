@@ -15,7 +15,6 @@ from chipwise.plan.calibration import CALIBRATION_RUNS, VALIDATION_RUNS, fit_mat
 from chipwise.plan.perf import Layout, chip_model, estimate
 
 
-
 def test_fits_recover_known_parameters():
     """The fitting code, on synthetic data made from known parameters (no timing involved)."""
     shapes = [(m, k, n) for m in (64, 512, 4096) for k in (64, 512) for n in (32, 1024)]
@@ -36,12 +35,15 @@ def test_fits_recover_known_parameters():
 def test_calibrated_plan_predicts_held_out_cpu_step_times(tmp_path, capsys):
     """`chipwise bench` times its calibration runs and three held-out shapes in one interleaved pass, fits on the
     former only, and records its predictions for the latter; `chipwise plan` with the profile gives the same
-    predictions.
+    predictions. The issue asks for at least three held-out configurations within 15% of the measured step
+    time; six are held out and every one must land within 40%.
 
-    The issue's target is 15% on each held-out shape. This VM does not allow asserting it: the same shape timed
-    in separate processes varies by up to 27% (memory placement), and the model misses deeper stacks by 30-40%
-    in some runs (docs/planner.md lists every run). The bound here (a factor of 2) still catches a broken
-    calibration (wrong units, a dtype's bytes, a profile the planner ignores: that one also by the equality below)."""
+    The held-out shapes differ from every calibration run in depth, width, heads, vocabulary or batch. Why not
+    all six within 15%: on this shared 2-vCPU VM a shape's step time moves by up to 16% between processes and
+    by 5-10% between two copies of it in one process, and not by the same amount for every shape (its
+    neighbours' load changes the cost of memory traffic more than that of arithmetic). Before the allocator fix
+    (chipwise/host_memory.py) even three was out of reach: page faults made deep models up to 40% slower than the
+    sum of their parts (docs/planner.md has every run)."""
     profile_file = tmp_path / "cpu.json"
     assert main(["bench", "--accelerator", "cpu", "--out", str(profile_file)]) == 0
     bench_output = capsys.readouterr().out
@@ -63,7 +65,8 @@ def test_calibrated_plan_predicts_held_out_cpu_step_times(tmp_path, capsys):
         assert "calibrated" in row["peak_source"]
         assert row["step_time_s"] == pytest.approx(r["predicted_s"], rel=1e-9)
     report = "; ".join(f"{r['model']['num_layers']}x{r['model']['d_model']}: {r['error']:+.0%}" for r in held)
-    assert all(0.5 <= 1 + r["error"] <= 2.0 for r in held), report
+    assert len(held) >= 3 and sum(abs(r["error"]) <= 0.15 for r in held) >= 3, report
+    assert all(abs(r["error"]) <= 0.40 for r in held), report
 
 
 def test_a_profile_from_another_machine_is_not_used(tmp_path):
@@ -94,6 +97,12 @@ def test_estimate_uses_a_profile(tmp_path):
                   matmul_scale=1.0, attention_scale=1.0, elementwise_scale=1.0)
     model = ModelConfig(num_layers=2, d_model=64, num_heads=4, num_kv_heads=2, d_ff=128, vocab_size=256)
     slow = estimate(model, 64, 4, chip_model(catalog.get("cpu"), {"chip_model": fields}), Layout())
-    half = {"matmul_scale": 0.5, "attention_scale": 0.5, "elementwise_scale": 0.5}
+    half = {"matmul_scale": 0.5, "attention_scale": 0.5, "elementwise_scale": 0.5, "loss_scale": 0.5}
     fast = estimate(model, 64, 4, chip_model(catalog.get("cpu"), {"chip_model": fields | half}), Layout())
     assert fast.step_time_s == pytest.approx(slow.step_time_s / 2)
+    # A fixed cost per layer counts once per layer and micro-batch.
+    per_layer = estimate(model, 64, 4, chip_model(catalog.get("cpu"), {"chip_model": fields | {
+        "layer_overhead_s": 0.01}}), Layout(microbatches=2))
+    two_mb = estimate(model, 64, 4, chip_model(catalog.get("cpu"), {"chip_model": fields}), Layout(microbatches=2))
+    assert per_layer.step_time_s - two_mb.step_time_s == pytest.approx(2 * 2 * 0.01)
+    assert per_layer.parts["dispatch"] == pytest.approx(0.04)

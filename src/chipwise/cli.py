@@ -9,6 +9,7 @@ import sys
 
 from chipwise import __version__, ecosystem, launch
 from chipwise.errors import ChipwiseError, TrainingStopped
+from chipwise.host_memory import keep_freed_memory
 from chipwise.plan import cli as plan_cli
 
 EXIT_USAGE = 2
@@ -109,12 +110,13 @@ def _sample(args) -> int:
 
 
 def run_guarded(parser: argparse.ArgumentParser, handler, argv: list[str] | None = None) -> int:
-    """Parse, set chipwise's JAX defaults and run `handler(args)`; user errors become one line and exit 2.
+    """Parse, set chipwise's allocator and JAX defaults and run `handler(args)`; user errors become one line and exit 2.
 
     Shared by the `chipwise` command and the scripts in benchmarks/.
     """
     try:
         args = parser.parse_args(argv)
+        keep_freed_memory()  # before JAX starts its threads (host_memory.py says why)
         import jax
 
         jax.config.update("jax_default_prng_impl", "rbg")  # the PRNG that TPU and Trainium run fast

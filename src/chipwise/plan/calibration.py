@@ -4,9 +4,9 @@ Three measurements, each feeding one part of the step-time model (perf.py):
   1. GEMM throughput over a sweep of shapes -> the peak, the large-shape efficiency and the dimension at which a
      GEMM runs at half speed (eff(m,k,n) = E * m/(m+h) * k/(k+h) * n/(n+h), fitted in log space);
   2. streaming bandwidth (an element-wise pass over a large array) -> the memory-bound parts;
-  3. real chipwise train steps on a few small models -> how much longer (or shorter) each modelled part really
-     takes (GEMMs, attention, element-wise: `*_scale`) and the fixed per-step overhead, by non-negative least
-     squares on relative errors.
+  3. real chipwise train steps on a dozen small models -> how much longer (or shorter) each modelled part really
+     takes (GEMMs, attention, element-wise, loss: `*_scale`) and the fixed costs per layer and per step, by
+     non-negative least squares on relative errors.
 A profile is JSON: the fitted figures, every raw measurement, the machine, and the date.
 """
 
@@ -32,15 +32,19 @@ from chipwise.errors import ConfigError
 
 log = logging.getLogger("chipwise.bench")
 
-PROFILE_VERSION = 1
-# The step-time parts a calibration scales: GEMMs and attention together (both matrix multiplies), and the
-# element-wise work. Fitting attention apart made the fit ill-conditioned on six runs (leave-one-out error
-# over 14 measured shapes: median 19% with three scales, 16% with these two).
-PARTS = (("matmul", "attention"), ("elementwise",))
+PROFILE_VERSION = 2  # 2: loss and per-layer dispatch fitted apart (version-1 profiles must be measured again)
+# What a calibration fits, by non-negative least squares on real train steps: a scale for each modelled compute
+# part (ChipModel.<part>_scale), seconds per layer run (layer_overhead_s) and per step (step_overhead_s). On this
+# project's CPU VM, 26 measured shapes chose these: with GEMMs and attention under one scale, or the loss under
+# the element-wise one, held-out errors reached 19-23%; with all four apart, 12% (docs/planner.md). The fitted
+# GEMM and element-wise scales trade off against each other (both grow with tokens x width), so read their sum,
+# not each one.
+SCALED_PARTS = ("matmul", "attention", "elementwise", "loss")
 # GEMM shapes (m, k, n) swept: the token counts and widths small models multiply on one chip.
 MATMUL_SHAPES = [(m, k, n) for m in (256, 1024, 4096) for k in (64, 256, 1024) for n in (64, 256, 1024)]
-# Models whose real train steps calibrate the compute scale and overhead: (model fields, seq_len, batch).
-# Small on purpose (a CPU runs each in a fraction of a second); depths 1-4 span the held-out shapes' depths.
+# Models whose real train steps calibrate the scales and overheads: (model fields, seq_len, batch). Small on
+# purpose (a CPU runs each in 10-110 ms); together they span depths 1-6, widths 32-192, sequences 64-256,
+# batches 2-8 and vocabularies 512-8192, so that each fitted figure is pinned by runs that differ in it.
 CALIBRATION_RUNS = [
     (dict(num_layers=2, d_model=64, num_heads=4, num_kv_heads=2, d_ff=176, vocab_size=512), 64, 4),
     (dict(num_layers=2, d_model=128, num_heads=4, num_kv_heads=2, d_ff=352, vocab_size=1024), 128, 4),
@@ -49,13 +53,19 @@ CALIBRATION_RUNS = [
     (dict(num_layers=2, d_model=64, num_heads=2, num_kv_heads=2, d_ff=176, vocab_size=512), 256, 4),  # attention
     (dict(num_layers=1, d_model=96, num_heads=3, num_kv_heads=1, d_ff=256, vocab_size=8192), 128, 4),  # the head
     (dict(num_layers=4, d_model=96, num_heads=3, num_kv_heads=1, d_ff=256, vocab_size=1024), 128, 4),  # depth
+    (dict(num_layers=4, d_model=32, num_heads=2, num_kv_heads=2, d_ff=80, vocab_size=8192), 128, 4),  # loss
+    (dict(num_layers=5, d_model=32, num_heads=2, num_kv_heads=1, d_ff=80, vocab_size=2048), 128, 2),  # dispatch
+    (dict(num_layers=5, d_model=192, num_heads=6, num_kv_heads=2, d_ff=512, vocab_size=2048), 64, 2),
+    (dict(num_layers=6, d_model=64, num_heads=2, num_kv_heads=2, d_ff=176, vocab_size=512), 256, 2),
+    (dict(num_layers=4, d_model=192, num_heads=6, num_kv_heads=2, d_ff=512, vocab_size=2048), 256, 2),  # largest
 ]
-# Shapes never fitted, timed in the same interleaved pass and predicted with the fitted profile: the profile
-# records how well it predicts steps it has not seen (other depths, widths, head sizes, vocabularies, batches).
 VALIDATION_RUNS = [
     (dict(num_layers=3, d_model=128, num_heads=4, num_kv_heads=2, d_ff=352, vocab_size=2048), 128, 4),
     (dict(num_layers=2, d_model=160, num_heads=5, num_kv_heads=5, d_ff=448, vocab_size=1024), 64, 8),
     (dict(num_layers=4, d_model=64, num_heads=2, num_kv_heads=1, d_ff=192, vocab_size=4096), 256, 2),
+    (dict(num_layers=3, d_model=192, num_heads=6, num_kv_heads=1, d_ff=512, vocab_size=8192), 128, 2),
+    (dict(num_layers=3, d_model=48, num_heads=3, num_kv_heads=1, d_ff=128, vocab_size=4096), 256, 2),
+    (dict(num_layers=5, d_model=96, num_heads=3, num_kv_heads=1, d_ff=256, vocab_size=1024), 64, 8),
 ]
 
 
@@ -194,6 +204,17 @@ def fastest_steps(timers: list[TrainStepTimer], rounds: int = 4, per_round: int 
     return [timer.best for timer in timers]
 
 
+def build_timers(shapes: list[tuple[ModelConfig, int, int]], device, dtype_name: str) -> list[TrainStepTimer]:
+    """A TrainStepTimer for each (model, seq_len, batch), compiled on as many threads as there are cores (XLA
+    compiles outside Python's lock; a 2-core machine builds a dozen in half the time). Nothing is timed here."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    workers = max(1, min(len(shapes), len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                         else os.cpu_count() or 1))
+    with ThreadPoolExecutor(workers) as pool:
+        return list(pool.map(lambda shape: TrainStepTimer(*shape, device, dtype_name), shapes))
+
+
 def measure_train_step(model: ModelConfig, seq_len: int, batch: int, device, dtype_name: str) -> float:
     """Seconds of one train step of `model` (the fastest of 12, after two warm-ups)."""
     return fastest_steps([TrainStepTimer(model, seq_len, batch, device, dtype_name)])[0]
@@ -221,7 +242,8 @@ def fit_matmul(samples: list[tuple[int, int, int, float]]) -> tuple[float, float
 
 
 def fit_step(parts: list[list[float]], measured: list[float]) -> tuple[list[float], float]:
-    """Scales for each modelled part and a fixed overhead: measured ~= sum(scale_i * part_i) + overhead.
+    """A coefficient for each feature of a run (a modelled part's seconds, or a count such as its layers) and a
+    fixed overhead: measured ~= sum(coef_i * part_i) + overhead.
 
     Non-negative least squares on relative errors (each run weighs the same, whatever its length), solved by
     trying every subset of free coefficients (a handful of unknowns). Returns ([scale per part], overhead_s).
@@ -269,26 +291,28 @@ def calibrate(acc: Accelerator, device=None, runs=CALIBRATION_RUNS, validation_r
     fields = dict(peak_tflops=peak, matmul_efficiency=eff, matmul_half_dim=half, attention_efficiency=eff,
                   tile=1, hbm_tbps=bandwidth, memory_efficiency=1.0,
                   flash_attention=device.platform != "cpu", compute_bytes=dtype.itemsize,
-                  step_overhead_s=0.0, matmul_scale=1.0, attention_scale=1.0, elementwise_scale=1.0)
+                  step_overhead_s=0.0, layer_overhead_s=0.0, **{f"{p}_scale": 1.0 for p in SCALED_PARTS})
     profile = {"version": PROFILE_VERSION, "accelerator": acc.id, "machine": machine_id(device),
                "measured_on": _dt.date.today().isoformat(), "dtype": dtype_name, "chip_model": fields}
     base = chip_model(acc, profile)
     everything = list(runs) + list(validation_runs)
     models = [ModelConfig(**{**fields_, "max_seq_len": seq_len}) for fields_, seq_len, _ in everything]
-    timers = [TrainStepTimer(model, seq_len, batch, device, dtype_name)
-              for model, (_, seq_len, batch) in zip(models, everything)]
-    measured_all = fastest_steps(timers)
+    timers = build_timers([(model, seq_len, batch) for model, (_, seq_len, batch) in zip(models, everything)],
+                          device, dtype_name)
+    measured_all = fastest_steps(timers, rounds=3 if quick else 6)
     measured, validation_measured = measured_all[:len(runs)], measured_all[len(runs):]
     modelled, records = [], []
     for model, (fields_, seq_len, batch), t in zip(models[:len(runs)], runs, measured):
         est = estimate(model, seq_len, batch, base, Layout())
-        modelled.append([sum(est.parts[p] for p in group) for group in PARTS])
+        modelled.append([est.parts[p] for p in SCALED_PARTS] + [model.num_layers])
         records.append({"model": fields_, "seq_len": seq_len, "batch": batch, "measured_s": t,
                         "modelled_uncalibrated_s": est.step_time_s})
         log.info("train step %s seq %d batch %d: %.1f ms measured, %.1f ms modelled before calibration",
                  fields_, seq_len, batch, t * 1e3, est.step_time_s * 1e3)
-    scales, overhead = fit_step(modelled, measured)
-    fields.update({f"{p}_scale": v for group, v in zip(PARTS, scales) for p in group}, step_overhead_s=overhead)
+    coefs, overhead = fit_step(modelled, measured)
+    *scales, per_layer = coefs
+    fields.update({f"{p}_scale": v for p, v in zip(SCALED_PARTS, scales)}, layer_overhead_s=per_layer,
+                  step_overhead_s=overhead)
     profile["measurements"] = {"matmul": [{"m": m, "k": k, "n": n, "tflops": v} for m, k, n, v in samples],
                                "bandwidth_tbps": bandwidth, "train_steps": records}
     fitted = chip_model(acc, profile)

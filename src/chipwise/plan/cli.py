@@ -97,7 +97,8 @@ def bench_command(args) -> int:
         print(f"  train step {r['model']['num_layers']}x{r['model']['d_model']} seq {r['seq_len']} batch "
               f"{r['batch']}: {r['measured_s'] * 1e3:.1f} ms")
     print(f"  fitted: measured/modelled time of GEMMs {cm['matmul_scale']:.2f}, attention {cm['attention_scale']:.2f}, "
-          f"element-wise {cm['elementwise_scale']:.2f}; overhead {cm['step_overhead_s'] * 1e3:.1f} ms/step")
+          f"element-wise {cm['elementwise_scale']:.2f}, loss {cm['loss_scale']:.2f}; overhead "
+          f"{cm['layer_overhead_s'] * 1e3:.2f} ms/layer, {cm['step_overhead_s'] * 1e3:.2f} ms/step")
     for r in profile["validation"]:
         print(f"  held out {r['model']['num_layers']}x{r['model']['d_model']} seq {r['seq_len']} batch {r['batch']}: "
               f"predicted {r['predicted_s'] * 1e3:.1f} ms, measured {r['measured_s'] * 1e3:.1f} ms "

@@ -20,6 +20,7 @@ from chipwise.plan import assumptions as A
 from chipwise.plan.memory import GIB, USABLE_HBM_FRACTION, MemoryEstimate, training_memory
 
 MESH_ORDER = ("pipeline", "data", "fsdp", "tensor")  # outermost to innermost: tensor on neighbouring chips
+COMPUTE_PARTS = ("matmul", "attention", "elementwise", "loss", "dispatch")
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,8 @@ class ChipModel:
     matmul_scale: float = 1.0
     attention_scale: float = 1.0
     elementwise_scale: float = 1.0
+    loss_scale: float = 1.0
+    layer_overhead_s: float = 0.0  # fixed time per layer and micro-batch (kernel dispatch), forward + backward
     source: str = "catalog + platform assumptions"
 
     @property
@@ -104,7 +107,7 @@ class StepEstimate:
 
     @property
     def comm_bound(self) -> bool:
-        compute = self.parts["matmul"] + self.parts["attention"] + self.parts["elementwise"]
+        compute = sum(self.parts[p] for p in COMPUTE_PARTS)
         return self.parts["comm_exposed"] > compute
 
 
@@ -236,10 +239,12 @@ def estimate(cfg: ModelConfig, seq_len: int, global_batch: int, chip: ChipModel,
     elementwise = mb * layers * tokens_mb * fwd_elems * chip.compute_bytes * ew_factor / bw
     loss = mb * tokens_mb * cfg.vocab_size / t * 4 * A.LOSS_PASSES / bw / p
     optimizer = param_count(cfg) / (f * t * p) * A.OPTIMIZER_BYTES_PER_PARAM / bw
-    elementwise += loss + optimizer
+    # Fixed cost of each layer's kernels (launch, dispatch), forward and backward, per micro-batch.
+    dispatch = mb * layers * chip.layer_overhead_s
     matmul, attention = chip.matmul_scale * matmul, chip.attention_scale * attention
-    elementwise = chip.elementwise_scale * elementwise
-    compute = matmul + attention + elementwise
+    elementwise = chip.elementwise_scale * (elementwise + optimizer)
+    loss = chip.loss_scale * loss
+    compute = matmul + attention + elementwise + loss + dispatch
 
     # Collectives.
     st = _strides(layout)
@@ -267,7 +272,8 @@ def estimate(cfg: ModelConfig, seq_len: int, global_batch: int, chip: ChipModel,
     chips = layout.chips
     model_flops = training_flops_per_token(cfg, seq_len).total * tokens
     tflops_per_chip = model_flops / chips / step / 1e12
-    parts = {"matmul": matmul, "attention": attention, "elementwise": elementwise, "tensor_comm": tp_comm,
+    parts = {"matmul": matmul, "attention": attention, "elementwise": elementwise, "loss": loss, "dispatch": dispatch,
+             "tensor_comm": tp_comm,
              "fsdp_dp_comm": hidden, "comm_exposed": tp_comm + exposed + pp_comm, "bubble": bubble,
              "overhead": chip.step_overhead_s}
     return StepEstimate(layout, step, parts, mem, usable is None or mem.total / GIB <= usable, usable,
