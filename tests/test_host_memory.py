@@ -42,3 +42,24 @@ def test_freed_buffers_are_reused_without_page_faults():
     assert applied == "False" and default > 40_000
     # The user's own glibc settings are left in charge.
     assert faults({**env, "MALLOC_ARENA_MAX": "2"})[0] == "False"
+
+
+def test_large_native_work_runs_outside_the_single_arena(monkeypatch):
+    """Tokenizer training and packing (multi-threaded Rust) run in a child with the default allocator when large;
+    results and one-line errors come back as if run here."""
+    import os
+
+    from chipwise import host_memory
+    from chipwise.data.corpus import Document
+    from chipwise.data.tokenizer import train_tokenizer
+    from chipwise.errors import DataError
+
+    assert host_memory.keep_freed_memory()  # conftest applied it, as the `chipwise` command does
+    assert host_memory.with_default_allocator(10, os.getpid) == os.getpid()  # small work stays here
+    monkeypatch.setattr(host_memory, "OFFLOAD_MIN_BYTES", 0)
+    assert host_memory.with_default_allocator(10, os.getpid) != os.getpid()
+    docs = [Document(name=f"d{i}", text="def f(x):\n    return x + 1\n" * 20) for i in range(5)]
+    here, there = train_tokenizer(docs, 300), host_memory.with_default_allocator(1, train_tokenizer, docs, 300)
+    assert there.get_vocab() == here.get_vocab()
+    with pytest.raises(DataError, match="at least"):
+        host_memory.with_default_allocator(1, train_tokenizer, docs, 10)

@@ -1,17 +1,17 @@
 """Keep the C allocator from giving a train step's buffers back to the OS, only to fault them in again.
 
-XLA:CPU mallocs each step's temporary buffers and frees them when the step ends. glibc's defaults hand large
-freed blocks straight back to the kernel: requests above its mmap threshold (at most 32 MiB) get fresh mappings,
-the worker threads' arenas unmap or MADV_DONTNEED their heaps as they empty, and the main heap is trimmed above
-128 KiB of free space. The next step then touches the same amount of memory as new pages, and the kernel zeroes
-every one. Measured on this project's 2-vCPU EPYC VM with a 4-layer, d_model=192 model: 15,600 page faults per
-step and 30% of the step time (docs/benchmarks.md); the cost also varied from one process to the next by up to
-70%, depending on which arena a thread happened to get, which made CPU timings unrepeatable.
+XLA:CPU's worker threads malloc each step's temporary buffers and free them when the step ends. With glibc's
+defaults those threads allocate from per-thread arenas, which cannot hold blocks above 64 MiB and unmap what they
+free, so the next step maps the same memory afresh and the kernel zeroes every page. Measured on this project's
+2-vCPU EPYC VM: the demo's step faulted in about 560 MiB (145,000 pages) each time and ran 20-33% slower
+(docs/benchmarks.md); a 4-layer calibration model lost 30% of its step time, and how much depended on which arena
+a thread happened to get, so CPU timings varied by up to 70% between processes (docs/planner.md).
 
 The fix is the usual one for long-running numeric processes: one arena, no mmap for blocks up to 1 GiB, no
-trimming.
-The process's memory stays at its high-water mark, which a training process reaches in its first step anyway.
-It must run before JAX starts its thread pool (an arena, once a thread has one, stays that thread's).
+trimming. The process keeps its high-water memory, which a training process reaches in its first step anyway.
+It must run before JAX starts its thread pool (a thread, once given an arena, keeps it). The one arena's lock
+slows native code that allocates from many threads at once, so such work (tokenizer training and packing)
+goes through `with_default_allocator`.
 """
 
 from __future__ import annotations
@@ -68,3 +68,46 @@ def keep_freed_memory() -> bool:
         log.debug("mallopt refused a setting; the C allocator keeps its defaults for the rest")
     _applied = ok
     return ok
+
+
+# Work above this size runs outside a process that keeps freed memory (below, a child's start-up costs more
+# than the contention).
+OFFLOAD_MIN_BYTES = 4 * 2**20
+
+
+def with_default_allocator(work_bytes: int, fn, *args):
+    """fn(*args), run in a fresh Python process with the C library's default allocator when this process keeps
+    freed memory and the work is large. One arena serialises native code that allocates from many threads: the
+    Hugging Face tokenizers' Rust threads, measured on the stdlib corpus (2 cores), trained a BPE in 23 s instead
+    of 8 and packed the tokens in 34 s instead of 12. `fn` must be importable and its arguments, result and
+    errors must pickle. A plain interpreter, not multiprocessing: that would re-import the caller's main script."""
+    if not _applied or work_bytes < OFFLOAD_MIN_BYTES:
+        return fn(*args)
+    import pickle
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="chipwise-") as tmp:
+        job, result = os.path.join(tmp, "job.pickle"), os.path.join(tmp, "result.pickle")
+        with open(job, "wb") as f:
+            pickle.dump((fn, args), f)
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+        subprocess.run([sys.executable, "-c", _CHILD, job, result], env=env, check=True)
+        with open(result, "rb") as f:
+            ok, value = pickle.load(f)
+    if not ok:
+        raise value
+    return value
+
+
+_CHILD = """
+import pickle, sys
+with open(sys.argv[1], "rb") as f:
+    fn, args = pickle.load(f)
+try:
+    out = (True, fn(*args))
+except Exception as e:
+    out = (False, e)
+with open(sys.argv[2], "wb") as f:
+    pickle.dump(out, f)
+"""

@@ -36,7 +36,7 @@ PROFILE_VERSION = 2  # 2: loss and per-layer dispatch fitted apart (version-1 pr
 # What a calibration fits, by non-negative least squares on real train steps: a scale for each modelled compute
 # part (ChipModel.<part>_scale), seconds per layer run (layer_overhead_s) and per step (step_overhead_s). On this
 # project's CPU VM, 26 measured shapes chose these: with GEMMs and attention under one scale, or the loss under
-# the element-wise one, held-out errors reached 19-23%; with all four apart, 12% (docs/planner.md). The fitted
+# the element-wise one, held-out errors reached 19-23%; with all four apart, 11-15% (docs/planner.md). The fitted
 # GEMM and element-wise scales trade off against each other (both grow with tokens x width), so read their sum,
 # not each one.
 SCALED_PARTS = ("matmul", "attention", "elementwise", "loss")
