@@ -44,22 +44,29 @@ def test_freed_buffers_are_reused_without_page_faults():
     assert faults({**env, "MALLOC_ARENA_MAX": "2"})[0] == "False"
 
 
-def test_large_native_work_runs_outside_the_single_arena(monkeypatch):
+def test_large_tokenizer_work_runs_outside_the_single_arena(monkeypatch, tmp_path):
     """Tokenizer training and packing (multi-threaded Rust) run in a child with the default allocator when large;
-    results and one-line errors come back as if run here."""
-    import os
+    the results equal an in-process run's, and a data error comes back as the same one-line error."""
+    import numpy as np
 
     from chipwise import host_memory
+    from chipwise.data import offload
     from chipwise.data.corpus import Document
-    from chipwise.data.tokenizer import train_tokenizer
+    from chipwise.data.packing import cached_tokens, pack_documents
+    from chipwise.data.tokenizer import cached_tokenizer, train_tokenizer
     from chipwise.errors import DataError
 
     assert host_memory.keep_freed_memory()  # conftest applied it, as the `chipwise` command does
-    assert host_memory.with_default_allocator(10, os.getpid) == os.getpid()  # small work stays here
+    assert host_memory.offload(64 << 20) and not host_memory.offload(1000)
+    docs = [Document(name=f"d{i}", text=f"def f{i}(x):\n    return x + {i}\n" * 20) for i in range(5)]
+    children = []
+    real_run = offload._run
+    monkeypatch.setattr(offload, "_run", lambda command, tmp: children.append(command) or real_run(command, tmp))
     monkeypatch.setattr(host_memory, "OFFLOAD_MIN_BYTES", 0)
-    assert host_memory.with_default_allocator(10, os.getpid) != os.getpid()
-    docs = [Document(name=f"d{i}", text="def f(x):\n    return x + 1\n" * 20) for i in range(5)]
-    here, there = train_tokenizer(docs, 300), host_memory.with_default_allocator(1, train_tokenizer, docs, 300)
-    assert there.get_vocab() == here.get_vocab()
+    tok = cached_tokenizer(docs, 300, tmp_path / "tok.json", log=lambda _: None)
+    packed = cached_tokens({"train": docs}, tok, "k", tmp_path, log=lambda _: None)["train"]
+    assert children == ["train", "pack"]
+    assert tok.get_vocab() == train_tokenizer(docs, 300).get_vocab()
+    assert np.array_equal(packed, pack_documents(docs, tok))
     with pytest.raises(DataError, match="at least"):
-        host_memory.with_default_allocator(1, train_tokenizer, docs, 10)
+        offload.train_tokenizer([d.text for d in docs], 10)

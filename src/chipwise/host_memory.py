@@ -11,7 +11,7 @@ The fix is the usual one for long-running numeric processes: one arena, no mmap 
 trimming. The process keeps its high-water memory, which a training process reaches in its first step anyway.
 It must run before JAX starts its thread pool (a thread, once given an arena, keeps it). The one arena's lock
 slows native code that allocates from many threads at once, so such work (tokenizer training and packing)
-goes through `with_default_allocator`.
+runs in a child process (`offload`).
 """
 
 from __future__ import annotations
@@ -71,43 +71,13 @@ def keep_freed_memory() -> bool:
 
 
 # Work above this size runs outside a process that keeps freed memory (below, a child's start-up costs more
-# than the contention).
+# than the contention): see chipwise/data/offload.py.
 OFFLOAD_MIN_BYTES = 4 * 2**20
 
 
-def with_default_allocator(work_bytes: int, fn, *args):
-    """fn(*args), run in a fresh Python process with the C library's default allocator when this process keeps
-    freed memory and the work is large. One arena serialises native code that allocates from many threads: the
-    Hugging Face tokenizers' Rust threads, measured on the stdlib corpus (2 cores), trained a BPE in 23 s instead
-    of 8 and packed the tokens in 34 s instead of 12. `fn` must be importable and its arguments, result and
-    errors must pickle. A plain interpreter, not multiprocessing: that would re-import the caller's main script."""
-    if not _applied or work_bytes < OFFLOAD_MIN_BYTES:
-        return fn(*args)
-    import pickle
-    import subprocess
-    import tempfile
-
-    with tempfile.TemporaryDirectory(prefix="chipwise-") as tmp:
-        job, result = os.path.join(tmp, "job.pickle"), os.path.join(tmp, "result.pickle")
-        with open(job, "wb") as f:
-            pickle.dump((fn, args), f)
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
-        subprocess.run([sys.executable, "-c", _CHILD, job, result], env=env, check=True)
-        with open(result, "rb") as f:
-            ok, value = pickle.load(f)
-    if not ok:
-        raise value
-    return value
-
-
-_CHILD = """
-import pickle, sys
-with open(sys.argv[1], "rb") as f:
-    fn, args = pickle.load(f)
-try:
-    out = (True, fn(*args))
-except Exception as e:
-    out = (False, e)
-with open(sys.argv[2], "wb") as f:
-    pickle.dump(out, f)
-"""
+def offload(work_bytes: int) -> bool:
+    """Whether native multi-threaded work of this size should run in a child with the default allocator. One
+    arena serialises code that allocates from many threads: the Hugging Face tokenizers' Rust threads, measured
+    on the stdlib corpus (2 cores), trained a BPE in 23 s instead of 8 and packed the tokens in 34 s instead of
+    12 (a child with the default allocator: 10 s and 12 s)."""
+    return bool(_applied) and work_bytes >= OFFLOAD_MIN_BYTES

@@ -16,7 +16,7 @@ from tokenizers import Tokenizer
 from chipwise.data.cache import atomic_path
 from chipwise.data.corpus import Document
 from chipwise.data.tokenizer import eos_id
-from chipwise.host_memory import with_default_allocator
+from chipwise.host_memory import offload
 
 _CHUNK_CHARS = 8 * 2**20  # text per encode_batch call: parallel enough, without holding every Encoding at once
 
@@ -78,8 +78,12 @@ def cached_tokens(splits: dict[str, list[Document]], tok: Tokenizer, key: str, c
         log(f"tokens: tokenizing {', '.join(missing)} ({size / 1e6:.1f} MB)...")
         start = time.perf_counter()
         for name in missing:
-            work = sum(len(d.text) for d in splits[name])
-            _save(paths[name], with_default_allocator(work, pack_documents, splits[name], tok))
+            if offload(sum(len(d.text) for d in splits[name])):
+                from chipwise.data import offload as child
+
+                _save(paths[name], child.pack([d.text for d in splits[name]], tok))
+            else:
+                _save(paths[name], pack_documents(splits[name], tok))
         log(f"tokens: tokenized in {time.perf_counter() - start:.1f} s")
     arrays = {name: np.load(path, mmap_mode="r") for name, path in paths.items()}
     if not missing:
