@@ -307,7 +307,7 @@ def print_result(r: Result) -> None:
 def print_markdown(results: list[Result], cfg, ctx: dict, args) -> None:
     import jax
 
-    from chipwise.host_memory import keep_freed_memory
+    from chipwise.host_memory import keep_freed_memory  # already applied by run_guarded: this reads it
 
     torch_version = ""
     if "torch_threads" in ctx:
@@ -344,7 +344,6 @@ def run(args) -> int:
     import jax
 
     from chipwise import attention, efficiency, flops, host_memory
-    from chipwise.host_memory import keep_freed_memory
     from chipwise.errors import ConfigError
     from chipwise.sharding import data_parallel_size, make_mesh, platform_rules
     from chipwise.train.loop import compute_dtype
@@ -377,7 +376,7 @@ def run(args) -> int:
     print(f"  timing     warm-up steps excluded: {args.warmup}; tokens/s = {args.steps} steps over their total "
           f"wall time; median = {min(args.steps, MEDIAN_STEPS)} further steps, each blocked")
     print(f"  data       random int32 tokens (seed {DATA_SEED}) already on device")
-    print(f"  allocator  {'freed memory kept (chipwise.host_memory)' if keep_freed_memory() else 'C library defaults'}"
+    print(f"  allocator  {'freed memory kept (chipwise.host_memory)' if host_memory.keep_freed_memory() else 'C library defaults'}"
           f" ({host_memory.ENV}=default for the defaults)")
 
     tokens = random_tokens(cfg)

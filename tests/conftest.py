@@ -22,6 +22,26 @@ jax.config.update("jax_default_prng_impl", "rbg")
 
 from chipwise.config import ModelConfig  # noqa: E402
 
+DEV_EXTRA = "pip install -e '.[dev]' (`make test` does)"
+
+
+def unavailable(what: str, install: str):
+    """An optional test dependency is missing. On a developer's machine the test is skipped, saying how to install
+    it; on CI (.ci/run sets CI, and installs every one of them) it fails, so a missing one cannot pass quietly."""
+    if os.environ.get("CI"):
+        pytest.fail(f"{what} is missing on CI; {install}", pytrace=False)
+    pytest.skip(f"{what} is not installed: {install}", allow_module_level=True)
+
+
+def require(module: str, install: str = DEV_EXTRA):
+    """Import an optional test dependency (torch, transformers, libtpu), or see `unavailable`."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        unavailable(module, install)
+
 
 @pytest.fixture
 def small_model_cfg() -> ModelConfig:

@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import require
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "train_step.py"
 TOY = ["--preset", "tiny", "--set", "model.num_layers=1", "--batch-size", "2", "--seq-len", "32",
@@ -63,7 +65,7 @@ def test_bad_arguments_exit_2_with_one_line(args, message):
 # ---- the PyTorch model (torch is the optional `bench` extra) ----------------------------------------------------
 
 def torch_llama():
-    pytest.importorskip("torch", reason="torch is the optional bench extra")
+    require("torch", "pip install -e '.[bench]' or '.[dev]' (`make test` does)")
     spec = importlib.util.spec_from_file_location("torch_llama", ROOT / "benchmarks" / "torch_llama.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -33,7 +33,7 @@ def test_fits_recover_known_parameters():
 @pytest.mark.timing
 @pytest.mark.slow
 def test_calibrated_plan_predicts_held_out_cpu_step_times(tmp_path, capsys):
-    """`chipwise bench` times its calibration runs and three held-out shapes in one interleaved pass, fits on the
+    """`chipwise bench` times its calibration runs and six held-out shapes in one interleaved pass, fits on the
     former only, and records its predictions for the latter; `chipwise plan` with the profile gives the same
     predictions. The issue asks for at least three held-out configurations within 15% of the measured step
     time; six are held out and every one must land within 40%.

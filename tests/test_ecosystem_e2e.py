@@ -1,7 +1,6 @@
 """Export, import, provenance and the HTML report, end to end through the command line on one tiny trained run."""
 
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -19,6 +18,7 @@ from chipwise.hf import read_checkpoint
 from chipwise.provenance import git_commit
 from chipwise.sample import load_params
 from chipwise.train.loop import load_run_config
+from conftest import require, unavailable
 
 # One worker trains the shared run once (module fixture) instead of each xdist worker training its own.
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("ecosystem_run")]
@@ -64,8 +64,8 @@ def records(run: Path) -> list[dict]:
 
 
 def test_export_loads_in_transformers_with_the_same_logits_and_tokens(trained, exported):
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
+    torch = require("torch")
+    transformers = require("transformers")
     _, _, run = trained
     shards = sorted(p.name for p in exported.glob("model-*.safetensors"))
     assert len(shards) >= 2 and (exported / "model.safetensors.index.json").is_file()  # 30KB forces shards
@@ -193,9 +193,7 @@ def test_report_renders_in_headless_chromium(trained, tmp_path, capsys):
 
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:
-        if os.environ.get("CI"):  # .ci/run installs it: a CI run without it must not pass quietly
-            pytest.fail("chromium is missing on CI; .ci/run should have installed it")
-        pytest.skip("Debian's chromium is not installed (apt-get install chromium; .ci/run installs it)")
+        unavailable("Debian's chromium", "apt-get install chromium (.ci/run does)")
     flags = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
              "--allow-file-access-from-files", "--virtual-time-budget=10000"]
     # A same-origin harness page frames the report and writes what the browser made of its images.

@@ -13,9 +13,10 @@ from chipwise.errors import ChipwiseError
 from chipwise.hf import convert
 from chipwise.hf.checkpoint import parse_size, read_checkpoint, write_checkpoint
 from chipwise.model import Transformer
+from conftest import require
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+torch = require("torch")
+transformers = require("transformers")
 
 TEXT = "def fn(x):\n    return x + 1  # ünïcödé → 字\n<|endoftext|>second document"
 

@@ -2,7 +2,6 @@
 validation against published runs, and the TPU ahead-of-time check."""
 
 import json
-import os
 import re
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from chipwise.plan.planner import PlanRequest, plan
 from chipwise.plan.search import candidate_layouts, search
 from chipwise.plan.spec import load_model
 from chipwise.plan.validation import markdown_table, validate
+from conftest import require
 
 SMALL = ModelConfig(num_layers=2, d_model=64, num_heads=4, num_kv_heads=2, d_ff=128, vocab_size=256, max_seq_len=64)
 EXAMPLE = ["plan", "--model", "llama3-70b", "--accelerator", "trn2,tpu-v5p,h100-sxm", "--chips", "1024",
@@ -244,12 +244,7 @@ def test_topology_names():
 def test_aot_compiles_the_real_train_step_for_a_tpu_topology(capsys, tmp_path):
     """libtpu compiles chipwise's real train step for v5e:2x2 on this CPU (with the splash kernel, which must run
     per shard); XLA's memory and FLOPs sit next to the planner's, and a large disagreement is flagged."""
-    try:
-        import libtpu  # noqa: F401
-    except ImportError:
-        if os.environ.get("CI"):  # the dev extra installs it: a CI run without it must not pass quietly
-            pytest.fail("libtpu is missing on CI; `make test` installs it through the dev extra")
-        pytest.skip("the tpu extra (libtpu) is not installed: pip install -e '.[dev]'")
+    require("libtpu")  # the dev extra's jax[tpu]
     model = tmp_path / "m.yaml"
     model.write_text("num_layers: 2\nd_model: 256\nnum_heads: 2\nnum_kv_heads: 1\nd_ff: 512\nvocab_size: 512\n"
                      "max_seq_len: 256\n")

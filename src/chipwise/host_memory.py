@@ -11,7 +11,7 @@ The fix is the usual one for long-running numeric processes: one arena, no mmap 
 trimming. The process keeps its high-water memory, which a training process reaches in its first step anyway.
 It must run before JAX starts its thread pool (a thread, once given an arena, keeps it). The one arena's lock
 slows native code that allocates from many threads at once, so such work (tokenizer training and packing)
-runs in a child process (`offload`).
+runs in a child process (`should_offload`, chipwise/data/offload.py).
 """
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ def keep_freed_memory() -> bool:
 OFFLOAD_MIN_BYTES = 4 * 2**20
 
 
-def offload(work_bytes: int) -> bool:
+def should_offload(work_bytes: int) -> bool:
     """Whether native multi-threaded work of this size should run in a child with the default allocator. One
     arena serialises code that allocates from many threads: the Hugging Face tokenizers' Rust threads, measured
     on the stdlib corpus (2 cores), trained a BPE in 23 s instead of 8 and packed the tokens in 34 s instead of

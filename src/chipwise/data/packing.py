@@ -16,7 +16,7 @@ from tokenizers import Tokenizer
 from chipwise.data.cache import atomic_path
 from chipwise.data.corpus import Document
 from chipwise.data.tokenizer import eos_id
-from chipwise.host_memory import offload
+from chipwise.host_memory import should_offload
 
 _CHUNK_CHARS = 8 * 2**20  # text per encode_batch call: parallel enough, without holding every Encoding at once
 
@@ -78,7 +78,7 @@ def cached_tokens(splits: dict[str, list[Document]], tok: Tokenizer, key: str, c
         log(f"tokens: tokenizing {', '.join(missing)} ({size / 1e6:.1f} MB)...")
         start = time.perf_counter()
         for name in missing:
-            if offload(sum(len(d.text) for d in splits[name])):
+            if should_offload(sum(len(d.text) for d in splits[name])):
                 from chipwise.data import offload as child
 
                 _save(paths[name], child.pack([d.text for d in splits[name]], tok))

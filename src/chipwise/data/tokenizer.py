@@ -15,7 +15,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from chipwise.data.cache import atomic_path
 from chipwise.data.corpus import Document
 from chipwise.errors import DataError
-from chipwise.host_memory import offload
+from chipwise.host_memory import should_offload
 
 EOS_TOKEN = "<|endoftext|>"
 MIN_VOCAB = 257  # the 256 byte symbols plus EOS
@@ -98,7 +98,7 @@ def cached_tokenizer(docs: list[Document], vocab_size: int, cache_file: Path, lo
     log(f"tokenizer: training a byte-level BPE with {vocab_size:,} tokens on {len(sample):,} documents, "
         f"{size / 1e6:.1f} MB{part}...")
     start = time.perf_counter()
-    if offload(size):
+    if should_offload(size):
         from chipwise.data import offload as child
 
         tok = child.train_tokenizer([d.text for d in sample], vocab_size)
