@@ -81,7 +81,12 @@ def machine_id(device) -> str:
                 break
     except OSError:
         pass
-    return f"cpu: {model} x{len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()}"
+    return f"cpu: {model} x{usable_cores()}"
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity mask where the OS has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def default_dir() -> Path:
@@ -206,12 +211,10 @@ def fastest_steps(timers: list[TrainStepTimer], rounds: int = 4, per_round: int 
 
 def build_timers(shapes: list[tuple[ModelConfig, int, int]], device, dtype_name: str) -> list[TrainStepTimer]:
     """A TrainStepTimer for each (model, seq_len, batch), compiled on as many threads as there are cores (XLA
-    compiles outside Python's lock; a 2-core machine builds a dozen in half the time). Nothing is timed here."""
+    compiles outside Python's lock, so the compilations overlap). Nothing is timed here."""
     from concurrent.futures import ThreadPoolExecutor
 
-    workers = max(1, min(len(shapes), len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-                         else os.cpu_count() or 1))
-    with ThreadPoolExecutor(workers) as pool:
+    with ThreadPoolExecutor(max(1, min(len(shapes), usable_cores()))) as pool:
         return list(pool.map(lambda shape: TrainStepTimer(*shape, device, dtype_name), shapes))
 
 
