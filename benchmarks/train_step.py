@@ -3,14 +3,14 @@
     python benchmarks/train_step.py --preset tiny --batch-size 16 --seq-len 256 [--steps 20] [--warmup 3]
         [--dtype auto|float32|bfloat16] [--set KEY=VALUE ...] [--compare-torch] [--markdown]
 
-Like the `chipwise` command, it keeps freed host memory in the process (chipwise/host_memory.py); run it with
-CHIPWISE_MALLOC=default to time the C library's default allocator instead.
+Like the `chipwise` command, it sets up the process with chipwise/process.py, which keeps freed host memory in the
+process (chipwise/host_memory.py); run it with CHIPWISE_MALLOC=default to time the C library's default allocator.
 
-The step is the trainer's own (`build_steps`, the registry's attention for this platform, the trainer's compute
-dtype) fed random tokens that already sit on the device, so data loading is not timed. Compilation and
-`--warmup` steps are excluded. tokens/s is `--steps` steps dispatched back to back over their total wall time
-(one block at the end); the median step time comes from a few more steps, each blocked on. Model FLOPs and MFU
-follow `chipwise.flops` (its CONVENTION is printed) against the peak `chipwise.efficiency` resolves.
+The step is the trainer's own (`chipwise.train.compiled_step`: the registry's attention for this platform, the
+trainer's compute dtype, `build_steps`) fed random tokens that already sit on the device, so data loading is not
+timed. Compilation and `--warmup` steps are excluded. tokens/s is `--steps` steps dispatched back to back over their
+total wall time (one block at the end); the median step time comes from a few more steps, each blocked on. Model
+FLOPs and MFU follow `chipwise.flops` (its CONVENTION is printed) against the peak `chipwise.efficiency` resolves.
 
 Bad arguments give one line on stderr and exit code 2.
 """
@@ -98,9 +98,8 @@ def _n(count: int, noun: str) -> str:
     return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
-def _quiet_logs() -> None:
-    logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    for noisy in ("absl", "jax", "jax._src.xla_bridge", "torch._inductor", "torch._dynamo"):
+def _quiet_torch_logs() -> None:
+    for noisy in ("torch._inductor", "torch._dynamo"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
 
 
@@ -139,19 +138,16 @@ def bench_chipwise(cfg, ctx: dict, tokens_np: np.ndarray, warmup: int, steps: in
     import jax
 
     from chipwise.sharding import use_mesh
-    from chipwise.train.step import build_steps
 
-    with use_mesh(ctx["mesh"], ctx["rules"]):
-        built = build_steps(cfg, ctx["mesh"], ctx["attention"].fn, ctx["dtype"])
-        state = built.init()
+    step = ctx["step"].compile()
+    compile_s = step.compile_s
+    with use_mesh(step.mesh, step.rules):
+        state = step.steps.init()
         # Every process makes the same global batch (fixed seed) and places its own shards.
-        tokens = jax.make_array_from_callback(tokens_np.shape, built.batch_sharding, lambda idx: tokens_np[idx])
+        tokens = jax.make_array_from_callback(tokens_np.shape, step.steps.batch_sharding, lambda idx: tokens_np[idx])
         jax.block_until_ready((state, tokens))
         clean = np.float32(0.0)  # the step's fault-injection input: 0 means no injected NaN
-
-        t0 = time.perf_counter()
-        train = built.train.lower(state, tokens, clean).compile()
-        compile_s = time.perf_counter() - t0
+        train = step.train
 
         t0 = time.perf_counter()
         for _ in range(warmup):
@@ -343,26 +339,19 @@ def run(args) -> int:
 
     import jax
 
-    from chipwise import attention, efficiency, flops, host_memory
-    from chipwise.errors import ConfigError
-    from chipwise.sharding import data_parallel_size, make_mesh, platform_rules
-    from chipwise.train.loop import compute_dtype
+    from chipwise import efficiency, flops, host_memory
+    from chipwise.sharding import make_mesh
+    from chipwise.train.compiled_step import build_train_step
 
     m, t = cfg.model, cfg.train
     devices = jax.devices()
-    platform = devices[0].platform
-    dtype = compute_dtype(cfg, platform)
     mesh = make_mesh(cfg.mesh, devices)
-    dp = data_parallel_size(mesh)
-    if t.batch_size % dp or (t.batch_size // t.grad_accum) % dp:
-        raise ConfigError(f"--batch-size {t.batch_size} (over train.grad_accum={t.grad_accum} micro-batches) must "
-                          f"divide by the data-parallel size mesh.data x mesh.fsdp = {dp}")
-    choice = attention.select(platform, seq_len=t.seq_len, head_dim=m.head_dim, num_heads=m.num_heads,
-                              num_kv_heads=m.num_kv_heads, dtype=dtype)
+    step = build_train_step(cfg, mesh, devices[0].platform)  # the trainer's own step; compiled when timed
+    choice, dtype = step.attention, step.dtype
     hw = efficiency.resolve_hardware(devices, dtype, cfg.hardware)
     fpt = flops.training_flops_per_token(m, t.seq_len).total
-    ctx = dict(mesh=mesh, rules=platform_rules(platform)["rules"], attention=choice, dtype=dtype, hardware=hw,
-               flops_per_token=fpt, flops_convention=flops.CONVENTION)
+    ctx = dict(step=step, attention=choice, dtype=dtype, hardware=hw, flops_per_token=fpt,
+               flops_convention=flops.CONVENTION)
 
     print("chipwise train-step benchmark")
     print(f"  device     {hw.num_devices} x {hw.device_kind} ({hw.platform}), mesh {dict(mesh.shape)}")
@@ -376,7 +365,8 @@ def run(args) -> int:
     print(f"  timing     warm-up steps excluded: {args.warmup}; tokens/s = {args.steps} steps over their total "
           f"wall time; median = {min(args.steps, MEDIAN_STEPS)} further steps, each blocked")
     print(f"  data       random int32 tokens (seed {DATA_SEED}) already on device")
-    print(f"  allocator  {'freed memory kept (chipwise.host_memory)' if host_memory.keep_freed_memory() else 'C library defaults'}"
+    kept = host_memory.keep_freed_memory()
+    print(f"  allocator  {'freed memory kept (chipwise.host_memory)' if kept else 'C library defaults'}"
           f" ({host_memory.ENV}=default for the defaults)")
 
     tokens = random_tokens(cfg)
@@ -392,8 +382,8 @@ def run(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    _quiet_logs()
-    return run_guarded(build_parser(), run, argv)
+    _quiet_torch_logs()
+    return run_guarded(build_parser(), run, argv, log_level=logging.WARNING)
 
 
 if __name__ == "__main__":

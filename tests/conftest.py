@@ -9,16 +9,13 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # The tests run on the CPU even where the `tpu` extra (libtpu, for the AOT test) is installed.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-# The allocator setting the `chipwise` command makes before JAX starts (host_memory.py), so in-process runs time
-# what the command runs.
-from chipwise.host_memory import keep_freed_memory  # noqa: E402
+# The process set-up the `chipwise` command makes before JAX starts (allocator, quiet logs), so in-process runs
+# time and print what the command does. It sets no JAX default: tests see what a Python API user sees.
+from chipwise import process  # noqa: E402
 
-keep_freed_memory()
+process.setup()
 
-import jax  # noqa: E402
 import pytest  # noqa: E402
-
-jax.config.update("jax_default_prng_impl", "rbg")
 
 from chipwise.config import ModelConfig  # noqa: E402
 

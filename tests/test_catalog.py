@@ -210,3 +210,76 @@ def test_load_is_cached_and_returns_a_fresh_dict():
     # copies and pickles (asdict deep-copies; multiprocessing pickles)
     assert dataclasses.asdict(get("trn2"))["sources"]["bf16_tflops"]["read"] == "2026-11-26"
     assert pickle.loads(pickle.dumps(get("trn2"))) == get("trn2")
+
+
+# ------------------------------------------------------------------------------------------ fields the code reads
+
+
+def test_the_schema_is_the_dataclasses():
+    """Every dataclass field is in every shipped entry unless it has a default; the planner has an efficiency for
+    every fabric kind."""
+    from chipwise.catalog import FABRIC_KINDS, Accelerator, Fabric
+    from chipwise.plan.assumptions import FABRIC_EFFICIENCY
+
+    optional = {"trains", "libtpu_topology", "notes"}
+    for e in _raw_entries():
+        assert {f.name for f in dataclasses.fields(Accelerator)} - optional <= set(e), e["id"]
+        assert set(e["fabric"]) == {f.name for f in dataclasses.fields(Fabric)}, e["id"]
+    assert set(FABRIC_EFFICIENCY) == set(FABRIC_KINDS)
+
+
+def test_new_fields_in_the_shipped_catalog():
+    cat = load_catalog()
+    assert [a.id for a in cat.values() if not a.trains] == ["inf2"]
+    assert {a.id: (a.libtpu_topology.prefix, a.libtpu_topology.dims) for a in cat.values() if a.libtpu_topology} == {
+        "tpu-v4": ("v4", 3), "tpu-v5e": ("v5e", 2), "tpu-v5p": ("v5p", 3), "tpu-v6e": ("v6e", 2)}
+    kinds = {a.id: a.fabric.kind for a in cat.values()}
+    assert kinds["cpu"] is None and kinds["inf2"] == "ring" and kinds["trn3"] == "switched"
+    assert {kinds[i] for i in ("a100-80g", "h100-sxm", "h200", "b200")} == {"switched"}
+    assert {kinds[i] for i in ("tpu-v4", "tpu-v5e", "tpu-v5p", "tpu-v6e", "tpu-v7", "trn1", "trn2")} == {"torus"}
+
+
+def test_fields_with_defaults_may_be_left_out():
+    entries = _raw_entries()
+    v5e = next(e for e in entries if e["id"] == "tpu-v5e")
+    del v5e["libtpu_topology"], v5e["sources"]["libtpu_topology.dims"], v5e["notes"]
+    acc = catalog_from_entries(entries)["tpu-v5e"]
+    assert (acc.trains, acc.libtpu_topology, acc.notes) == (True, None, "")
+
+
+@pytest.mark.parametrize("acc_id,mutate,words", [
+    ("h100-sxm", lambda e: e["fabric"].update(kind="nvswitch"), ["h100-sxm", "fabric.kind", "switched, torus, ring"]),
+    ("h100-sxm", lambda e: e["fabric"].update(kind=None), ["h100-sxm", "fabric.kind", "gbps_per_chip"]),
+    ("h100-sxm", lambda e: e["fabric"].pop("kind"), ["h100-sxm", "fabric.kind", "missing"]),
+    ("h100-sxm", lambda e: e.update(trains="no"), ["h100-sxm", "trains", "true or false"]),
+    ("h100-sxm", lambda e: e.update(trains=None), ["h100-sxm", "trains", "null"]),
+    ("tpu-v5e", lambda e: e["libtpu_topology"].update(dims=0), ["tpu-v5e", "libtpu_topology.dims", "positive"]),
+    ("tpu-v5e", lambda e: e["libtpu_topology"].pop("prefix"), ["tpu-v5e", "libtpu_topology.prefix", "missing"]),
+    ("tpu-v5e", lambda e: e["libtpu_topology"].update(rows=4), ["tpu-v5e", "libtpu_topology.rows", "dims"]),
+    ("tpu-v5e", lambda e: e.update(libtpu_topology="v5e"), ["tpu-v5e", "libtpu_topology", "mapping"]),
+    ("tpu-v5e", lambda e: e["sources"].pop("libtpu_topology.dims"), ["tpu-v5e", "libtpu_topology.dims", "source"]),
+    # the shared validator converts loose `--set` input; the typed YAML must already be right
+    ("tpu-v4", lambda e: e.update(devices_per_chip=1.0), ["tpu-v4", "devices_per_chip", "whole number"]),
+    ("tpu-v4", lambda e: e.update(name=4), ["tpu-v4", "name", "string"]),
+    ("tpu-v4", lambda e: e.update(notes=""), ["tpu-v4", "notes", "non-empty"]),
+    ("tpu-v4", lambda e: e.update(fabric=None), ["tpu-v4", "fabric", "null"]),
+])
+def test_broken_new_fields_raise_config_error(acc_id, mutate, words):
+    with pytest.raises(ConfigError) as e:
+        catalog_from_entries(_broken(acc_id, mutate))
+    _one_line_config_error(e, *words)
+
+
+def test_override_sets_nested_sections_and_sources():
+    cat = load_catalog({"tpu-v7": {"libtpu_topology": {"prefix": "tpu7x", "dims": 3}},
+                        "h100-sxm": {"sources": {"power_watts": {"source": "measured", "read": "2026-11-30"}},
+                                     "power_watts": 650, "trains": False}})
+    v7 = cat["tpu-v7"]
+    assert (v7.libtpu_topology.prefix, v7.libtpu_topology.dims) == ("tpu7x", 3)
+    assert "override" in v7.sources["libtpu_topology.dims"]["source"]
+    h100 = cat["h100-sxm"]
+    assert (h100.power_watts, h100.trains) == (650, False)
+    assert h100.sources["power_watts"]["source"] == "measured"  # the override's own source wins, whatever the order
+    with pytest.raises(ConfigError) as e:
+        load_catalog({"tpu-v7": {"libtpu_topology": {"dims": 3}}})
+    _one_line_config_error(e, "tpu-v7", "libtpu_topology.prefix", "missing")

@@ -16,8 +16,7 @@ from tokenizers import Tokenizer
 from chipwise.cli import main
 from chipwise.hf import read_checkpoint
 from chipwise.provenance import git_commit
-from chipwise.sample import load_params
-from chipwise.train.loop import load_run_config
+from chipwise.run_dir import RunDir
 from conftest import require, unavailable
 
 # One worker trains the shared run once (module fixture) instead of each xdist worker training its own.
@@ -77,8 +76,8 @@ def test_export_loads_in_transformers_with_the_same_logits_and_tokens(trained, e
     hf_tok = transformers.AutoTokenizer.from_pretrained(exported)
     assert hf_tok.encode(text) == ids and hf_tok.decode(ids) == text
 
-    cfg = load_run_config(run)
-    params, graphdef = load_params(run, cfg)
+    cfg = RunDir(run).read_config()
+    params, graphdef = RunDir(run).latest_params(cfg)
     from flax import nnx
 
     ours = np.asarray(nnx.merge(graphdef, params)(np.asarray([ids], np.int32)))
@@ -118,8 +117,8 @@ def test_gelu_run_export_is_a_one_line_error(tmp_path, trained, capsys):
 
 def test_import_round_trip_and_training_continues_from_it(trained, exported, capsys):
     tmp, corpus, run = trained
-    cfg = load_run_config(run)
-    original, _ = load_params(run, cfg)
+    cfg = RunDir(run).read_config()
+    original, _ = RunDir(run).latest_params(cfg)
     model_cfg, imported = read_checkpoint(exported, cfg.model.max_seq_len)
     assert model_cfg == cfg.model
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), b), original, imported)
@@ -135,7 +134,7 @@ def test_import_round_trip_and_training_continues_from_it(trained, exported, cap
     args = ["--config", str(config_file), *settings(tmp, corpus, run2, 2, model=[])]
     assert main(["train", "--init-from", str(exported), *args]) == 0
     assert f"initialised from {exported}" in capsys.readouterr().out
-    cfg2 = load_run_config(run2)
+    cfg2 = RunDir(run2).read_config()
     assert cfg2.model == cfg.model and cfg2.train.init_from == str(exported)
     # Step 0 evaluates the imported weights on the same validation tokens: the first run's final loss.
     final = [r["val_loss"] for r in records(run) if "val_loss" in r][-1]

@@ -54,7 +54,7 @@ def test_large_tokenizer_work_runs_outside_the_single_arena(monkeypatch, tmp_pat
     import numpy as np
 
     from chipwise import host_memory
-    from chipwise.data import offload
+    from chipwise.data import offload, pack_in_best_process, train_tokenizer_in_best_process
     from chipwise.data.corpus import Document
     from chipwise.data.packing import cached_tokens, pack_documents
     from chipwise.data.tokenizer import cached_tokenizer, train_tokenizer
@@ -68,8 +68,9 @@ def test_large_tokenizer_work_runs_outside_the_single_arena(monkeypatch, tmp_pat
     real_run = offload._run
     monkeypatch.setattr(offload, "_run", lambda command, tmp: children.append(command) or real_run(command, tmp))
     monkeypatch.setattr(host_memory, "OFFLOAD_MIN_BYTES", 0)
-    tok = cached_tokenizer(docs, 300, tmp_path / "tok.json", log=lambda _: None)
-    packed = cached_tokens({"train": docs}, tok, "k", tmp_path, log=lambda _: None)["train"]
+    # As prepare_data calls them: it, not tokenizer.py or packing.py, chooses where the work runs.
+    tok = cached_tokenizer(docs, 300, tmp_path / "tok.json", log=lambda _: None, train=train_tokenizer_in_best_process)
+    packed = cached_tokens({"train": docs}, tok, "k", tmp_path, log=lambda _: None, pack=pack_in_best_process)["train"]
     assert children == ["train", "pack"]
     assert tok.get_vocab() == train_tokenizer(docs, 300).get_vocab()
     assert np.array_equal(packed, pack_documents(docs, tok))

@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 
 from chipwise.cli import main
+from chipwise.run_dir import RunDir
 from chipwise.sharding import make_mesh, use_mesh
-from chipwise.train.checkpoint import Checkpoints, abstract_like
-from chipwise.train.loop import load_run_config
+from chipwise.train.checkpoint import abstract_like
 from chipwise.train.step import build_steps
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("multiprocess")]
@@ -47,11 +47,11 @@ def train_records(run_dir):
 
 def restored_params(run_dir, step):
     """The checkpoint's parameters, restored by this single process onto its 8-device mesh."""
-    cfg = load_run_config(run_dir)
+    cfg = RunDir(run_dir).read_config()
     mesh = make_mesh(cfg.mesh, jax.devices())
     with use_mesh(mesh):
         steps = build_steps(cfg, mesh, attend=None, compute_dtype=np.float32)  # nothing is run, only restored
-        ckpt = Checkpoints(run_dir / "checkpoints", 2, 10)
+        ckpt = RunDir(run_dir).checkpoints(2)
         found, state, meta = ckpt.restore_latest(abstract_like(jax.eval_shape(steps.init), steps.state_shardings),
                                                  move_damaged=False)
         ckpt.close()

@@ -13,6 +13,7 @@ import pytest
 from chipwise import catalog
 from chipwise.cli import main
 from chipwise.config import ModelConfig, from_dict
+from chipwise.errors import ChipwiseError, ConfigError
 from chipwise.flops import param_count
 from chipwise.plan import memory
 from chipwise.plan.perf import Layout, chip_model, estimate, gemm_time
@@ -103,6 +104,21 @@ def test_a_chip_without_a_published_peak_is_refused_not_guessed(tmp_path):
         chip_model(catalog.get("cpu"))
 
 
+def test_the_fabric_kind_not_its_description_sets_collective_bandwidth():
+    from chipwise.plan import assumptions
+
+    cfg, layout = load_model("llama3-8b"), Layout(fsdp=8, tensor=8)
+
+    def tensor_comm(fabric):
+        return estimate(cfg, 4096, 64, chip("h100-sxm", {"h100-sxm": {"fabric": fabric}}), layout).parts["tensor_comm"]
+
+    switched = tensor_comm({})
+    assert tensor_comm({"topology": "a ring around a 3D torus"}) == switched  # the words are for people
+    eff = assumptions.FABRIC_EFFICIENCY
+    assert tensor_comm({"kind": "torus"}) / switched == pytest.approx(eff["switched"] / eff["torus"], rel=0.02)
+    assert tensor_comm({"kind": "ring"}) / switched == pytest.approx(eff["switched"] / eff["ring"], rel=0.02)
+
+
 # ------------------------------------------------------------------------------------------ search
 
 
@@ -121,6 +137,18 @@ def test_search_rejects_layouts_that_do_not_fit():
     result = search(load_model("llama3-70b"), 4096, 32, 32, chip("h100-sxm"))
     assert result.rejected["does not fit in memory"] > 0
     assert result.best.fits and result.best.memory_gib <= result.best.usable_gib
+
+
+def test_a_chip_that_does_not_train_is_refused_because_the_catalog_says_so():
+    req = dict(model=load_model("1b"), chips=8, seq_len=2048, global_batch=64)
+    with pytest.raises(ConfigError) as e:
+        plan(PlanRequest(accelerators=["inf2"], **req))
+    assert "trains: false" in str(e.value) and "trn1" in str(e.value) and "\n" not in str(e.value)
+    # The catalog's field decides, not the id: any chip marked so is refused, and inf2 marked as training is planned.
+    with pytest.raises(ConfigError, match="h100-sxm .*trains: false"):
+        plan(PlanRequest(accelerators=["h100-sxm"], catalog_overrides={"h100-sxm": {"trains": False}}, **req))
+    (row,) = plan(PlanRequest(accelerators=["inf2"], catalog_overrides={"inf2": {"trains": True}}, **req))
+    assert row.accelerator.id == "inf2" and row.fits
 
 
 def test_plan_overrides_change_cost_in_proportion():
@@ -191,6 +219,8 @@ def test_the_chart_is_a_real_picture(tmp_path):
     ({"--mesh": "data=2,fsdp=x"}, "not a whole number"),
     ({"--model": "no-such-model"}, "neither a preset"),
     ({"--catalog-set": "h100-sxm.price_per_chip_hour=-1"}, "must be positive"),
+    ({"--accelerator": "trn2,inf2"}, "inf2 (AWS Inferentia2) is an inference chip"),
+    ({"--catalog-set": "h100-sxm.trains=false"}, "h100-sxm (NVIDIA H100 SXM5 80GB) is an inference chip"),
 ])
 def test_bad_input_gets_one_line_and_exit_2(capsys, change, message):
     args = list(EXAMPLE)
@@ -238,6 +268,30 @@ def test_topology_names():
     assert topology_name("tpu-v5p", 16) == "v5p:2x2x4"
     with pytest.raises(Exception, match="power-of-two"):
         topology_name("tpu-v5e", 12)
+
+
+def test_catalog_set_reaches_the_fields_of_any_section():
+    from chipwise.plan.planner import catalog_overrides
+
+    settings = ["tpu-v5e.libtpu_topology.prefix=v5litepod", "h100-sxm.fabric.kind=torus", "h100-sxm.trains=false"]
+    assert catalog_overrides(None, settings) == {"tpu-v5e": {"libtpu_topology": {"prefix": "v5litepod"}},
+                                                 "h100-sxm": {"fabric": {"kind": "torus"}, "trains": False}}
+
+
+def test_topology_names_come_from_the_catalog():
+    from chipwise.plan.aot import topology_name
+
+    def v5e(topology):
+        return catalog.load_catalog({"tpu-v5e": {"libtpu_topology": topology}})["tpu-v5e"]
+
+    assert topology_name(v5e({"prefix": "v5litepod"}), 16) == "v5litepod:4x4"
+    assert topology_name(v5e({"dims": 3}), 16) == "v5e:2x2x4"
+    for acc in (v5e(None), catalog.get("tpu-v7"), catalog.get("h100-sxm")):
+        with pytest.raises(ChipwiseError) as e:
+            topology_name(acc, 16)
+        msg = str(e.value)
+        assert "\n" not in msg and f"not {acc.id} (its catalog entry has no libtpu_topology)" in msg, msg
+        assert "tpu-v5p" in msg
 
 
 @pytest.mark.slow

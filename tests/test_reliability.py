@@ -324,9 +324,9 @@ def test_failed_saves_are_reported_and_training_goes_on(shared, tmp_path, monkey
     assert checkpoint_steps(run) == [4, 14]  # the failed ones never appeared; 4 survived both
     assert max(step_losses(run)) == 14
     monkeypatch.undo()
-    from chipwise.train.checkpoint import Checkpoints
+    from chipwise.run_dir import RunDir
 
-    ckpt = Checkpoints(run / "checkpoints", 3, 4)
+    ckpt = RunDir(run).checkpoints(3)
     assert ckpt.verify(4) is None and ckpt.verify(14) is None
     ckpt.close()
     fault(f"saves at steps 8 (ENOSPC) and 12 (EACCES) failed: reported, run reached step 14, checkpoints "
@@ -395,10 +395,9 @@ def test_loading_never_unpickles(reference, monkeypatch):
     for name in ("load", "loads", "Unpickler"):
         monkeypatch.setattr(pickle, name, refuse)
     from chipwise.data.tokenizer import load_tokenizer
-    from chipwise.sample import load_params
-    from chipwise.train.loop import load_run_config
+    from chipwise.run_dir import RunDir
 
-    params, _ = load_params(reference, load_run_config(reference))
+    params, _ = RunDir(reference).latest_params(RunDir(reference).read_config())
     assert np.isfinite(np.asarray(jax.tree.leaves(params)[0])).all()
     assert load_tokenizer(str(reference / "tokenizer.json")).get_vocab_size() == 320
     # No code path imports a pickling library or asks for pickles (prose that explains why is fine).

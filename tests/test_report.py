@@ -2,11 +2,13 @@
 
 import json
 
+import matplotlib.pyplot
 import pytest
 import yaml
 
 from chipwise.config import Config, to_dict
 from chipwise.errors import ChipwiseError
+from chipwise.report.charts import throughput_figure
 from chipwise.report.html import write_report
 from chipwise.report.runs import load_run, load_runs
 
@@ -56,6 +58,37 @@ def test_report_draws_memory_and_cost_and_escapes(tmp_path):
     assert "<script>" not in page and "&lt;script&gt;" in page
     assert str(tmp_path / "x" / "run") in page  # runs with the same name are told apart by path
     assert "2 x TPU v9" in page and "not recorded" in page  # provenance missing from hand-made runs is said
+
+
+def throughput_lines(fig) -> dict[str, tuple[object, list[float]]]:
+    """{run name: (its tokens/s axes, its points' heights as fractions of that axes)}."""
+    fig.canvas.draw()  # settles the autoscaled limits
+    lines = {}
+    for ax in fig.axes:
+        if ax.get_ylabel().startswith("tokens/s"):
+            for line in ax.get_lines():
+                heights = ax.transAxes.inverted().transform(ax.transData.transform(line.get_xydata()))[:, 1]
+                lines[line.get_label()] = (ax, list(heights))
+    matplotlib.pyplot.close(fig)
+    return lines
+
+
+def scaled(factor: float) -> list[dict]:
+    return [r | {"tokens_per_s": r["tokens_per_s"] * factor} if "tokens_per_s" in r else r for r in RECORDS]
+
+
+def test_throughput_of_runs_far_apart_stays_readable(tmp_path):
+    """A 65 tokens/s run beside an 8,000 tokens/s one is not a flat line at the bottom of a shared axis."""
+    slow, fast = (load_run(make_run(tmp_path / name, scaled(f))) for name, f in (("slow", 0.065), ("fast", 8.0)))
+    lines = throughput_lines(throughput_figure([slow, fast]))
+    for name in ("slow", "fast"):
+        heights = lines[name][1]
+        assert max(heights) > 0.5 and max(heights) - min(heights) > 0.2, name  # its rise and fall can be seen
+    assert lines["slow"][0] is not lines["fast"][0]
+    # Runs within 10x of each other still share one axis, where they compare directly.
+    near = load_run(make_run(tmp_path / "near", scaled(2.0)))
+    lines = throughput_lines(throughput_figure([slow, fast, near]))
+    assert lines["fast"][0] is lines["near"][0] is not lines["slow"][0]
 
 
 def test_report_refusals(tmp_path):

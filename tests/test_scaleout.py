@@ -49,7 +49,7 @@ def test_clusters_jax_detects_are_left_to_jax(env):
 
 
 def test_the_local_tpu_placeholder_is_not_a_cluster():
-    # cli.quiet_libtpu_off_tpu sets TPU_WORKER_HOSTNAMES=localhost on machines without TPUs.
+    # process.quiet_libtpu_off_tpu sets TPU_WORKER_HOSTNAMES=localhost on machines without TPUs.
     assert plan({"TPU_WORKER_HOSTNAMES": "localhost", "TPU_SKIP_MDS_QUERY": "1"}) is None
 
 

@@ -85,3 +85,56 @@ def test_empty_data_is_a_one_line_error(tmp_path, capsys):
     assert main(["train", *train_args(tmp_path / "run", empty)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and "\n" not in err
+
+
+def test_the_python_api_trains_exactly_like_the_command(tmp_path, corpus):
+    """`Trainer(cfg).run()` from Python, under JAX's own default PRNG, gives the parameters `chipwise train`
+    gives: nothing depends on how the process was started."""
+    import jax
+    import numpy as np
+
+    from chipwise import prng
+    from chipwise.config import load_config
+    from chipwise.run_dir import RunDir
+    from chipwise.train.loop import Trainer
+    from chipwise.train.step import abstract_state
+
+    assert main(["train", *train_args(tmp_path / "cli", corpus, 3)]) == 0
+    default = jax.config.jax_default_prng_impl
+    jax.config.update("jax_default_prng_impl", "threefry2x32")  # what a fresh Python process has
+    try:
+        settings = train_args(tmp_path / "api", corpus, 3)[1::2]
+        Trainer(load_config(None, settings)).run()
+    finally:
+        jax.config.update("jax_default_prng_impl", default)
+    cli, api = (RunDir(tmp_path / name) for name in ("cli", "api"))
+    cfg = cli.read_config()
+    cli_params, _ = cli.latest_params(cfg)
+    api_params, _ = api.latest_params(api.read_config())
+    assert jax.tree.structure(cli_params) == jax.tree.structure(api_params)
+    for a, b in zip(jax.tree.leaves(cli_params), jax.tree.leaves(api_params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # the run's PRNG state is checkpointed as the named implementation's key data, whatever JAX's default
+    state, _ = abstract_state(cfg)
+    assert state["rng"].shape == jax.random.key_data(prng.key(0)).shape
+
+
+def test_a_refused_command_creates_nothing(tmp_path, corpus, capsys):
+    run = tmp_path / "run"
+    assert main(["train", *train_args(run, corpus), "--set", "mesh.data=3"]) == 2  # 8 devices here
+    assert "mesh" in capsys.readouterr().err
+    assert not run.exists()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["train", *train_args(run, empty)]) == 2
+    assert capsys.readouterr().err.startswith("error:")
+    assert not run.exists()
+
+
+def test_output_to_a_pipe_is_not_wrapped(tmp_path, corpus, capsys):
+    assert main(["train", *train_args(tmp_path / "run", corpus, 2)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    (devices,) = [line for line in lines if line.strip().startswith("devices")]
+    assert "attention cpu_fused" in devices  # the header's longest line, whole
+    (step,) = [line for line in lines if line.strip().startswith("step") and "tok/s" in line]
+    assert "data wait" in step

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 
-from chipwise import __version__, ecosystem, launch
+from chipwise import __version__, launch, process, run_commands
 from chipwise.errors import ChipwiseError, TrainingStopped
-from chipwise.host_memory import keep_freed_memory
 from chipwise.plan import cli as plan_cli
 
 EXIT_USAGE = 2
@@ -44,37 +42,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--top-k", type=int, default=0, help="0 keeps every token")
     s.add_argument("--top-p", type=float, default=1.0)
     s.add_argument("--seed", type=int, default=0)
-    ecosystem.add_commands(sub)
+    run_commands.add_commands(sub)
     plan_cli.add_commands(sub)
     launch.add_commands(sub)
     return p
 
 
-def quiet_libtpu_off_tpu() -> None:
-    """With the `tpu` extra installed on a machine without TPUs (to compile for TPU topologies, `plan --aot`),
-    libtpu looks for TPU VM metadata at start-up and prints screens of warnings. Tell it there is none to find.
-    Never on a TPU VM (its /dev/accel* or /dev/vfio devices exist) and never over the user's own settings."""
-    if any(os.path.exists(p) for p in ("/dev/accel0", "/dev/vfio/0")) or "TPU_ACCELERATOR_TYPE" in os.environ:
-        return
-    os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
-    os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5litepod-1")
-    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
-
-
-def _quiet_logs() -> None:
-    quiet_libtpu_off_tpu()
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    logging.getLogger("absl").setLevel(logging.ERROR)
-    logging.getLogger("jax._src.xla_bridge").setLevel(logging.ERROR)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    for noisy in ("absl", "orbax", "jax", "grain"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-
-
 def _train(args) -> int:
     from chipwise.config import apply_overrides, from_dict, load_config, to_dict
     from chipwise.distributed import initialize, run_to_exit
-    from chipwise.train.loop import Trainer, load_run_config
+    from chipwise.run_dir import RunDir
+    from chipwise.train.loop import Trainer
 
     if args.resume is not None and args.overwrite:
         raise ChipwiseError("--resume and --overwrite contradict each other; pick one")
@@ -89,7 +67,8 @@ def _train(args) -> int:
     if run_dir == "":  # bare --resume: the run named by the config
         run_dir = load_config(args.config, args.overrides).run_dir
     if run_dir and not args.config:  # a run continues under its own saved config; --set may change e.g. steps
-        cfg = from_dict(apply_overrides(to_dict(load_run_config(run_dir)), args.overrides + [f"run_dir={run_dir}"]))
+        saved = to_dict(RunDir(run_dir).read_config())
+        cfg = from_dict(apply_overrides(saved, args.overrides + [f"run_dir={run_dir}"]))
     else:  # rerunning a command with --resume uses its config; the checkpoint refuses an incompatible model
         cfg = load_config(args.config, args.overrides + ([f"run_dir={run_dir}"] if run_dir else []))
     if cfg.train.init_from and not run_dir:  # a model --set against the checkpoint fails now, not after compiling
@@ -109,17 +88,15 @@ def _sample(args) -> int:
     return 0
 
 
-def run_guarded(parser: argparse.ArgumentParser, handler, argv: list[str] | None = None) -> int:
-    """Parse, set chipwise's allocator and JAX defaults and run `handler(args)`; user errors become one line and exit 2.
+def run_guarded(parser: argparse.ArgumentParser, handler, argv: list[str] | None = None,
+                log_level: int = logging.INFO) -> int:
+    """Parse, set up the process (process.py) and run `handler(args)`; user errors become one line and exit 2.
 
     Shared by the `chipwise` command and the scripts in benchmarks/.
     """
     try:
         args = parser.parse_args(argv)
-        keep_freed_memory()  # before JAX starts its threads (host_memory.py says why)
-        import jax
-
-        jax.config.update("jax_default_prng_impl", "rbg")  # the PRNG that TPU and Trainium run fast
+        process.setup(log_level)  # before JAX starts its threads
         return handler(args)
     except ChipwiseError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -133,8 +110,7 @@ def run_guarded(parser: argparse.ArgumentParser, handler, argv: list[str] | None
 
 
 def main(argv: list[str] | None = None) -> int:
-    _quiet_logs()
-    commands = {"train": _train, "sample": _sample, **ecosystem.COMMANDS, **plan_cli.COMMANDS, **launch.COMMANDS}
+    commands = {"train": _train, "sample": _sample, **run_commands.COMMANDS, **plan_cli.COMMANDS, **launch.COMMANDS}
     return run_guarded(build_parser(), lambda args: commands[args.command](args), argv)
 
 

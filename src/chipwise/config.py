@@ -119,22 +119,26 @@ def _type_name(tp) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
-def _coerce(key: str, value, tp):
-    """Check `value` against the annotation `tp`; ints are accepted where floats are expected."""
+def check_typed_value(key: str, value, tp):
+    """`value` checked against the type annotation `tp` and returned, converted where that is safe (an int where
+    a float is declared becomes a float, text such as "3e-4" a number); a mismatch raises a one-line ConfigError.
+
+    Lenient on purpose: `--set` values and YAML 1.1 arrive loosely typed. The accelerator catalog reuses it.
+    """
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
         (inner,) = [a for a in args if a is not type(None)]
-        return _coerce(key, value, inner)
+        return check_typed_value(key, value, inner)
     if origin is list:
         (inner,) = typing.get_args(tp)
         if isinstance(value, str):
             value = [value]
         if not isinstance(value, list):
             raise ConfigError(f"{key} must be a list of {_type_name(inner)}, got {value!r}")
-        return [_coerce(f"{key}[{i}]", v, inner) for i, v in enumerate(value)]
+        return [check_typed_value(f"{key}[{i}]", v, inner) for i, v in enumerate(value)]
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if tp is float and isinstance(value, str):
@@ -166,7 +170,7 @@ def _build(cls, values: dict, prefix: str):
                 raise ConfigError(f"'{full}' must be a mapping of its fields, got {value!r}")
             kwargs[key] = _build(tp, value, f"{full}.")
         else:
-            kwargs[key] = _coerce(full, value, tp)
+            kwargs[key] = check_typed_value(full, value, tp)
     return cls(**kwargs)
 
 

@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import sys
 from functools import partial
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from tokenizers import Tokenizer
 
+from chipwise import prng
 from chipwise.errors import ChipwiseError
 from chipwise.model import Transformer
 
@@ -65,23 +64,23 @@ def generate(graphdef, params, prompt, key, *, max_new_tokens: int, temperature:
 
 def sample_from_run(run_dir: str, prompt: str, max_new_tokens: int, temperature: float = 0.8, top_k: int = 0,
                     top_p: float = 1.0, seed: int = 0) -> str:
-    from chipwise.train.loop import TOKENIZER_FILE, load_run_config
+    from chipwise.run_dir import RunDir
 
-    run = Path(run_dir)
-    cfg = load_run_config(run)
+    run = RunDir(run_dir)
+    cfg = run.read_config()
     if max_new_tokens <= 0:
         raise ChipwiseError("--max-new-tokens must be positive")
     if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
         raise ChipwiseError("need --temperature >= 0, 0 < --top-p <= 1 and --top-k >= 0")
-    tokenizer = Tokenizer.from_file(str(run / TOKENIZER_FILE))
+    tokenizer = run.read_tokenizer()
     ids = tokenizer.encode(prompt).ids
     if not ids:
         raise ChipwiseError("the prompt is empty; pass some text with --prompt")
     if len(ids) + max_new_tokens > cfg.model.max_seq_len:
         raise ChipwiseError(f"prompt ({len(ids)} tokens) + --max-new-tokens ({max_new_tokens}) exceeds the model's "
                             f"max_seq_len ({cfg.model.max_seq_len}); ask for fewer tokens")
-    params, graphdef = load_params(run, cfg)
-    key = jax.random.key(seed, impl="rbg")
+    params, graphdef = run.latest_params(cfg, log=lambda message: print(message, file=sys.stderr))  # stdout: text
+    key = prng.key(seed)
     out = generate(graphdef, params, jnp.asarray([ids], jnp.int32), key, max_new_tokens=max_new_tokens,
                    temperature=float(temperature), top_k=int(top_k), top_p=float(top_p))
     new = [int(i) for i in out]
@@ -89,32 +88,3 @@ def sample_from_run(run_dir: str, prompt: str, max_new_tokens: int, temperature:
     if eos in new:
         new = new[: new.index(eos)]
     return prompt + tokenizer.decode(new)
-
-
-def load_params(run: Path, cfg):
-    """The latest checkpoint's parameters on the default device (fp32), with the model's graph definition."""
-    from chipwise.train.checkpoint import Checkpoints
-    from chipwise.train.optimizer import make_optimizer
-
-    ckpt = Checkpoints(run / "checkpoints", keep=cfg.train.keep_checkpoints, save_every=1,
-                       log=lambda message: print(message, file=sys.stderr))  # stdout is for the text
-    abstract = nnx.eval_shape(lambda: Transformer(cfg.model, nnx.Rngs(params=0)))
-    graphdef, abstract_state = nnx.split(abstract)
-    params = nnx.to_pure_dict(abstract_state)
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-
-    def on_device(tree):
-        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), tree)
-
-    target = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": params,
-              "opt_state": jax.eval_shape(make_optimizer(cfg.train).init, params),
-              "rng": jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0)))}
-    try:
-        # verified against its checksums; damaged ones are skipped (and left for `train --resume` to set aside)
-        found = ckpt.restore_latest(on_device(target), move_damaged=False)
-    finally:
-        ckpt.close()
-    if found is None:
-        raise ChipwiseError(f"{run} has no checkpoint yet; train it first (chipwise train ...)")
-    _, state, _ = found
-    return state["params"], graphdef

@@ -9,8 +9,8 @@ parameter `(embed, mlp)` puts `embed` on fsdp and `mlp` on tensor.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import math
-from dataclasses import dataclass
 
 import jax
 import numpy as np
@@ -34,15 +34,17 @@ DEFAULT_RULES: tuple[tuple[str, tuple[str, ...] | None], ...] = (
     ("head_dim", None),
 )
 
-# Per-platform defaults, as data (AXLearn-style). `max_tensor` caps tensor parallelism to the fast domain.
+# Per-platform defaults, as data (AXLearn-style). `max_tensor` caps tensor parallelism to the fast domain;
+# `compute_dtype` is what train.dtype=auto means there (CPUs have no fast bf16 matmul; accelerators are built
+# for it).
 PLATFORM_RULES: dict[str, dict] = {
-    "cpu": dict(rules=DEFAULT_RULES, max_tensor=None, why=""),
-    "gpu": dict(rules=DEFAULT_RULES, max_tensor=8,
+    "cpu": dict(rules=DEFAULT_RULES, max_tensor=None, why="", compute_dtype="float32"),
+    "gpu": dict(rules=DEFAULT_RULES, max_tensor=8, compute_dtype="bfloat16",
                 why="tensor parallelism must stay inside one NVLink domain of 8 GPUs"),
-    "tpu": dict(rules=DEFAULT_RULES, max_tensor=None, why=""),
+    "tpu": dict(rules=DEFAULT_RULES, max_tensor=None, why="", compute_dtype="bfloat16"),
     # Trainium2 shows 4 JAX devices per chip (LNC=2); tensor parallelism beyond a chip crosses NeuronLink
     # on every layer, which AXLearn's trn2 rule (model=4) also avoids.
-    "neuron": dict(rules=DEFAULT_RULES, max_tensor=4,
+    "neuron": dict(rules=DEFAULT_RULES, max_tensor=4, compute_dtype="bfloat16",
                    why="Trainium keeps tensor parallelism inside one chip (4 devices at LNC=2)"),
 }
 
@@ -105,38 +107,34 @@ def logical_to_spec(axes: tuple[str | None, ...], shape: tuple[int, ...], mesh: 
     return PartitionSpec(*spec)
 
 
-@dataclass
-class _Active:
-    mesh: Mesh | None = None
-    rules: tuple = DEFAULT_RULES
-
-
-_active = _Active()
+# (mesh, rules) of the innermost `use_mesh`. A context variable, not a module global: each thread (the calibration
+# compiles models on several at once) and each asyncio task sees only the mesh it entered itself.
+_active: contextvars.ContextVar[tuple[Mesh | None, tuple]] = contextvars.ContextVar(
+    "chipwise_active_mesh", default=(None, DEFAULT_RULES))
 
 
 @contextlib.contextmanager
 def use_mesh(mesh: Mesh, rules=DEFAULT_RULES):
     """Activates `mesh` for jax and for `constrain` (trace the step inside this context)."""
-    previous = (_active.mesh, _active.rules)
-    _active.mesh, _active.rules = mesh, rules
+    token = _active.set((mesh, rules))
     try:
         with jax.set_mesh(mesh):
             yield mesh
     finally:
-        _active.mesh, _active.rules = previous
+        _active.reset(token)
 
 
 def active_mesh():
     """(mesh, rules) of the enclosing `use_mesh`, or (None, DEFAULT_RULES): for kernels that must shard_map."""
-    return _active.mesh, _active.rules
+    return _active.get()
 
 
 def constrain(x: jax.Array, axes: tuple[str | None, ...]) -> jax.Array:
     """Sharding hint for an activation; a no-op outside `use_mesh` (as in tests of the bare model)."""
-    mesh = _active.mesh
+    mesh, rules = _active.get()
     if mesh is None or mesh.size == 1:
         return x
-    spec = logical_to_spec(axes, x.shape, mesh, _active.rules)
+    spec = logical_to_spec(axes, x.shape, mesh, rules)
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
 

@@ -2,7 +2,7 @@
 
 The figures live in ``accelerators.yaml`` next to this file, one entry per CHIP (not per JAX device),
 each numeric figure with its source and the date it was read. The trainer's MFU and the planner both
-read them from here; nothing else in chipwise hard-codes a peak.
+read them from here; nothing else in chipwise hard-codes a peak or a chip's abilities.
 
     acc = find_by_device_kind(jax.devices()[0].device_kind)   # None: unknown chip, MFU unknown
     acc = get("trn2")                                          # by id; unknown id -> ConfigError
@@ -11,14 +11,19 @@ read them from here; nothing else in chipwise hard-codes a peak.
 
 Units: TFLOP/s dense (no sparsity); HBM in GiB (2**30 bytes); HBM bandwidth in TB/s (10**12 B/s);
 fabric and scale-out bandwidth in GB/s (10**9 B/s) per chip, fabric one-way (see the YAML header).
+
+The dataclasses below are the schema: an entry is checked against their type hints (``X | None`` may be
+null, a field with a default may be left out), so a new field is declared once, here.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import datetime as _dt
 import functools
 import re
+import typing
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -27,44 +32,17 @@ from typing import Any, Mapping
 
 import yaml
 
+from chipwise.config import check_typed_value
 from chipwise.errors import ConfigError
 
-__all__ = ["Accelerator", "Fabric", "catalog_from_entries", "find_by_device_kind", "get", "load_catalog"]
+__all__ = ["Accelerator", "Fabric", "LibtpuTopology", "catalog_from_entries", "find_by_device_kind", "get",
+           "load_catalog"]
 
 PLATFORMS = ("cpu", "gpu", "tpu", "neuron")
-
-# Field schema: name -> (kind, nullable). "number" is int or float > 0, "int" an int > 0.
-# Every non-null "number"/"int" figure needs an entry in `sources` (fabric ones as "fabric.<name>").
-_FIELDS: dict[str, tuple[str, bool]] = {
-    "id": ("str", False),
-    "name": ("str", False),
-    "vendor": ("str", False),
-    "platform": ("str", False),
-    "device_kinds": ("regex_list", False),
-    "devices_per_chip": ("int", False),
-    "bf16_tflops": ("number", True),
-    "fp8_tflops": ("number", True),
-    "fp32_tflops": ("number", True),
-    "hbm_gib": ("number", True),
-    "hbm_tbps": ("number", True),
-    "fabric": ("fabric", False),
-    "scaleout_gbps_per_chip": ("number", True),
-    "chips_per_instance": ("int", True),
-    "power_watts": ("number", True),
-    "price_per_chip_hour": ("number", True),
-    "sources": ("sources", False),
-    "notes": ("str", True),
-}
-_OPTIONAL = {"notes"}
-_FABRIC_FIELDS: dict[str, tuple[str, bool]] = {
-    "name": ("str", True),
-    "gbps_per_chip": ("number", True),
-    "topology": ("str", True),
-    "domain_chips": ("int", True),
-}
-_NUMERIC = [f for f, (k, _) in _FIELDS.items() if k in ("number", "int")] + [
-    f"fabric.{f}" for f, (k, _) in _FABRIC_FIELDS.items() if k in ("number", "int")
-]
+# How the chips of a fabric domain are wired, as far as a collective's bandwidth cares (the planner's
+# plan/assumptions.py FABRIC_EFFICIENCY has one figure per kind): every chip through a switch (NVSwitch,
+# NeuronSwitch), a torus (TPU ICI, NeuronLink), or a ring.
+FABRIC_KINDS = ("switched", "torus", "ring")
 _DTYPES = {
     "bf16": "bf16", "bfloat16": "bf16", "fp8": "fp8", "float8": "fp8", "fp32": "fp32", "float32": "fp32", "f32": "fp32",
 }
@@ -75,9 +53,18 @@ class Fabric:
     """The fast chip-to-chip fabric (NVLink, ICI, NeuronLink)."""
 
     name: str | None
+    kind: str | None  # one of FABRIC_KINDS; null only where there is no chip-to-chip fabric (the CPU)
     gbps_per_chip: float | None  # GB/s per chip, one-way (each direction), all links summed
-    topology: str | None
+    topology: str | None  # for people; the planner reads `kind`
     domain_chips: int | None  # chips reachable over this fabric (NVLink node, TPU pod, UltraServer)
+
+
+@dataclass(frozen=True)
+class LibtpuTopology:
+    """How libtpu names this TPU's slices: "<prefix>:AxB" for a 2D torus, "<prefix>:AxBxC" for a 3D one."""
+
+    prefix: str  # e.g. "v5e"
+    dims: int  # torus dimensions a slice name lists
 
 
 @dataclass(frozen=True)
@@ -101,6 +88,8 @@ class Accelerator:
     power_watts: float | None
     price_per_chip_hour: float | None  # USD, a default: a user's own price (override) wins
     sources: dict[str, dict[str, str]]  # field -> {"source": ..., "read": "YYYY-MM-DD"}; treat as read-only
+    trains: bool = True  # False for an inference-only chip: the planner refuses to plan training on it
+    libtpu_topology: LibtpuTopology | None = None  # how libtpu names this TPU's slices (plan --aot); None: unknown
     notes: str = ""
 
     def peak_tflops_per_device(self, dtype: str = "bf16") -> float | None:
@@ -127,7 +116,39 @@ class Accelerator:
 
 
 # ---------------------------------------------------------------------------------------------
-# Validation
+# Validation against the schema: the dataclasses' type hints
+
+
+@functools.cache
+def _schema(cls: type) -> dict[str, tuple[Any, bool]]:
+    """Field name -> (the type a non-null value must have, whether it may be null): (X, True) for `X | None`."""
+    schema = {}
+    for name, hint in typing.get_type_hints(cls).items():
+        others = [a for a in typing.get_args(hint) if a is not type(None)]
+        schema[name] = (others[0], True) if len(others) < len(typing.get_args(hint)) else (hint, False)
+    return schema
+
+
+def _figures(cls: type = Accelerator, prefix: str = "") -> list[str]:
+    """Every numeric field ("fabric.gbps_per_chip" for nested ones): each non-null one needs a source."""
+    out = []
+    for name, (tp, _) in _schema(cls).items():
+        if dataclasses.is_dataclass(tp):
+            out += _figures(tp, f"{prefix}{name}.")
+        elif tp in (int, float):
+            out.append(prefix + name)
+    return out
+
+
+_FIGURES = _figures()
+_CHOICES = {"platform": PLATFORMS, "fabric.kind": FABRIC_KINDS}
+# What a scalar of each type must be in the YAML, and how to fix one that is not.
+_WANT = {
+    str: ("a non-empty string", "quote it as text"),
+    int: ("a whole number", "write a whole number or null"),
+    float: ("a number", "write a number or null"),
+    bool: ("true or false", "write true or false"),
+}
 
 
 def _fail(acc_id: str, field: str, problem: str, fix: str) -> ConfigError:
@@ -135,147 +156,118 @@ def _fail(acc_id: str, field: str, problem: str, fix: str) -> ConfigError:
     return ConfigError(" ".join(msg.split()))  # always one line
 
 
-def _check_value(acc_id: str, field: str, value: Any, kind: str, nullable: bool) -> None:
+def _check_section(acc_id: str, cls: type, values: Mapping, prefix: str = "") -> None:
+    """One YAML mapping against the dataclass `cls`: no unknown fields, the required ones present, each typed."""
+    schema = _schema(cls)
+    for name in values:
+        if name not in schema:
+            what = prefix[:-1] or "catalog"
+            raise _fail(acc_id, f"{prefix}{name}", f"is not a {what} field", f"use one of {', '.join(schema)}")
+    for f in dataclasses.fields(cls):
+        if f.name not in values and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise _fail(acc_id, prefix + f.name, "is missing", "add it (write null if not published)")
+    for name, value in values.items():
+        _check_value(acc_id, prefix + name, value, *schema[name])
+
+
+def _check_value(acc_id: str, key: str, value: Any, tp: Any, nullable: bool) -> None:
     if value is None:
         if not nullable:
-            raise _fail(acc_id, field, "is null", "give a value (this field cannot be null)")
+            raise _fail(acc_id, key, "is null", "give a value (this field cannot be null)")
         return
-    if kind == "str":
-        if not isinstance(value, str) or not value.strip():
-            raise _fail(acc_id, field, f"must be a non-empty string, got {value!r}", "quote it as text")
-    elif kind in ("number", "int"):
-        ok_type = (int,) if kind == "int" else (int, float)
-        if isinstance(value, bool) or not isinstance(value, ok_type):
-            want = "a whole number" if kind == "int" else "a number"
-            raise _fail(acc_id, field, f"must be {want}, got {value!r}", f"write {want} or null")
-        if not value > 0:
-            raise _fail(
-                acc_id, field,
-                f"must be positive, got {value!r}",
-                "write a positive figure, or null if unknown",
-            )
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, Mapping):
+            raise _fail(acc_id, key, "must be a mapping", f"write {{{', '.join(_schema(tp))}}}")
+        _check_section(acc_id, tp, value, key + ".")
+    elif key == "device_kinds":
+        _check_regexes(acc_id, value)
+    elif key != "sources":  # sources are checked against the figures once the whole entry is known
+        try:
+            checked = check_typed_value(key, value, tp)
+        except ConfigError:
+            checked = None
+        # The validator converts loose input ("3e-4" to a number, 2.0 to an int, 7 to text), as `--set` needs;
+        # the catalog's YAML is typed, so a value it had to convert is a mistake. Only an int may stand for a float
+        # (and is kept as written).
+        as_is = type(checked) is type(value) or (tp is float and type(value) is int)
+        if checked is None or not as_is or (tp is str and not value.strip()):
+            want, fix = _WANT[tp]
+            raise _fail(acc_id, key, f"must be {want}, got {value!r}", fix)
+        if tp in (int, float) and not value > 0:
+            raise _fail(acc_id, key, f"must be positive, got {value!r}",
+                        "write a positive figure, or null if unknown")
+    if key in _CHOICES and value not in _CHOICES[key]:
+        raise _fail(acc_id, key, f"is {value!r}", f"use one of {', '.join(_CHOICES[key])}")
 
 
 def _check_regexes(acc_id: str, value: Any) -> None:
     if not isinstance(value, list) or not all(isinstance(p, str) and p for p in value):
-        raise _fail(
-            acc_id, "device_kinds",
-            f"must be a list of regex strings, got {value!r}",
-            'write e.g. ["NVIDIA B200"]',
-        )
+        raise _fail(acc_id, "device_kinds", f"must be a list of regex strings, got {value!r}",
+                    'write e.g. ["NVIDIA B200"]')
     for pattern in value:
         try:
             compiled = re.compile(pattern, re.IGNORECASE)
         except re.error as e:
-            raise _fail(
-                acc_id, "device_kinds",
-                f"regex {pattern!r} does not compile ({e})",
-                "fix the regular expression",
-            ) from None
+            raise _fail(acc_id, "device_kinds", f"regex {pattern!r} does not compile ({e})",
+                        "fix the regular expression") from None
         if compiled.fullmatch(""):
-            raise _fail(
-                acc_id, "device_kinds",
-                f"regex {pattern!r} matches the empty string",
-                "match only real device_kind strings",
-            )
+            raise _fail(acc_id, "device_kinds", f"regex {pattern!r} matches the empty string",
+                        "match only real device_kind strings")
 
 
 def _check_sources(acc_id: str, entry: Mapping[str, Any]) -> None:
     sources = entry["sources"]
     if not isinstance(sources, Mapping):
-        raise _fail(
-            acc_id, "sources",
-            "must be a mapping {field: {source, read}}",
-            "see accelerators.yaml for the form",
-        )
+        raise _fail(acc_id, "sources", "must be a mapping {field: {source, read}}",
+                    "see accelerators.yaml for the form")
     for key, src in sources.items():
-        if key not in _NUMERIC:
-            raise _fail(acc_id, f"sources.{key}", "names no numeric field", f"use one of {', '.join(_NUMERIC)}")
+        if key not in _FIGURES:
+            raise _fail(acc_id, f"sources.{key}", "names no numeric field", f"use one of {', '.join(_FIGURES)}")
         if not isinstance(src, Mapping) or not isinstance(src.get("source"), str) or not src["source"].strip():
-            raise _fail(
-                acc_id, f"sources.{key}",
-                "needs a non-empty 'source' text",
-                'write {source: "...", read: "YYYY-MM-DD"}',
-            )
-        read = src.get("read")
-        if not isinstance(read, _dt.date):
-            try:
-                _dt.date.fromisoformat(str(read))
-            except ValueError:
-                raise _fail(
-                    acc_id, f"sources.{key}.read",
-                    f"is not a date, got {read!r}",
-                    'write the date read as "YYYY-MM-DD"',
-                ) from None
-    fabric = entry["fabric"]
-    for key in _NUMERIC:
-        value = fabric.get(key[7:]) if key.startswith("fabric.") else entry.get(key)
+            raise _fail(acc_id, f"sources.{key}", "needs a non-empty 'source' text",
+                        'write {source: "...", read: "YYYY-MM-DD"}')
+        try:
+            _dt.date.fromisoformat(str(src.get("read")))  # str(): YAML reads an unquoted date as a date
+        except ValueError:
+            raise _fail(acc_id, f"sources.{key}.read", f"is not a date, got {src.get('read')!r}",
+                        'write the date read as "YYYY-MM-DD"') from None
+    for key in _FIGURES:
+        section, _, name = key.rpartition(".")  # "fabric", "gbps_per_chip"; a top-level field has no section
+        value = (entry.get(section) or {}).get(name) if section else entry.get(key)
         if value is not None and key not in sources:
-            raise _fail(
-                acc_id, key,
-                f"figure {value!r} has no source",
-                f"add sources.{key}: {{source: ..., read: YYYY-MM-DD}}",
-            )
+            raise _fail(acc_id, key, f"figure {value!r} has no source",
+                        f"add sources.{key}: {{source: ..., read: YYYY-MM-DD}}")
 
 
-def _validate_entry(entry: Any, index: int) -> None:
-    acc_id = entry.get("id") if isinstance(entry, Mapping) else None
-    if not isinstance(acc_id, str) or not acc_id:
-        raise ConfigError(f"accelerator catalog: entry #{index} has no string 'id'; give every entry an id")
-    for field in entry:
-        if field not in _FIELDS:
-            raise _fail(acc_id, field, "is not a catalog field", f"use one of {', '.join(_FIELDS)}")
-    for field, (kind, nullable) in _FIELDS.items():
-        if field not in entry:
-            if field in _OPTIONAL:
-                continue
-            raise _fail(acc_id, field, "is missing", "add it (write null if not published)")
-        value = entry[field]
-        if kind == "regex_list":
-            _check_regexes(acc_id, value)
-        elif kind == "fabric":
-            if not isinstance(value, Mapping):
-                raise _fail(
-                    acc_id, "fabric",
-                    "must be a mapping",
-                    "write {name, gbps_per_chip, topology, domain_chips}",
-                )
-            for sub in value:
-                if sub not in _FABRIC_FIELDS:
-                    raise _fail(
-                        acc_id, f"fabric.{sub}",
-                        "is not a fabric field",
-                        f"use one of {', '.join(_FABRIC_FIELDS)}",
-                    )
-            for sub, (sub_kind, sub_null) in _FABRIC_FIELDS.items():
-                if sub not in value:
-                    raise _fail(acc_id, f"fabric.{sub}", "is missing", "add it (write null if not published)")
-                _check_value(acc_id, f"fabric.{sub}", value[sub], sub_kind, sub_null)
-        elif kind != "sources":
-            _check_value(acc_id, field, value, kind, nullable)
-    if entry["platform"] not in PLATFORMS:
-        raise _fail(acc_id, "platform", f"is {entry['platform']!r}", f"use one of {', '.join(PLATFORMS)}")
-    _check_sources(acc_id, entry)
+def _make(cls: type, values: Mapping) -> Any:
+    """A validated mapping as the dataclass `cls`, nested sections included."""
+    kwargs = {}
+    for name, value in values.items():
+        tp, _ = _schema(cls)[name]
+        kwargs[name] = _make(tp, value) if value is not None and dataclasses.is_dataclass(tp) else value
+    return cls(**kwargs)
 
 
 def _build(entries: Any) -> dict[str, Accelerator]:
     if not isinstance(entries, list) or not entries:
-        raise ConfigError(
-            "accelerator catalog: 'accelerators' must be a non-empty list of entries; see accelerators.yaml"
-        )
+        raise ConfigError("accelerator catalog: 'accelerators' must be a non-empty list of entries; "
+                          "see accelerators.yaml")
     catalog: dict[str, Accelerator] = {}
     for i, entry in enumerate(entries):
-        _validate_entry(entry, i)
-        if entry["id"] in catalog:
-            raise _fail(entry["id"], "id", "appears twice", "give every chip a unique id")
-        fields = {k: v for k, v in entry.items() if k not in ("fabric", "sources", "device_kinds")}
+        acc_id = entry.get("id") if isinstance(entry, Mapping) else None
+        if not isinstance(acc_id, str) or not acc_id:
+            raise ConfigError(f"accelerator catalog: entry #{i} has no string 'id'; give every entry an id")
+        _check_section(acc_id, Accelerator, entry)
+        fabric = entry["fabric"]
+        if fabric["gbps_per_chip"] is not None and fabric["kind"] is None:  # the planner would see no bandwidth
+            raise _fail(acc_id, "fabric.kind", "is null but fabric.gbps_per_chip is given",
+                        f"say how the chips are wired: one of {', '.join(FABRIC_KINDS)}")
+        _check_sources(acc_id, entry)
+        if acc_id in catalog:
+            raise _fail(acc_id, "id", "appears twice", "give every chip a unique id")
         sources = {k: {"source": v["source"], "read": str(v["read"])} for k, v in entry["sources"].items()}
-        catalog[entry["id"]] = Accelerator(
-            **fields,
-            device_kinds=tuple(entry["device_kinds"]),
-            fabric=Fabric(**entry["fabric"]),
-            sources=sources,
-        )
+        kinds = tuple(entry["device_kinds"])
+        catalog[acc_id] = _make(Accelerator, {**entry, "device_kinds": kinds, "sources": sources})
     return catalog
 
 
@@ -283,22 +275,10 @@ def _build(entries: Any) -> dict[str, Accelerator]:
 # Loading and overrides
 
 
-def _read_yaml(path: Path, what: str) -> Any:
-    try:
-        text = path.read_text()
-    except OSError as e:
-        raise ConfigError(f"cannot read {what} {path}: {e.strerror or e}; check the path") from None
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise ConfigError(" ".join(f"{what} {path} is not valid YAML ({e}); fix the syntax".split())) from None
-
-
 @functools.lru_cache(maxsize=1)
 def _default_entries() -> tuple[dict, ...]:
     text = resources.files(__name__).joinpath("accelerators.yaml").read_text()
-    data = yaml.safe_load(text)
-    return tuple(data["accelerators"])
+    return tuple(yaml.safe_load(text)["accelerators"])
 
 
 @functools.lru_cache(maxsize=1)
@@ -307,77 +287,55 @@ def _default_catalog() -> Mapping[str, Accelerator]:
 
 
 def _apply_overrides(entries: list[dict], overrides: Any, origin: str) -> None:
+    """Merge {id: {field: value}} into the raw entries; _build then checks them like the shipped ones."""
     if not isinstance(overrides, Mapping):
-        raise ConfigError(
-            f"accelerator overrides ({origin}) must be a mapping {{id: {{field: value}}}}; "
-            "e.g. h100-sxm: {price_per_chip_hour: 2.1}"
-        )
+        raise ConfigError(f"accelerator overrides ({origin}) must be a mapping {{id: {{field: value}}}}; "
+                          "e.g. h100-sxm: {price_per_chip_hour: 2.1}")
     by_id = {e["id"]: e for e in entries}
+    settable = [f for f in _schema(Accelerator) if f != "id"]
     today = _dt.date.today().isoformat()
     for acc_id, changes in overrides.items():
         if acc_id not in by_id:
             raise ConfigError(f"accelerator overrides ({origin}): unknown id {acc_id!r}; valid ids: {', '.join(by_id)}")
         if not isinstance(changes, Mapping):
-            raise _fail(
-                acc_id, "(override)",
-                f"must be a mapping of field: value, got {changes!r}",
-                "write e.g. {price_per_chip_hour: 2.1}",
-            )
+            raise _fail(acc_id, "(override)", f"must be a mapping of field: value, got {changes!r}",
+                        "write e.g. {price_per_chip_hour: 2.1}")
         entry = by_id[acc_id]
         for field, value in changes.items():
-            if field not in _FIELDS or field == "id":
-                settable = ", ".join(f for f in _FIELDS if f != "id")
-                fix = "the id cannot be overridden" if field == "id" else f"use one of {settable}"
+            if field not in settable:
+                fix = "the id cannot be overridden" if field == "id" else f"use one of {', '.join(settable)}"
                 raise _fail(acc_id, str(field), "is not a field an override can set", fix)
-            if field == "fabric":
-                if not isinstance(value, Mapping):
-                    raise _fail(
-                        acc_id, "fabric",
-                        "override must be a mapping",
-                        "write e.g. {fabric: {gbps_per_chip: 400}}",
-                    )
-                for sub, sub_value in value.items():
-                    if sub not in _FABRIC_FIELDS:
-                        raise _fail(
-                            acc_id, f"fabric.{sub}",
-                            "is not a fabric field",
-                            f"use one of {', '.join(_FABRIC_FIELDS)}",
-                        )
-                    entry["fabric"][sub] = sub_value
-                    _note_override_source(entry, f"fabric.{sub}", changes, origin, today)
-            elif field == "sources":
-                if not isinstance(value, Mapping):
-                    raise _fail(
-                        acc_id, "sources",
-                        "override must be a mapping",
-                        "write {field: {source: ..., read: YYYY-MM-DD}}",
-                    )
-                entry["sources"].update(value)
-            else:
-                entry[field] = value
-                _note_override_source(entry, field, changes, origin, today)
-
-
-def _note_override_source(entry: dict, key: str, changes: Mapping, origin: str, today: str) -> None:
-    """An overridden figure is sourced to the override unless the override names its own source."""
-    given = changes.get("sources")
-    if key in _NUMERIC and not (isinstance(given, Mapping) and key in given):
-        entry["sources"][key] = {"source": f"user override ({origin})", "read": today}
+            if field == "sources":
+                continue  # merged below, after the figures, so that a source the override names wins
+            old = entry.get(field)
+            merge = isinstance(value, Mapping) and isinstance(old, Mapping)  # a section: only the fields given change
+            entry[field] = {**old, **value} if merge else value
+            for key in [f"{field}.{sub}" for sub in value] if isinstance(value, Mapping) else [field]:
+                if key in _FIGURES:
+                    entry["sources"][key] = {"source": f"user override ({origin})", "read": today}
+        given = changes.get("sources", {})
+        entry["sources"] = {**entry["sources"], **given} if isinstance(given, Mapping) else given
 
 
 def load_catalog(overrides: Mapping | str | Path | None = None) -> dict[str, Accelerator]:
     """The catalog as {id: Accelerator}, validated; raises ConfigError naming the id and field.
 
     overrides: a YAML file path or a dict {id: {field: value}} (e.g. a negotiated price, measured
-    power); fabric fields nest ({"fabric": {"gbps_per_chip": 400}}). Overridden figures are validated
-    like the shipped ones and sourced to the override. Unknown ids or fields raise ConfigError.
+    power); the fields of a section nest ({"fabric": {"gbps_per_chip": 400}}) and only those given
+    change. Overridden figures are validated like the shipped ones and sourced to the override.
+    Unknown ids or fields raise ConfigError.
     """
     if overrides is None:
         return dict(_default_catalog())
     origin = "dict"
     if isinstance(overrides, (str, Path)):
-        origin = str(overrides)
-        overrides = _read_yaml(Path(overrides), "accelerator overrides file")
+        origin, what = str(overrides), f"accelerator overrides file {overrides}"
+        try:
+            overrides = yaml.safe_load(Path(overrides).read_text())
+        except OSError as e:
+            raise ConfigError(f"cannot read {what}: {e.strerror or e}; check the path") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(" ".join(f"{what} is not valid YAML ({e}); fix the syntax".split())) from None
         if overrides is None:  # an empty file overrides nothing
             return dict(_default_catalog())
     entries = copy.deepcopy(list(_default_entries()))
@@ -401,10 +359,8 @@ def find_by_device_kind(device_kind: str, catalog: Mapping[str, Accelerator] | N
     hits = [acc for acc in catalog.values() if acc.matches(device_kind)]
     if len(hits) > 1:
         ids = ", ".join(a.id for a in hits)
-        raise ConfigError(
-            f"accelerator catalog: device_kind {device_kind!r} matches several chips ({ids}); "
-            "make their device_kinds regexes disjoint"
-        )
+        raise ConfigError(f"accelerator catalog: device_kind {device_kind!r} matches several chips ({ids}); "
+                          "make their device_kinds regexes disjoint")
     return hits[0] if hits else None
 
 

@@ -14,11 +14,13 @@ from tokenizers import Tokenizer
 
 from chipwise.config import DataConfig
 from chipwise.data.cache import default_cache_dir
-from chipwise.data.corpus import load_corpus
+from chipwise.data.corpus import Document, load_corpus
 from chipwise.data.loader import TrainIterator, eval_batches
-from chipwise.data.packing import cached_tokens, tokens_key
-from chipwise.data.tokenizer import EOS_TOKEN, cached_tokenizer, eos_id, load_tokenizer, tokenizer_fingerprint
+from chipwise.data.packing import cached_tokens, pack_documents, tokens_key
+from chipwise.data.tokenizer import (EOS_TOKEN, cached_tokenizer, eos_id, load_tokenizer, tokenizer_fingerprint,
+                                     train_tokenizer)
 from chipwise.errors import DataError
+from chipwise.host_memory import should_offload
 
 __all__ = ["EOS_TOKEN", "PreparedData", "TrainIterator", "default_cache_dir", "eval_batches",
            "make_train_iterator", "prepare_data", "tokenizer_fingerprint"]
@@ -40,6 +42,32 @@ def _millions(n: int) -> str:
     return f"{n / 1e6:.1f}M" if n >= 100_000 else f"{n:,}"
 
 
+# Where tokenizer work runs is decided here, not in tokenizer.py and packing.py: the child process
+# (offload.py) calls back into those two, which therefore stay plain in-process code.
+
+
+def _offload():
+    # Imported on first use, not at the top: `python -m chipwise.data.offload` imports this package before it
+    # runs offload.py as __main__, and runpy warns when it finds that module already imported.
+    from chipwise.data import offload
+
+    return offload
+
+
+def train_tokenizer_in_best_process(docs: list[Document], vocab_size: int) -> Tokenizer:
+    """train_tokenizer, in a child process when this process's allocator would slow it (host_memory.py)."""
+    if should_offload(sum(len(d.text.encode()) for d in docs)):
+        return _offload().train_tokenizer([d.text for d in docs], vocab_size)
+    return train_tokenizer(docs, vocab_size)
+
+
+def pack_in_best_process(docs: list[Document], tok: Tokenizer) -> np.ndarray:
+    """pack_documents, in a child process when this process's allocator would slow it (host_memory.py)."""
+    if should_offload(sum(len(d.text) for d in docs)):
+        return _offload().pack([d.text for d in docs], tok)
+    return pack_documents(docs, tok)
+
+
 def prepare_data(data_cfg: DataConfig, vocab_size: int, log=print) -> PreparedData:
     """Read the corpus, get a tokenizer and the packed tokens, reusing the cache where it can."""
     cache_dir = default_cache_dir(data_cfg)
@@ -56,10 +84,12 @@ def prepare_data(data_cfg: DataConfig, vocab_size: int, log=print) -> PreparedDa
     else:
         # The split is part of the key: the tokenizer must never have seen the validation documents.
         name = f"{corpus.fingerprint[:32]}-val{data_cfg.val_fraction!r}-{vocab_size}.json"
-        tok = cached_tokenizer(corpus.train, vocab_size, cache_dir / "tokenizers" / name, log)
+        tok = cached_tokenizer(corpus.train, vocab_size, cache_dir / "tokenizers" / name, log,
+                               train=train_tokenizer_in_best_process)
     tok_fp = tokenizer_fingerprint(tok)
     key = tokens_key(corpus.fingerprint, tok_fp, data_cfg.val_fraction)
-    arrays = cached_tokens({"train": corpus.train, "val": corpus.val}, tok, key, cache_dir, log)
+    arrays = cached_tokens({"train": corpus.train, "val": corpus.val}, tok, key, cache_dir, log,
+                           pack=pack_in_best_process)
     ndocs = (len(corpus.train), len(corpus.val))
     kind = "files" if not data_cfg.sources else "documents"
     description = (f"{corpus.label}: {corpus.num_documents:,} {kind}, {corpus.num_bytes / 1e6:.1f} MB -> "

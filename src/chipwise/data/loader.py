@@ -84,11 +84,6 @@ class TrainIterator:
                             f"restore the original train settings or start a new run")
         self._iter.set_state({"next_index": int(state["step"])})
 
-    def close(self) -> None:
-        close = getattr(self._iter, "close", None)
-        if close is not None:
-            close()
-
 
 def eval_batches(val_tokens: np.ndarray, seq_len: int, batch_size: int, num_batches: int) -> list[dict]:
     """Fixed validation batches: windows spread evenly over the whole split, no shuffle.

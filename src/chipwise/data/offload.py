@@ -1,5 +1,8 @@
 """Tokenizer training and packing in a child process that has the C library's default allocator.
 
+Whether to use it is chipwise.data's decision (prepare_data); tokenizer.py and packing.py, which the child runs,
+know nothing of it.
+
 A process that keeps freed memory (chipwise/host_memory.py) has one malloc arena, and the tokenizers library's
 Rust threads then queue for its lock (3x slower on the stdlib corpus). The child is a plain interpreter
 (`python -m chipwise.data.offload`), not multiprocessing, which would re-import the caller's main script.
@@ -18,6 +21,8 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Tokenizer
 
+from chipwise.data import packing, tokenizer
+from chipwise.data.corpus import Document
 from chipwise.errors import DataError
 
 EXIT_DATA_ERROR = 2
@@ -56,9 +61,6 @@ def pack(texts: list[str], tok: Tokenizer) -> np.ndarray:
 
 
 def _child(command: str, tmp: Path) -> int:
-    from chipwise.data import packing, tokenizer
-    from chipwise.data.corpus import Document
-
     docs = [Document(name=str(i), text=t) for i, t in enumerate(json.loads((tmp / "texts.json").read_text()))]
     try:
         if command == "train":

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,6 @@ from tokenizers import Tokenizer
 from chipwise.data.cache import atomic_path
 from chipwise.data.corpus import Document
 from chipwise.data.tokenizer import eos_id
-from chipwise.host_memory import should_offload
 
 _CHUNK_CHARS = 8 * 2**20  # text per encode_batch call: parallel enough, without holding every Encoding at once
 
@@ -68,9 +68,12 @@ def _save(path: Path, array: np.ndarray) -> None:
             np.save(f, array)
 
 
-def cached_tokens(splits: dict[str, list[Document]], tok: Tokenizer, key: str, cache_dir: Path,
-                  log=print) -> dict[str, np.ndarray]:
-    """{split: read-only memmap of packed tokens}, tokenizing only the splits missing from the cache."""
+def cached_tokens(splits: dict[str, list[Document]], tok: Tokenizer, key: str, cache_dir: Path, log=print,
+                  pack: Callable[[list[Document], Tokenizer], np.ndarray] = pack_documents) -> dict[str, np.ndarray]:
+    """{split: read-only memmap of packed tokens}, tokenizing only the splits missing from the cache.
+
+    `pack` tokenizes one split; the caller chooses where it runs (chipwise.data runs large splits in a child).
+    """
     paths = {name: cache_dir / "tokens" / f"{key}-{name}.npy" for name in splits}
     missing = [name for name, path in paths.items() if not path.is_file()]
     if missing:
@@ -78,12 +81,7 @@ def cached_tokens(splits: dict[str, list[Document]], tok: Tokenizer, key: str, c
         log(f"tokens: tokenizing {', '.join(missing)} ({size / 1e6:.1f} MB)...")
         start = time.perf_counter()
         for name in missing:
-            if should_offload(sum(len(d.text) for d in splits[name])):
-                from chipwise.data import offload as child
-
-                _save(paths[name], child.pack([d.text for d in splits[name]], tok))
-            else:
-                _save(paths[name], pack_documents(splits[name], tok))
+            _save(paths[name], pack(splits[name], tok))
         log(f"tokens: tokenized in {time.perf_counter() - start:.1f} s")
     arrays = {name: np.load(path, mmap_mode="r") for name, path in paths.items()}
     if not missing:

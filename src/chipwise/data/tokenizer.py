@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -15,7 +16,6 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from chipwise.data.cache import atomic_path
 from chipwise.data.corpus import Document
 from chipwise.errors import DataError
-from chipwise.host_memory import should_offload
 
 EOS_TOKEN = "<|endoftext|>"
 MIN_VOCAB = 257  # the 256 byte symbols plus EOS
@@ -83,8 +83,12 @@ def load_tokenizer(path: str) -> Tokenizer:
     return tok
 
 
-def cached_tokenizer(docs: list[Document], vocab_size: int, cache_file: Path, log=print) -> Tokenizer:
-    """Train once per (corpus, split, vocab); later runs read the cached tokenizer.json."""
+def cached_tokenizer(docs: list[Document], vocab_size: int, cache_file: Path, log=print,
+                     train: Callable[[list[Document], int], Tokenizer] = train_tokenizer) -> Tokenizer:
+    """Train once per (corpus, split, vocab); later runs read the cached tokenizer.json.
+
+    `train` trains on the sample; the caller chooses where it runs (chipwise.data trains large ones in a child).
+    """
     if cache_file.is_file():
         try:
             tok = Tokenizer.from_file(str(cache_file))
@@ -98,12 +102,7 @@ def cached_tokenizer(docs: list[Document], vocab_size: int, cache_file: Path, lo
     log(f"tokenizer: training a byte-level BPE with {vocab_size:,} tokens on {len(sample):,} documents, "
         f"{size / 1e6:.1f} MB{part}...")
     start = time.perf_counter()
-    if should_offload(size):
-        from chipwise.data import offload as child
-
-        tok = child.train_tokenizer([d.text for d in sample], vocab_size)
-    else:
-        tok = train_tokenizer(sample, vocab_size)
+    tok = train(sample, vocab_size)
     with atomic_path(cache_file) as tmp:
         tok.save(str(tmp))
     log(f"tokenizer: trained in {time.perf_counter() - start:.1f} s")

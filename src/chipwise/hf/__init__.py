@@ -23,21 +23,19 @@ def export_run(run_dir: str, out: str, max_shard_size: str = "5GB", overwrite: b
     import jax
 
     from chipwise.hf.convert import hf_config
-    from chipwise.sample import load_params
-    from chipwise.train.loop import TOKENIZER_FILE, load_run_config
+    from chipwise.run_dir import RunDir
 
-    run = Path(run_dir)
-    cfg = load_run_config(run)
+    run = RunDir(run_dir)
+    cfg = run.read_config()
     hf_config(cfg.model, None)  # a model HF Llama cannot hold fails here, before any work
     limit = parse_size(max_shard_size)
-    if not (run / TOKENIZER_FILE).is_file():
-        raise ChipwiseError(f"{run} has no {TOKENIZER_FILE}; it is not a complete chipwise run directory")
+    run.read_tokenizer()  # a run without its tokenizer cannot be exported: say so before any work
     out_dir = Path(out)
     prepare_out_dir(out_dir, overwrite, check_only=True)  # fail fast, and touch nothing before the weights load
-    params, _ = load_params(run, cfg)
+    params, _ = run.latest_params(cfg)
     params = jax.tree.map(lambda x: jax.device_get(x), params)
     prepare_out_dir(out_dir, overwrite)
-    return write_checkpoint(out_dir, cfg.model, params, run / TOKENIZER_FILE, limit)
+    return write_checkpoint(out_dir, cfg.model, params, run.tokenizer_file, limit)
 
 
 def init_overrides(hf_dir: str) -> list[str]:

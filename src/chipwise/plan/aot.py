@@ -10,20 +10,25 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
+from chipwise import catalog
 from chipwise.errors import ChipwiseError
 from chipwise.flops import training_flops_per_token
 from chipwise.plan.memory import GIB
 
-# catalog id -> libtpu's topology prefix, and how many torus dimensions its slices name.
-TOPOLOGIES = {"tpu-v4": ("v4", 3), "tpu-v5e": ("v5e", 2), "tpu-v5p": ("v5p", 3), "tpu-v6e": ("v6e", 2)}
 DISAGREEMENT = 0.25  # relative gap between model and XLA shown as a warning
 
 
-def topology_name(acc_id: str, chips: int) -> str:
-    """The slice name for `chips` chips: v5e:4x4 for 16, v5p:2x2x4 for 16 (as square as the chip count allows)."""
-    if acc_id not in TOPOLOGIES:
-        raise ChipwiseError(f"--aot knows the topologies of {', '.join(TOPOLOGIES)}, not {acc_id}")
-    prefix, dims = TOPOLOGIES[acc_id]
+def topology_name(acc: catalog.Accelerator | str, chips: int) -> str:
+    """The slice name for `chips` chips: v5e:4x4 for 16, v5p:2x2x4 for 16 (as square as the chip count allows).
+
+    acc: the chip, or its id in the shipped catalog; its catalog entry's libtpu_topology gives the name's parts.
+    """
+    acc = catalog.get(acc) if isinstance(acc, str) else acc
+    if acc.libtpu_topology is None:
+        known = [a.id for a in catalog.load_catalog().values() if a.libtpu_topology and a.id != acc.id]
+        raise ChipwiseError(f"--aot knows the topologies of {', '.join(known)}, not {acc.id} (its catalog entry has "
+                            "no libtpu_topology); plan one of those")
+    prefix, dims = acc.libtpu_topology.prefix, acc.libtpu_topology.dims
     if chips & (chips - 1):
         raise ChipwiseError(f"--aot needs a power-of-two chip count for a {prefix} slice, got {chips}")
     exps = [0] * dims
@@ -51,7 +56,7 @@ class AotResult:
 
 
 def _require_libtpu():
-    from chipwise.cli import quiet_libtpu_off_tpu
+    from chipwise.process import quiet_libtpu_off_tpu
 
     quiet_libtpu_off_tpu()
     try:
@@ -64,12 +69,8 @@ def _require_libtpu():
 
 def compile_for_topology(cfg, topology: str, mesh_sizes: dict[str, int]):
     """Compile chipwise's train step for `topology`; returns (compiled, attention name)."""
-    import jax
-    import jax.numpy as jnp
-
-    from chipwise import attention
-    from chipwise.sharding import MESH_AXES, use_mesh
-    from chipwise.train.step import build_steps
+    from chipwise.sharding import MESH_AXES
+    from chipwise.train.compiled_step import build_train_step
 
     topologies = _require_libtpu()
     try:
@@ -77,20 +78,9 @@ def compile_for_topology(cfg, topology: str, mesh_sizes: dict[str, int]):
     except Exception as e:  # noqa: BLE001 - libtpu missing or the name unknown: both a user-fixable setup issue
         raise ChipwiseError(" ".join(f"--aot cannot describe TPU topology {topology}: {e}. Install the tpu "
                                      "extra (pip install 'chipwise[tpu]')".split())[:400]) from None
-    shape = tuple(mesh_sizes[a] for a in MESH_AXES)
-    mesh = topologies.make_mesh(topo, shape, MESH_AXES)
-    m, t = cfg.model, cfg.train
-    choice = attention.select("tpu", seq_len=t.seq_len, head_dim=m.head_dim, num_heads=m.num_heads,
-                              num_kv_heads=m.num_kv_heads, dtype=jnp.bfloat16)
-    steps = build_steps(cfg, mesh, choice.fn, jnp.bfloat16)  # outside the mesh context: it runs eager setup code
-    with use_mesh(mesh):
-        shapes = jax.eval_shape(steps.init)
-        state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes,
-                             steps.state_shardings)
-        tokens = jax.ShapeDtypeStruct((t.batch_size, t.seq_len + 1), jnp.int32, sharding=steps.batch_sharding)
-        no_fault = jax.ShapeDtypeStruct((), jnp.float32)  # the step's NaN-injection input (0.0 in real runs)
-        compiled = steps.train.lower(state, tokens, no_fault).compile()
-    return compiled, choice.name
+    mesh = topologies.make_mesh(topo, tuple(mesh_sizes[a] for a in MESH_AXES), MESH_AXES)
+    step = build_train_step(cfg, mesh, "tpu").compile()
+    return step.train, step.attention.name
 
 
 def aot_check(req, row) -> AotResult:
@@ -101,7 +91,7 @@ def aot_check(req, row) -> AotResult:
     if layout.pipeline > 1:
         raise ChipwiseError(f"--aot: the plan for {acc.id} uses pipeline={layout.pipeline}, which chipwise's "
                             "trainer does not run; pin a mesh without pipeline (--mesh ...,pipeline=1)")
-    topology = topology_name(acc.id, layout.chips)
+    topology = topology_name(acc, layout.chips)  # the run's catalog, overrides included
     cfg = from_dict({"model": asdict(req.model) | {"max_seq_len": max(req.model.max_seq_len, req.seq_len)},
                      "train": {"batch_size": req.global_batch, "seq_len": req.seq_len, "dtype": "bfloat16",
                                "remat": layout.remat, "grad_accum": layout.microbatches}})

@@ -47,13 +47,14 @@ PLATFORMS: dict[str, PlatformAssumptions] = {
 # Chips whose matrix unit is 256x256 (Trillium and Ironwood TensorCores: Google's v6e and v7 docs).
 TILE_OVERRIDES = {"tpu-v6e": 256, "tpu-v7": 256}
 
-# Share of a fabric's one-way, all-links-summed bandwidth one collective over one mesh axis achieves.
-#  - NVSwitch / NeuronSwitch (all-to-all): NCCL's ring all-reduce bus bandwidth is ~80% of NVLink's
+# Share of a fabric's one-way, all-links-summed bandwidth one collective over one mesh axis achieves, by the
+# catalog's fabric.kind:
+#  - switched (NVSwitch, NeuronSwitch: all-to-all): NCCL's ring all-reduce bus bandwidth is ~80% of NVLink's
 #    (nccl-tests on DGX H100: ~360-370 of 450 GB/s).
-#  - Torus (TPU ICI, NeuronLink): a ring along one torus dimension uses 2 of the chip's 4 (2D) or 6 (3D) links;
+#  - torus (TPU ICI, NeuronLink): a ring along one torus dimension uses 2 of the chip's 4 (2D) or 6 (3D) links;
 #    XLA spreads an axis over several dimensions when the mesh allows, so we take half of the summed links.
 #  - ring: both links of the ring.
-FABRIC_EFFICIENCY = {"switch": 0.8, "torus": 0.5, "ring": 0.8}
+FABRIC_EFFICIENCY = {"switched": 0.8, "torus": 0.5, "ring": 0.8}
 # Data-centre network (EFA, DCN): ~70% of line rate for large collectives (AWS EFA NCCL tests).
 NETWORK_EFFICIENCY = 0.7
 # Per-collective latency (s): NVLink/ICI collectives cost a few microseconds; across the network tens.

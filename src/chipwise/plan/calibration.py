@@ -168,24 +168,19 @@ class TrainStepTimer:
     once and warmed up; `run(n)` times n steps and keeps the fastest seen so far."""
 
     def __init__(self, model: ModelConfig, seq_len: int, batch: int, device, dtype_name: str):
-        from chipwise import attention
         from chipwise.config import MeshConfig, from_dict
         from chipwise.sharding import make_mesh, use_mesh
-        from chipwise.train.step import build_steps
+        from chipwise.train.compiled_step import build_train_step
 
         cfg = from_dict({"model": asdict(model), "train": {"batch_size": batch, "seq_len": seq_len,
                                                            "dtype": dtype_name}})
-        mesh = make_mesh(MeshConfig(), [device])
-        dtype = jnp.dtype(dtype_name)
-        attend = attention.select(device.platform, seq_len=seq_len, head_dim=model.head_dim,
-                                  num_heads=model.num_heads, num_kv_heads=model.num_kv_heads, dtype=dtype).fn
-        with use_mesh(mesh):
-            s = build_steps(cfg, mesh, attend, dtype)
-            self.state = s.init()
+        step = build_train_step(cfg, make_mesh(MeshConfig(), [device]), device.platform).compile()
+        with use_mesh(step.mesh, step.rules):
+            self.state = step.steps.init()
             rows = np.random.default_rng(0).integers(0, model.vocab_size, (batch, seq_len + 1), dtype=np.int32)
-            self.tokens = jax.device_put(rows, s.batch_sharding)
-            self.clean = np.float32(0.0)  # the step's fault-injection input: no fault
-            self.step = s.train.lower(self.state, self.tokens, self.clean).compile()
+            self.tokens = jax.device_put(rows, step.steps.batch_sharding)
+        self.clean = np.float32(0.0)  # the step's fault-injection input: no fault
+        self.step = step.train
         self.best = float("inf")
         self.run(2)  # warm-up: first calls touch fresh memory
         self.best = float("inf")
@@ -216,11 +211,6 @@ def build_timers(shapes: list[tuple[ModelConfig, int, int]], device, dtype_name:
 
     with ThreadPoolExecutor(max(1, min(len(shapes), usable_cores()))) as pool:
         return list(pool.map(lambda shape: TrainStepTimer(*shape, device, dtype_name), shapes))
-
-
-def measure_train_step(model: ModelConfig, seq_len: int, batch: int, device, dtype_name: str) -> float:
-    """Seconds of one train step of `model` (the fastest of 12, after two warm-ups)."""
-    return fastest_steps([TrainStepTimer(model, seq_len, batch, device, dtype_name)])[0]
 
 
 # ------------------------------------------------------------------------------------------- fitting

@@ -82,9 +82,10 @@ def chip_model(acc: Accelerator, calibration: dict | None = None) -> ChipModel:
                      source=f"calibrated ({calibration.get('path', 'profile')}, {calibration.get('measured_on', '?')})")
     if not cm.peak_tflops:
         raise ConfigError(f"accelerator {acc.id} has no published bf16 peak; run `chipwise bench` on it to "
-                          "calibrate, or set bf16_tflops with --override")
+                          f"calibrate, or set one with --catalog-set {acc.id}.bf16_tflops=TFLOPS")
     if not cm.hbm_tbps:
-        raise ConfigError(f"accelerator {acc.id} has no published HBM bandwidth; set hbm_tbps with --override")
+        raise ConfigError(f"accelerator {acc.id} has no published HBM bandwidth; "
+                          f"set it with --catalog-set {acc.id}.hbm_tbps=TB_PER_S")
     return cm
 
 
@@ -153,7 +154,7 @@ def _collective_time(chip: ChipModel, group: int, stride: int, bytes_per_chip: f
     acc = chip.accelerator
     factor = 2.0 if kind == "ar" else 1.0
     domain = acc.fabric.domain_chips or 1
-    fabric_bw = (acc.fabric.gbps_per_chip or 0) * 1e9 * _fabric_efficiency(acc.fabric.topology)
+    fabric_bw = (acc.fabric.gbps_per_chip or 0) * 1e9 * _fabric_efficiency(acc.fabric.kind)
     net_bw = (acc.scaleout_gbps_per_chip or 0) * 1e9 * A.NETWORK_EFFICIENCY
     local = max(1, min(group, domain // stride)) if stride <= domain else 1
     remote = group // local
@@ -170,13 +171,12 @@ def _collective_time(chip: ChipModel, group: int, stride: int, bytes_per_chip: f
     return t
 
 
-def _fabric_efficiency(topology: str | None) -> float:
-    text = (topology or "").lower()
-    if "torus" in text:
-        return A.FABRIC_EFFICIENCY["torus"]
-    if "ring" in text:
-        return A.FABRIC_EFFICIENCY["ring"]
-    return A.FABRIC_EFFICIENCY["switch"]
+def _fabric_efficiency(kind: str | None) -> float:
+    """The share of the fabric's bandwidth a collective gets, by how its chips are wired (catalog fabric.kind).
+
+    No kind means no fabric: the catalog then has no bandwidth either, so nothing is lost by counting none.
+    """
+    return A.FABRIC_EFFICIENCY[kind] if kind else 0.0
 
 
 def _strides(layout: Layout) -> dict[str, int]:

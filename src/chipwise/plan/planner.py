@@ -132,8 +132,10 @@ def catalog_overrides(path: str | None, settings: list[str]) -> dict | None:
             raise ConfigError(f"--catalog-set {text!r}: write ID.FIELD=VALUE, e.g. h100-sxm.price_per_chip_hour=2.1")
         parsed = yaml.safe_load(value) if value.strip() else None
         entry = merged.setdefault(acc_id, {})
-        if field.startswith("fabric."):
-            entry.setdefault("fabric", {})[field[7:]] = parsed
+        section, dot, sub = field.partition(".")
+        if dot:  # a field of a section (fabric.gbps_per_chip, libtpu_topology.dims): only it changes
+            current = entry.get(section)
+            entry[section] = {**(current if isinstance(current, dict) else {}), sub: parsed}
         else:
             entry[field] = parsed
     return merged or None
@@ -148,9 +150,10 @@ def plan(req: PlanRequest) -> list[PlanRow]:
     rows = []
     for acc_id in ids:
         acc = catalog.get(acc_id, cat)
-        if acc.id == "inf2":
-            raise ConfigError("inf2 (Inferentia2) is an inference chip: its Neuron SDK does not train; "
-                              "use trn1 (the same NeuronCore-v2) for a training plan")
+        if not acc.trains:
+            alternatives = [a.id for a in cat.values() if a.trains and a.platform == acc.platform] or ["another chip"]
+            raise ConfigError(f"{acc.id} ({acc.name}) is an inference chip (the catalog says trains: false); "
+                              f"use {', '.join(alternatives)} for a training plan")
         chip = chip_model(acc, find_profile(acc, req.calibration_dir))
         result = search(req.model, req.seq_len, req.global_batch, req.chips, chip, fixed=req.mesh, remats=remats,
                         microbatches=req.microbatches)

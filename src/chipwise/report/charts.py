@@ -1,4 +1,5 @@
-"""The report's figures, drawn with matplotlib's Agg backend (no display needed). Every run shares the axes.
+"""The report's figures, drawn with matplotlib's Agg backend (no display needed). Every run shares the axes,
+except a throughput far below the others' (see SHARED_PANEL_RATIO).
 
 Each function saves one PNG into `out` and returns its file name, or returns a sentence saying why there is
 nothing to draw (e.g. a CPU backend reports no device memory).
@@ -43,22 +44,62 @@ def loss(runs: list[Run], out: Path) -> str:
     return _save(fig, out, "loss.png")
 
 
-def throughput(runs: list[Run], out: Path) -> str:
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
-    by_time = all(run.elapsed_minutes(run.train()) is not None for run in runs)
+# Runs on different hardware can be 100x apart (65 tokens/s on a laptop CPU, 8,000 on an accelerator). On one
+# linear axis the slow run is a flat line at zero; a log axis would lift it, but would also shrink every run's
+# dips and stalls to a few pixels. So runs within 10x of each other share a panel, where their curves compare
+# directly, and a run 10x slower than those gets a panel of its own, linear from zero like the rest (the summary
+# table gives every run's tokens/s side by side).
+SHARED_PANEL_RATIO = 10
+
+
+def _panel_groups(levels: list[float | None]) -> list[list[int]]:
+    """Run indices by panel, fastest panel first: in each, the fastest run is at most SHARED_PANEL_RATIO x the
+    slowest. Runs with nothing to draw (level None) join the first panel rather than get an empty one."""
+    groups: list[list[int]] = []
+    for i in sorted((i for i, level in enumerate(levels) if level), key=lambda i: -levels[i]):
+        if groups and levels[i] * SHARED_PANEL_RATIO >= levels[groups[-1][0]]:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    idle = [i for i, level in enumerate(levels) if not level]
+    groups = groups or [[]]
+    groups[0] += idle
+    return [sorted(g) for g in groups]  # within a panel, the order the runs were given in
+
+
+def _median(values: list[float]) -> float | None:
+    values = sorted(v for v in values if v and v > 0)
+    return values[len(values) // 2] if values else None
+
+
+def throughput_figure(runs: list[Run]):
+    """The throughput panels (see SHARED_PANEL_RATIO) above one MFU panel, all sharing the x-axis."""
+    trains = [run.train() for run in runs]
+    groups = _panel_groups([_median([r["tokens_per_s"] for r in train]) for train in trains])
+    fig, axes = plt.subplots(len(groups) + 1, 1, figsize=(8, 3 * (len(groups) + 1)), sharex=True, squeeze=False)
+    panels, bottom = list(axes[:-1, 0]), axes[-1, 0]
+    by_time = all(run.elapsed_minutes(train) is not None for run, train in zip(runs, trains))
+    xs = [run.elapsed_minutes(train) if by_time else [r["step"] for r in train] for run, train in zip(runs, trains)]
+    for panel, group in zip(panels, groups):
+        for i in group:
+            panel.plot(xs[i], [r["tokens_per_s"] for r in trains[i]], color=_color(i), marker=".", label=runs[i].name)
+        panel.set(ylabel="tokens/s (all devices)")
+    # MFU is a fraction of each run's own hardware peak, so one axis compares every run fairly: a run near zero
+    # here really is using little of its devices.
     for i, run in enumerate(runs):
-        train = run.train()
-        x = run.elapsed_minutes(train) if by_time else [r["step"] for r in train]
-        top.plot(x, [r["tokens_per_s"] for r in train], color=_color(i), marker=".", label=run.name)
-        mfu = [(xi, r["mfu"] * 100) for xi, r in zip(x, train) if r.get("mfu") is not None]
+        mfu = [(xi, r["mfu"] * 100) for xi, r in zip(xs[i], trains[i]) if r.get("mfu") is not None]
         bottom.plot([p[0] for p in mfu], [p[1] for p in mfu], color=_color(i), marker=".", label=run.name)
-    top.set(ylabel="tokens/s (all devices)", title="Throughput and model FLOPs utilisation")
+    panels[0].set(title="Throughput and model FLOPs utilisation")
     bottom.set(ylabel="MFU (%)", xlabel="wall-clock minutes since the run began" if by_time else "step")
-    for ax in (top, bottom):
+    for ax in (*panels, bottom):
         ax.grid(alpha=0.3)
         ax.set_ylim(bottom=0)
         ax.legend(fontsize=8)
-    return _save(fig, out, "throughput.png")
+    return fig
+
+
+def throughput(runs: list[Run], out: Path) -> str:
+    return _save(throughput_figure(runs), out, "throughput.png")
 
 
 def step_time(runs: list[Run], out: Path) -> str:

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
 from chipwise.errors import ChipwiseError
+from chipwise.run_dir import RunDir
 
 
 @dataclass
@@ -78,32 +78,12 @@ class Run:
                 "evaluation": evals / steps}
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text()) if path.is_file() else {}
-    except json.JSONDecodeError:
-        return {}  # a run killed mid-write leaves a partial file; report what else there is
-
-
 def load_run(run_dir: str | Path) -> Run:
-    path = Path(run_dir)
-    config_file = path / "config.yaml"
-    if not config_file.is_file():
-        raise ChipwiseError(f"{run_dir} is not a chipwise run directory (no config.yaml)")
-    metrics_file = path / "metrics.jsonl"
-    if not metrics_file.is_file():
-        raise ChipwiseError(f"{run_dir} has no metrics.jsonl yet; report on a run that has started training")
-    records = []
-    for line in metrics_file.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # the last line of a run killed mid-write
-        if isinstance(record, dict) and "step" in record:
-            records.append(record)
-    text = config_file.read_text()
-    return Run(name=path.resolve().name, path=path, config=yaml.safe_load(text), config_text=text,
-               records=records, info=_read_json(path / "run_info.json"), summary=_read_json(path / "summary.json"))
+    run = RunDir(run_dir)
+    text = run.read_config_text()
+    records = run.read_metrics()
+    return Run(name=run.name, path=Path(run_dir), config=yaml.safe_load(text), config_text=text,
+               records=records, info=run.read_run_info(), summary=run.read_summary())
 
 
 def load_runs(run_dirs) -> list[Run]:

@@ -53,8 +53,7 @@ def _file_digests(step_dir: Path) -> dict[str, str]:
 
 
 class Checkpoints:
-    def __init__(self, directory: Path, keep: int, save_every: int, keep_every: int = 0,
-                 log: Callable[[str], None] = print):
+    def __init__(self, directory: Path, keep: int, keep_every: int = 0, log: Callable[[str], None] = print):
         self.directory = Path(directory).absolute()
         self.aside = self.directory.with_name(self.directory.name + "_set_aside")
         self.log = log
@@ -62,7 +61,9 @@ class Checkpoints:
         self._saving: int | None = None  # the step whose save is in flight (Orbax runs one at a time)
         keep_policies = [policies.LatestN(n=keep)] + ([policies.EveryNSteps(keep_every)] if keep_every else [])
         options = ocp.CheckpointManagerOptions(
-            save_interval_steps=save_every, enable_async_checkpointing=True, create=True,
+            # when a checkpoint is due is the training loop's decision alone (train/cadence.py): every save asked
+            # for is made
+            save_interval_steps=1, enable_async_checkpointing=True, create=True,
             preservation_policy=policies.AnyPreservationPolicy(keep_policies),
             cleanup_tmp_directories=True,  # a save cut short by a kill leaves STEP.orbax-checkpoint-tmp behind
             async_options=ocp.AsyncOptions(post_finalization_callback=self._write_checksums))

@@ -19,7 +19,8 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from chipwise.config import Config
+from chipwise import prng
+from chipwise.config import Config, ModelConfig, TrainConfig
 from chipwise.model import Transformer, param_axes
 from chipwise.sharding import batch_sharding, tree_shardings
 from chipwise.train.optimizer import learning_rate_schedule, make_optimizer
@@ -38,15 +39,41 @@ class Steps:
     eval: Callable  # (params, tokens) -> loss
     state_shardings: dict
     batch_sharding: NamedSharding
-    graphdef: nnx.GraphDef
+
+
+def abstract_model(m: ModelConfig):
+    """The model with abstract parameters (shapes and logical axes only, nothing allocated)."""
+    return nnx.eval_shape(lambda: Transformer(m, nnx.Rngs(params=prng.key(0))))
+
+
+def make_init(m: ModelConfig, t: TrainConfig, tx=None) -> Callable:
+    """The function that makes a run's initial train state; its structure is what every checkpoint holds."""
+    tx = tx or make_optimizer(t)
+
+    def init():
+        model = Transformer(m, nnx.Rngs(params=prng.key(t.seed)))
+        params = nnx.to_pure_dict(nnx.state(model))
+        # The run's PRNG state, stored as raw key data (Orbax saves plain arrays). The model draws no random
+        # numbers today (no dropout); the key still advances every step and is checkpointed, so anything
+        # stochastic added to the step resumes exactly.
+        rng = jax.random.key_data(jax.random.fold_in(prng.key(t.seed), 1))
+        return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params), "rng": rng}
+
+    return init
+
+
+def abstract_state(cfg: Config):
+    """(the train state as ShapeDtypeStructs, the model's graph definition): a restore target for checkpoints."""
+    graphdef, _ = nnx.split(abstract_model(cfg.model))
+    return jax.eval_shape(make_init(cfg.model, cfg.train)), graphdef
 
 
 def build_steps(cfg: Config, mesh: Mesh, attend: Callable, compute_dtype) -> Steps:
     m, t = cfg.model, cfg.train
-    abstract = nnx.eval_shape(lambda: Transformer(m, nnx.Rngs(params=0)))
-    graphdef, abstract_state = nnx.split(abstract)
+    abstract = abstract_model(m)
+    graphdef, abstract_params = nnx.split(abstract)
     axes = nnx.to_pure_dict(param_axes(abstract))
-    shapes = jax.tree.map(lambda x: x.shape, nnx.to_pure_dict(abstract_state))
+    shapes = jax.tree.map(lambda x: x.shape, nnx.to_pure_dict(abstract_params))
     param_shardings = tree_shardings(axes, shapes, mesh)
     tx = make_optimizer(t)
     schedule = learning_rate_schedule(t)
@@ -65,18 +92,11 @@ def build_steps(cfg: Config, mesh: Mesh, attend: Callable, compute_dtype) -> Ste
         logits = model(tokens[:, :-1], dtype=compute_dtype, attend=attend, remat=t.remat)
         return next_token_loss(logits, tokens[:, 1:])
 
-    def init():
-        model = Transformer(m, nnx.Rngs(params=t.seed))
-        params = nnx.to_pure_dict(nnx.state(model))
-        # The run's PRNG state, stored as raw key data (Orbax saves plain arrays). The model draws no random
-        # numbers today (no dropout); the key still advances every step and is checkpointed, so anything
-        # stochastic added to the step resumes exactly.
-        rng = jax.random.key_data(jax.random.fold_in(jax.random.key(t.seed), 1))
-        return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params), "rng": rng}
+    init = make_init(m, t, tx)
 
     def train_step(state, tokens, poison):
         params = state["params"]
-        _, next_rng = jax.random.split(jax.random.wrap_key_data(state["rng"]))
+        _, next_rng = jax.random.split(prng.wrap(state["rng"]))
 
         def poisoned_forward(params, tokens):
             # x * (1 + 0.0) is x exactly, so a clean step is unchanged; NaN reaches the loss and every gradient.
@@ -116,5 +136,4 @@ def build_steps(cfg: Config, mesh: Mesh, attend: Callable, compute_dtype) -> Ste
         eval=jax.jit(forward, in_shardings=(param_shardings, tokens_sharding), out_shardings=replicated),
         state_shardings=state_shardings,
         batch_sharding=tokens_sharding,
-        graphdef=graphdef,
     )

@@ -1,4 +1,4 @@
-"""The `chipwise export` and `chipwise report` subcommands (kept here so cli.py stays small).
+"""The subcommands that read a finished run directory: `chipwise export` and `chipwise report`.
 
 Both import their heavy modules only when run, so `chipwise --help` stays fast.
 """

@@ -1,0 +1,89 @@
+"""A run's set-up before its first step: devices, mesh, attention, hardware facts and data, every one of them
+checked before the run directory is touched; and the description of what ran (run_info.json, the header)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+from chipwise import data, efficiency, flops, provenance
+from chipwise.config import Config
+from chipwise.distributed import agree, barrier, is_leader
+from chipwise.sharding import make_mesh, platform_rules
+from chipwise.train.compiled_step import check_batch_fits, compute_dtype, select_attention
+
+
+@dataclass
+class RunSetup:
+    devices: list
+    platform: str
+    mesh: Any
+    rules: tuple  # the platform's logical-axis rules
+    dtype: Any  # compute dtype
+    attention: Any  # attention.AttentionChoice
+    hardware: efficiency.Hardware
+    flops: flops.FlopsPerToken
+
+
+def prepare_devices(cfg: Config) -> RunSetup:
+    """Everything about the devices the run needs; a config they cannot run fails here (ConfigError)."""
+    devices = jax.devices()
+    platform = devices[0].platform
+    mesh = make_mesh(cfg.mesh, devices)
+    check_batch_fits(cfg.train, mesh)
+    dtype = compute_dtype(cfg.train.dtype, platform)
+    choice = select_attention(cfg, platform, dtype)
+    barrier("measure-peak")  # processes sharing a CPU measure it together, so each sees its share
+    hardware = efficiency.resolve_hardware(devices, dtype, cfg.hardware)
+    return RunSetup(devices, platform, mesh, platform_rules(platform)["rules"], dtype, choice, hardware,
+                    flops.training_flops_per_token(cfg.model, cfg.train.seq_len))
+
+
+def prepare_data_everywhere(cfg: Config, log: Callable[[str], None]) -> data.PreparedData:
+    """Process 0 builds the tokenizer and token cache first; the others then find it where the cache is shared,
+    and must in any case end up with the very same tokens."""
+    if is_leader():
+        prepared = data.prepare_data(cfg.data, cfg.model.vocab_size, log=log)
+    barrier("data-prepared")
+    if not is_leader():
+        prepared = data.prepare_data(cfg.data, cfg.model.vocab_size, log=log)
+    agree(f"{prepared.tokenizer_fingerprint}:{len(prepared.train_tokens)}", "the tokenizer and tokens")
+    return prepared
+
+
+def describe(s: RunSetup, cfg: Config, prepared: data.PreparedData, compile_s: float) -> dict:
+    """run_info.json: what exactly ran, and against which peak, price and power it is measured."""
+    hw, m = s.hardware, cfg.model
+    return {
+        "devices": f"{hw.num_devices} x {hw.device_kind} ({hw.platform})",
+        "chips": hw.num_chips,
+        "mesh": dict(s.mesh.shape),
+        "compute_dtype": jnp.dtype(s.dtype).name,
+        "attention": s.attention.name,
+        "attention_fallback": s.attention.fallback_reason,
+        "params": flops.param_count(m),
+        "flops_per_token": s.flops.total,
+        "flops_convention": flops.CONVENTION,
+        "peak": hw.peak.describe(),
+        "peak_kind": hw.peak.kind,
+        "price_per_chip_hour": hw.price_per_chip_hour, "price_source": hw.price_source,
+        "power_watts_per_chip": hw.power_watts_per_chip, "power_source": hw.power_source,
+        "data": prepared.description,
+        "compile_time_s": compile_s,
+        "jax": jax.__version__,
+        "provenance": provenance.collect(s.devices),  # versions, git commit, devices: what exactly ran
+    }
+
+
+def header_lines(run_dir, info: dict) -> list[str]:
+    return [f"[bold]chipwise[/bold] run {run_dir}",
+            f"  devices   {info['devices']}, mesh {info['mesh']}, compute {info['compute_dtype']}, "
+            f"attention {info['attention']}",
+            f"  model     {info['params'] / 1e6:.2f}M parameters, "
+            f"{info['flops_per_token'] / 1e6:.1f} MFLOP per token ({info['flops_convention']})",
+            f"  peak      {info['peak']}",
+            f"  data      {info['data']}",
+            f"  compile   {info['compile_time_s']:.1f} s"]
