@@ -283,3 +283,9 @@ def test_override_sets_nested_sections_and_sources():
     with pytest.raises(ConfigError) as e:
         load_catalog({"tpu-v7": {"libtpu_topology": {"dims": 3}}})
     _one_line_config_error(e, "tpu-v7", "libtpu_topology.prefix", "missing")
+
+
+def test_a_non_finite_figure_is_refused():
+    for bad in (float("inf"), float("nan")):
+        with pytest.raises(ConfigError, match="h100-sxm.price_per_chip_hour: must be positive and finite"):
+            load_catalog({"h100-sxm": {"price_per_chip_hour": bad}})

@@ -44,6 +44,8 @@ def test_rollbacks_used_up_stop_the_run_as_diverged():
         g.check_rollback_allowed(max_rollbacks=2, checkpoint_steps=[5, 6])
     assert stopped.value.exit_code == EXIT_DIVERGED
     assert "2 non-finite steps in a row from step 7" in str(stopped.value) and "up to step 6" in str(stopped.value)
+    with pytest.raises(TrainingStopped, match="no checkpoint had been saved"):  # never "up to step 0"
+        g.check_rollback_allowed(max_rollbacks=2, checkpoint_steps=[])
 
 
 def test_the_guard_state_round_trips_through_a_checkpoint_record():

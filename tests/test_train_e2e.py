@@ -60,7 +60,7 @@ def test_train_resume_sample_and_run_dir_safety(tmp_path, corpus, capsys):
     assert "resumed from step 6" in out
     assert [r["step"] for r in read_metrics(run) if "loss" in r][-1] == 8
     summary = json.loads((run / "summary.json").read_text())
-    assert summary["tokens"] == 2 * 8 * 32
+    assert summary["tokens"] == 8 * 8 * 32 and summary["invocations"] == 2  # the whole run, both invocations
     expected = 2.5 / 3600 / summary["tokens_per_s"] * 1e6
     assert summary["usd_per_million_tokens"] == pytest.approx(expected)
     assert summary["kwh_per_million_tokens"] == pytest.approx(0.1 / 3600 / summary["tokens_per_s"] * 1e6)

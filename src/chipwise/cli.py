@@ -66,6 +66,9 @@ def _train(args) -> int:
     run_dir = args.resume
     if run_dir == "":  # bare --resume: the run named by the config
         run_dir = load_config(args.config, args.overrides).run_dir
+    if run_dir is not None and any(o.split("=", 1)[0].strip() in ("model", "model.preset") for o in args.overrides):
+        raise ChipwiseError("a resumed run keeps the model it was trained with: --set model / model.preset would be "
+                            "ignored; start a new run_dir for another model")
     if run_dir and not args.config:  # a run continues under its own saved config; --set may change e.g. steps
         saved = to_dict(RunDir(run_dir).read_config())
         cfg = from_dict(apply_overrides(saved, args.overrides + [f"run_dir={run_dir}"]))

@@ -6,6 +6,7 @@ Every problem is reported as one line (ConfigError) naming the key and how to fi
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -259,6 +260,31 @@ def validate_model(m: ModelConfig, where: str = "model") -> None:
         raise ConfigError(f"{where}.norm_eps and {where}.rope_theta must be positive")
 
 
+# The optimizer's numbers and their valid ranges. Each test is written so that NaN fails it (every comparison
+# with NaN is False): a NaN or an out-of-range value here trains without error and quietly ruins the run (a
+# negative min_lr_ratio drives the learning rate below zero, and the loss climbs). optax's
+# clip_by_global_norm scales every update to zero at a bound of 0, so 0 cannot mean "no clipping"; infinities
+# are refused too, as the config is also stored as JSON (checkpoint metadata), which has no infinity.
+_OPTIMIZER_RANGES = (
+    ("lr", lambda v: 0 < v < math.inf, "a positive finite number (the peak learning rate, e.g. 3e-4)"),
+    ("min_lr_ratio", lambda v: 0 <= v <= 1, "in [0, 1] (the final learning rate as a share of train.lr)"),
+    ("decay_fraction", lambda v: 0 < v <= 1, "in (0, 1] (the share of steps the wsd schedule spends decaying)"),
+    ("beta1", lambda v: 0 <= v < 1, "in [0, 1) (Adam's first-moment decay, e.g. 0.9)"),
+    ("beta2", lambda v: 0 <= v < 1, "in [0, 1) (Adam's second-moment decay, e.g. 0.95)"),
+    ("adam_eps", lambda v: 0 < v < math.inf, "a positive finite number (e.g. 1e-8)"),
+    ("weight_decay", lambda v: 0 <= v < math.inf, "zero or a positive finite number (e.g. 0.1; 0 turns it off)"),
+    ("grad_clip", lambda v: 0 < v < math.inf,
+     "a positive finite number (the largest global gradient norm allowed, e.g. 1.0; 1e9 leaves gradients as they are)"),
+)
+
+
+def _validate_optimizer(t: TrainConfig) -> None:
+    for name, ok, valid in _OPTIMIZER_RANGES:
+        value = getattr(t, name)
+        if not ok(value):
+            raise ConfigError(f"train.{name} must be {valid}, got {value}")
+
+
 def validate(cfg: Config) -> None:
     validate_model(cfg.model)
     t = cfg.train
@@ -281,8 +307,7 @@ def validate(cfg: Config) -> None:
                           f"got {t.inject_nan_batches}")
     if t.warmup_steps < 0:
         raise ConfigError(f"train.warmup_steps must be zero or more, got {t.warmup_steps}")
-    if t.lr <= 0:
-        raise ConfigError(f"train.lr must be positive, got {t.lr}")
+    _validate_optimizer(t)
     if t.seq_len > cfg.model.max_seq_len:
         raise ConfigError(f"train.seq_len ({t.seq_len}) exceeds model.max_seq_len ({cfg.model.max_seq_len}); "
                           f"lower train.seq_len or raise model.max_seq_len")
@@ -299,8 +324,8 @@ def validate(cfg: Config) -> None:
     h = cfg.hardware
     for name in ("price_per_hour", "power_watts", "peak_tflops"):
         v = getattr(h, name)
-        if v is not None and v <= 0:
-            raise ConfigError(f"hardware.{name} must be positive, got {v}")
+        if v is not None and not 0 < v < math.inf:  # so NaN fails too
+            raise ConfigError(f"hardware.{name} must be positive and finite, got {v}")
 
 
 def to_dict(cfg) -> dict:

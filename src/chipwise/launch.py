@@ -5,11 +5,20 @@ clusters start their processes with their own scheduler (see deploy/).
 The launcher forwards SIGINT and SIGTERM to every process (a second signal kills them), and when one process
 fails it stops the others: a process whose peer is gone would otherwise wait in its next collective. The exit
 status is that of the first process to fail, or else the worst one.
+
+A launcher that dies without running any of that (SIGKILL, the OOM killer) takes its processes with it: each is
+started with a parent-death signal (`parent_death_signal`, Linux's prctl(PR_SET_PDEATHSIG, SIGKILL), set in the
+child between fork and exec), so the kernel kills it when the launcher goes; otherwise they would train on into
+the run directory with nobody to stop them. The kernel sends that signal when the *thread* that started the child
+ends, not the process: `launch` starts its processes and waits for them in one thread, so that thread outlives
+them. Elsewhere than Linux there is no such signal and a killed launcher leaves its processes running (stop them
+by their pids, which it prints). chipwise.data.offload arms the same signal in its tokenizer child.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import os
 import re
 import signal
@@ -19,6 +28,8 @@ import sys
 import time
 
 from chipwise.errors import ChipwiseError
+
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
 def add_commands(sub) -> None:
@@ -38,6 +49,40 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _prctl():
+    """libc's prctl, or None where there is none (anything but Linux)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+    prctl.restype = ctypes.c_int
+    return prctl
+
+
+def parent_death_signal(parent_pid: int | None = None):
+    """A function for a child to run first (as Popen's preexec_fn, between fork and exec, or at the start of its own
+    code) so that the kernel SIGKILLs it when its parent dies, even by SIGKILL. If the parent (`parent_pid`,
+    default: the calling process) is already gone by then, the child was orphaned before the signal was armed, and
+    the function kills it at once. Returns None where prctl does not exist (not Linux): nothing to arm there.
+
+    Everything the child calls is looked up here, in the parent, so that it loads no library after fork."""
+    prctl = _prctl()
+    if prctl is None:
+        return None
+    parent = os.getpid() if parent_pid is None else parent_pid
+    kill = int(signal.SIGKILL)
+
+    def arm() -> None:
+        prctl(PR_SET_PDEATHSIG, kill, 0, 0, 0)
+        if os.getppid() != parent:
+            os.kill(os.getpid(), kill)
+
+    return arm
 
 
 def child_env(base: dict, index: int, count: int, devices: int, port: int) -> dict:
@@ -73,6 +118,7 @@ def launch(cmd: list[str], processes: int, devices: int, grace: float = 10.0, sa
     if cmd[:1] == ["chipwise"]:  # the same installation as this launcher, whatever PATH says
         cmd = [sys.executable, "-m", "chipwise", *cmd[1:]]
     port = free_port()
+    die_with_launcher = parent_death_signal()
     children: list[subprocess.Popen] = []
     signals: list[int] = []
     stopped: set[int] = set()  # processes this launcher asked to stop after another failed
@@ -92,9 +138,10 @@ def launch(cmd: list[str], processes: int, devices: int, grace: float = 10.0, sa
     try:
         for i in range(processes):
             # A session of its own: a terminal's Ctrl-C reaches the launcher only, which forwards it once.
+            # Started, and waited for below, from this one thread: see the module's note on the parent-death signal.
             try:
                 children.append(subprocess.Popen(cmd, env=child_env(os.environ, i, processes, devices, port),
-                                                 start_new_session=True))
+                                                 start_new_session=True, preexec_fn=die_with_launcher))
             except OSError as e:  # the processes already started are killed below
                 raise ChipwiseError(f"cannot start {cmd[0]}: {e.strerror}") from None
             say(f"process {i} of {processes} is pid {children[-1].pid} ({devices} CPU devices)")

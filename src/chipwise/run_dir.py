@@ -7,6 +7,8 @@
     RUN_DIR/run_info.json      what ran: devices, peak, compile time, provenance (latest invocation)
     RUN_DIR/summary.json       the end-of-run summary (latest invocation)
     RUN_DIR/checkpoints/       Orbax checkpoints (train/checkpoint.py), and checkpoints_set_aside/ beside it
+    RUN_DIR/.chipwise-run      the marker: chipwise made this directory (only such a directory is overwritten)
+    RUN_DIR/.chipwise-lock     the run that owns the directory now (run_lock.py)
 
 Trainer, sampler, exporter and report ask `RunDir` for these; none of them joins a path itself. Every path goes
 through `RunDir._path`, so that run directories in object storage (gs://, s3://) change this module only.
@@ -15,15 +17,19 @@ through `RunDir._path`, so that run directories in object storage (gs://, s3://)
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import time
 from pathlib import Path
 from typing import Callable
 
 import yaml
 
+from chipwise import __version__
 from chipwise.config import Config, from_dict, to_dict
 from chipwise.distributed import barrier, is_leader
 from chipwise.errors import ChipwiseError
+from chipwise.run_lock import RunLock
 
 CONFIG_FILE = "config.yaml"
 TOKENIZER_FILE = "tokenizer.json"
@@ -32,11 +38,18 @@ RUN_INFO_FILE = "run_info.json"
 SUMMARY_FILE = "summary.json"
 TENSORBOARD_DIR = "tensorboard"
 CHECKPOINT_DIR = "checkpoints"
+SET_ASIDE_DIR = CHECKPOINT_DIR + "_set_aside"
+MARKER_FILE = ".chipwise-run"
+LOCK_FILE = ".chipwise-lock"
+# Everything chipwise writes into a run directory: `--overwrite` removes these and nothing else.
+OWN_ENTRIES = {CONFIG_FILE, TOKENIZER_FILE, METRICS_FILE, RUN_INFO_FILE, SUMMARY_FILE, TENSORBOARD_DIR,
+               CHECKPOINT_DIR, SET_ASIDE_DIR, MARKER_FILE, LOCK_FILE, LOCK_FILE + ".takeover"}
 
 
 class RunDir:
     def __init__(self, location: str | Path):
         self.location = Path(location)
+        self.lock = RunLock(self._path(LOCK_FILE), str(self.location))
 
     def __str__(self) -> str:
         return str(self.location)
@@ -64,36 +77,98 @@ class RunDir:
     def check_prepare(self, resume: bool, overwrite: bool) -> None:
         """Refuse what `prepare` would refuse, changing nothing (so a run that fails its other checks later
         leaves no trace)."""
+        if self.location.exists() and not self.location.is_dir():
+            raise ChipwiseError(f"run_dir {self} is a file, not a directory; choose another run_dir")
         if resume:
             if not self.is_run():
                 raise ChipwiseError(f"cannot resume: {self} is not a chipwise run directory (no {CONFIG_FILE})")
+            self.lock.check_free()
+            self._check_writable(self.location)
             return
         if self.location.exists() and any(self.location.iterdir()):
+            self.lock.check_free()
             if not overwrite:
                 raise ChipwiseError(f"run directory {self} already exists; pass --resume to continue it, "
                                     f"--overwrite to replace it, or choose another run_dir")
-            if not self.is_run():
-                raise ChipwiseError(f"refusing to overwrite {self}: it is not a chipwise run directory "
-                                    f"(no {CONFIG_FILE}); choose another run_dir")
+            self._check_own()
+            self._check_writable(self.location)
+        else:
+            self._check_writable(next(p for p in [self.location, *self.location.parents] if p.exists()))
+
+    def _check_own(self) -> None:
+        """--overwrite deletes only a directory chipwise made, and in it only what chipwise wrote."""
+        if not self.is_run():
+            raise ChipwiseError(f"refusing to overwrite {self}: it is not a chipwise run directory "
+                                f"(no {CONFIG_FILE}); choose another run_dir")
+        foreign = sorted(p.name for p in self.location.iterdir() if p.name not in OWN_ENTRIES)
+        if foreign:
+            shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+            raise ChipwiseError(f"refusing to overwrite {self}: it holds files chipwise did not write ({shown}); "
+                                f"move them out or choose another run_dir")
+        if not self._path(MARKER_FILE).is_file():
+            try:  # a run of a chipwise from before the marker: recognised by its config alone
+                self.read_config()
+            except ChipwiseError:
+                raise ChipwiseError(f"refusing to overwrite {self}: it has no {MARKER_FILE} marker and its "
+                                    f"{CONFIG_FILE} is not a chipwise config; choose another run_dir") from None
+
+    def _check_writable(self, directory: Path) -> None:
+        if not os.access(directory, os.W_OK | os.X_OK):
+            raise ChipwiseError(f"cannot write to {directory} (permission denied); choose a writable run_dir")
 
     def prepare(self, resume: bool, overwrite: bool) -> None:
-        """Refuse, replace (--overwrite) or keep (--resume) the directory; every process returns once it is ready."""
+        """Refuse, replace (--overwrite) or keep (--resume) the directory, and take its lock (process 0, which
+        writes the run's files); every process returns once it is ready. `release` gives the lock back."""
         self.check_prepare(resume, overwrite)
-        if resume:
-            return
         barrier("run-dir-checked")  # every process has judged the directory before one of them changes it
         if is_leader():
-            if self.location.exists():
-                shutil.rmtree(self.location)
-            self.location.mkdir(parents=True, exist_ok=True)
+            try:
+                self.location.mkdir(parents=True, exist_ok=True)
+                self.lock.acquire()  # before anything is removed or written: a second run stops here
+                if not resume:
+                    for entry in self.location.iterdir():
+                        if entry.name in OWN_ENTRIES - {LOCK_FILE, LOCK_FILE + ".takeover"}:
+                            shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+                if not self._path(MARKER_FILE).is_file():
+                    self._path(MARKER_FILE).write_text(json.dumps({"chipwise": __version__,
+                                                                   "created": time.time()}) + "\n")
+            except OSError as e:
+                self.lock.release()
+                raise ChipwiseError(f"cannot prepare run directory {self}: {e.strerror or e}; choose a writable "
+                                    f"run_dir with free space") from None
         barrier("run-dir-ready")
+
+    def release(self) -> None:
+        """Give the run directory's lock back (a no-op where this process does not hold it)."""
+        self.lock.release()
+
+    def has_damaged_checkpoints(self) -> list[str]:
+        """Checkpoints of this run set aside as damaged (train/checkpoint.py names them STEP-damaged[-N])."""
+        aside = self._path(SET_ASIDE_DIR)
+        return sorted(p.name for p in aside.iterdir() if "-damaged" in p.name) if aside.is_dir() else []
 
     # ---- config and tokenizer -----------------------------------------------------------------------------
     def read_config_text(self) -> str:
         return self.require_run()._path(CONFIG_FILE).read_text()
 
     def read_config(self) -> Config:
-        return from_dict(yaml.safe_load(self.read_config_text()))
+        return from_dict(self.read_config_dict())
+
+    def read_config_dict(self) -> dict:
+        """The saved config as a mapping, or a one-line error saying why it cannot be read."""
+        where = self._path(CONFIG_FILE)
+        try:
+            values = yaml.safe_load(self.read_config_text())
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
+            why = "not text" if isinstance(e, UnicodeDecodeError) else "not valid YAML"
+            raise ChipwiseError(f"{where} is {why}; restore it from a backup (checkpoints/*/meta holds a copy of "
+                                f"the config) or start a new run_dir") from None
+        except OSError as e:
+            raise ChipwiseError(f"cannot read {where}: {e.strerror or e}") from None
+        if not isinstance(values, dict):
+            raise ChipwiseError(f"{where} does not hold a chipwise config (a mapping of sections, found "
+                                f"{type(values).__name__}); restore it or start a new run_dir")
+        return values
 
     def write_config(self, cfg: Config) -> None:
         if is_leader():  # one process writes the run's files
@@ -122,6 +197,15 @@ class RunDir:
     @property
     def tensorboard_dir(self) -> Path:
         return self._path(TENSORBOARD_DIR)
+
+    def repair_metrics(self) -> None:
+        """Cut a half-written last line (a run killed mid-write) before more records are appended to it."""
+        if not is_leader() or not self.metrics_file.is_file():
+            return
+        with open(self.metrics_file, "rb+") as f:
+            data = f.read()
+            if data and not data.endswith(b"\n"):
+                f.truncate(data.rfind(b"\n") + 1)
 
     def read_metrics(self) -> list[dict]:
         """Every complete record of metrics.jsonl, in order."""
@@ -185,5 +269,18 @@ class RunDir:
             ckpt.close()
         if found is None:
             raise ChipwiseError(f"{self} has no checkpoint yet; train it first (chipwise train ...)")
-        _, restored, _ = found
+        _, restored, meta = found
+        self._check_tokenizer(meta)
         return restored["params"], graphdef
+
+    def _check_tokenizer(self, meta: dict) -> None:
+        """Token ids mean what the run's tokenizer says only if it is the one the checkpoint was trained with."""
+        from chipwise.data.tokenizer import tokenizer_fingerprint
+
+        trained = meta.get("tokenizer_fingerprint")
+        if trained and self.tokenizer_file.is_file():
+            now = tokenizer_fingerprint(self.read_tokenizer())
+            if now != trained:
+                raise ChipwiseError(f"{self.tokenizer_file} is not the tokenizer the checkpoint was trained with "
+                                    f"(sha256 {now[:12]}, trained with {trained[:12]}); restore the run's own "
+                                    f"tokenizer.json")

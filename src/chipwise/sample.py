@@ -70,7 +70,7 @@ def sample_from_run(run_dir: str, prompt: str, max_new_tokens: int, temperature:
     cfg = run.read_config()
     if max_new_tokens <= 0:
         raise ChipwiseError("--max-new-tokens must be positive")
-    if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
+    if not 0 <= temperature < float("inf") or not 0 < top_p <= 1 or top_k < 0:  # NaN fails too
         raise ChipwiseError("need --temperature >= 0, 0 < --top-p <= 1 and --top-k >= 0")
     tokenizer = run.read_tokenizer()
     ids = tokenizer.encode(prompt).ids

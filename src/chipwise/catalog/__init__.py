@@ -22,6 +22,7 @@ import copy
 import dataclasses
 import datetime as _dt
 import functools
+import math
 import re
 import typing
 from dataclasses import dataclass
@@ -193,8 +194,8 @@ def _check_value(acc_id: str, key: str, value: Any, tp: Any, nullable: bool) -> 
         if checked is None or not as_is or (tp is str and not value.strip()):
             want, fix = _WANT[tp]
             raise _fail(acc_id, key, f"must be {want}, got {value!r}", fix)
-        if tp in (int, float) and not value > 0:
-            raise _fail(acc_id, key, f"must be positive, got {value!r}",
+        if tp in (int, float) and not 0 < value < math.inf:  # NaN fails both; .inf is no figure either
+            raise _fail(acc_id, key, f"must be positive and finite, got {value!r}",
                         "write a positive figure, or null if unknown")
     if key in _CHOICES and value not in _CHOICES[key]:
         raise _fail(acc_id, key, f"is {value!r}", f"use one of {', '.join(_CHOICES[key])}")

@@ -107,22 +107,54 @@ def _file_documents(path: Path, name: str, text_field: str, explicit: bool) -> l
     return [Document(name, text, (name,))] if text else []
 
 
-def _walk_text_files(directory: Path) -> list[Path]:
-    files = []
-    for dirpath, dirnames, filenames in os.walk(directory):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        files += [Path(dirpath, f) for f in filenames if Path(dirpath, f).is_file()]
-    return files
+def _walk_text_files(directory: Path) -> tuple[list[Path], list[str]]:
+    """The files under `directory` and notes on what was left out. Symlinked folders are followed (data is
+    often assembled from links), after the folder's own tree, so a folder reachable both directly and through
+    a link keeps its direct name whatever the listing order. Each real folder is read once: a link back up the
+    tree (a loop) or to a folder already read is skipped with a note, never walked again."""
+    files, notes, visited = [], [], set()
+    pending = [directory]  # the source, then each symlinked folder found in it, in the order found
+
+    def seen_before(path: Path) -> bool:
+        real = os.path.realpath(path)
+        if real in visited:
+            notes.append(f"skipped {directory.name}/{path.relative_to(directory).as_posix()}: it leads to "
+                         f"{real}, a folder already read (a link loop, or a second route to one folder)")
+            return True
+        visited.add(real)
+        return False
+
+    while pending:
+        top = pending.pop(0)
+        if seen_before(top):
+            continue
+        links = []
+        for dirpath, dirnames, filenames in os.walk(top):  # not followlinks: links are queued, checked first
+            kept = []
+            for d in sorted(dirnames):
+                sub = Path(dirpath, d)
+                if d.startswith("."):
+                    continue
+                if sub.is_symlink():
+                    links.append(sub)
+                elif not seen_before(sub):
+                    kept.append(d)
+            dirnames[:] = kept
+            files += [Path(dirpath, f) for f in sorted(filenames) if Path(dirpath, f).is_file()]
+        pending += links
+    return files, notes
 
 
-def _user_documents(sources: list[str], text_field: str) -> tuple[list[Document], int]:
-    docs, seen, skipped = [], set(), 0
+def _user_documents(sources: list[str], text_field: str) -> tuple[list[Document], int, list[str]]:
+    docs, seen, skipped, notes = [], set(), 0, []
     for source in sources:
         path = Path(source).expanduser()
         if path.is_dir():
             # Names are relative to the directory's parent, so "data/a.txt" stays "data/a.txt" on any machine.
             found = 0
-            for f in _walk_text_files(path):
+            files, walk_notes = _walk_text_files(path)
+            notes += walk_notes
+            for f in files:
                 if f.resolve() in seen:
                     continue
                 seen.add(f.resolve())
@@ -144,7 +176,7 @@ def _user_documents(sources: list[str], text_field: str) -> tuple[list[Document]
         else:
             raise DataError(f"data source {source} does not exist; fix the path in data.sources "
                             f"(or leave data.sources empty to train on Python's standard library)")
-    return docs, skipped
+    return docs, skipped, notes
 
 
 def _hash_unit(name: str) -> float:
@@ -184,8 +216,9 @@ def fingerprint(docs: list[Document], text_field: str) -> str:
 
 
 def load_corpus(cfg: DataConfig) -> Corpus:
+    walk_notes = []
     if cfg.sources:
-        docs, skipped = _user_documents(cfg.sources, cfg.text_field)
+        docs, skipped, walk_notes = _user_documents(cfg.sources, cfg.text_field)
         label = f"{len(cfg.sources)} source{'s' * (len(cfg.sources) > 1)}"
     else:
         docs, skipped = _stdlib_documents()
@@ -196,7 +229,7 @@ def load_corpus(cfg: DataConfig) -> Corpus:
         docs = docs[: cfg.max_documents]
     if not docs:
         raise DataError("the corpus is empty: no text found in data.sources; add text files or JSONL records")
-    notes = [f"skipped {skipped} file(s) that are not UTF-8 text"] if skipped else []
+    notes = walk_notes + ([f"skipped {skipped} file(s) that are not UTF-8 text"] if skipped else [])
     train, val = split_documents(docs, cfg.val_fraction)
     return Corpus(train=train, val=val, fingerprint=fingerprint(docs, cfg.text_field), label=label,
                   num_documents=len(docs), num_bytes=sum(len(d.text.encode()) for d in docs),

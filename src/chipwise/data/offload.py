@@ -5,18 +5,34 @@ know nothing of it.
 
 A process that keeps freed memory (chipwise/host_memory.py) has one malloc arena, and the tokenizers library's
 Rust threads then queue for its lock (3x slower on the stdlib corpus). The child is a plain interpreter
-(`python -m chipwise.data.offload`), not multiprocessing, which would re-import the caller's main script.
-Inputs and outputs cross as JSON, tokenizer.json and .npy files, never pickles (docs/reliability.md).
+(`python -m chipwise.data.offload COMMAND`), not multiprocessing, which would re-import the caller's main script.
+Inputs and outputs cross as JSON, tokenizer.json and .npy bytes, never pickles (docs/reliability.md).
+
+The child never outlives its parent, and neither does anything it was given:
+
+- No files. The request (the texts, and the vocabulary size or the tokenizer.json) goes to the child's stdin as
+  one JSON document, and the result (tokenizer.json, or the packed tokens as .npy bytes) comes back on its
+  stdout. Pipes vanish with the processes that hold them, so a parent killed at any moment, even by SIGKILL
+  with the child already done, leaves no copy of the corpus (or of its tokens) on disk for anyone to clean up.
+  (Temporary files cannot promise that: a SIGKILLed parent never runs its cleanup, and a child killed with it
+  cannot run one either.) The child sends everything else it might print to stderr, keeping stdout for the
+  result. A data error comes back as exit code 2 with its one-line message on stdout.
+- The child dies with its parent. First thing, it asks the kernel to SIGKILL it when the parent dies
+  (chipwise.launch.parent_death_signal: prctl(PR_SET_PDEATHSIG), Linux), then checks that its parent is still
+  the process that started it (whose pid it is given in CHIPWISE_OFFLOAD_PARENT), so a parent that died
+  while the child was starting up is noticed too; the child then exits without doing any work. The signal fires
+  when the parent's thread that started the child ends: `_run` waits for the child in that same thread.
+  Elsewhere than Linux the signal does not exist: a child whose parent is killed runs to its end and then fails
+  to write its result to the closed pipe; it still leaves nothing behind.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
 import sys
-import tempfile
-from pathlib import Path
 
 import numpy as np
 from tokenizers import Tokenizer
@@ -24,54 +40,61 @@ from tokenizers import Tokenizer
 from chipwise.data import packing, tokenizer
 from chipwise.data.corpus import Document
 from chipwise.errors import DataError
+from chipwise.launch import parent_death_signal
 
 EXIT_DATA_ERROR = 2
+PARENT_ENV = "CHIPWISE_OFFLOAD_PARENT"
 
 
-def _run(command: str, tmp: Path) -> None:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
-    done = subprocess.run([sys.executable, "-m", "chipwise.data.offload", command, str(tmp)], env=env)
-    if done.returncode == EXIT_DATA_ERROR and (tmp / "error.txt").is_file():
-        raise DataError((tmp / "error.txt").read_text())
+def _run(command: str, request: dict) -> bytes:
+    """Run `command` on `request` in the child; its result, as bytes."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p), PARENT_ENV: str(os.getpid())}
+    # run() waits in this thread, which must outlive the child (the parent-death signal follows the thread).
+    done = subprocess.run([sys.executable, "-m", "chipwise.data.offload", command],
+                          input=json.dumps(request).encode(), stdout=subprocess.PIPE, env=env)
+    if done.returncode == EXIT_DATA_ERROR and done.stdout:
+        raise DataError(done.stdout.decode())
     if done.returncode:
         raise DataError(f"the child process that runs `{command}` failed with exit code {done.returncode}; "
                         f"set CHIPWISE_MALLOC=default to run it in this process instead")
-
-
-def _write_texts(texts: list[str], tmp: Path) -> None:
-    (tmp / "texts.json").write_text(json.dumps(texts))
+    return done.stdout
 
 
 def train_tokenizer(texts: list[str], vocab_size: int) -> Tokenizer:
-    with tempfile.TemporaryDirectory(prefix="chipwise-") as name:
-        tmp = Path(name)
-        _write_texts(texts, tmp)
-        (tmp / "vocab_size").write_text(str(vocab_size))
-        _run("train", tmp)
-        return Tokenizer.from_file(str(tmp / "tokenizer.json"))
+    return Tokenizer.from_str(_run("train", {"texts": texts, "vocab_size": vocab_size}).decode())
 
 
 def pack(texts: list[str], tok: Tokenizer) -> np.ndarray:
-    with tempfile.TemporaryDirectory(prefix="chipwise-") as name:
-        tmp = Path(name)
-        _write_texts(texts, tmp)
-        tok.save(str(tmp / "tokenizer.json"))
-        _run("pack", tmp)
-        return np.load(tmp / "tokens.npy")
+    return np.load(io.BytesIO(_run("pack", {"texts": texts, "tokenizer": tok.to_str()})), allow_pickle=False)
 
 
-def _child(command: str, tmp: Path) -> int:
-    docs = [Document(name=str(i), text=t) for i, t in enumerate(json.loads((tmp / "texts.json").read_text()))]
+def _child(command: str) -> int:
+    parent = os.environ.get(PARENT_ENV)
+    arm = parent_death_signal(int(parent)) if parent else None
+    if arm is not None:
+        arm()
+    result = os.fdopen(os.dup(sys.stdout.fileno()), "wb")
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())  # stdout is for the result alone; anything else to stderr
+    request = json.load(sys.stdin.buffer)
+    docs = [Document(name=str(i), text=t) for i, t in enumerate(request["texts"])]
+    del request["texts"]
     try:
         if command == "train":
-            tokenizer.train_tokenizer(docs, int((tmp / "vocab_size").read_text())).save(str(tmp / "tokenizer.json"))
+            reply = tokenizer.train_tokenizer(docs, int(request["vocab_size"])).to_str().encode()
+        elif command == "pack":
+            buffer = io.BytesIO()
+            np.save(buffer, packing.pack_documents(docs, Tokenizer.from_str(request["tokenizer"])), allow_pickle=False)
+            reply = buffer.getbuffer()
         else:
-            np.save(tmp / "tokens.npy", packing.pack_documents(docs, Tokenizer.from_file(str(tmp / "tokenizer.json"))))
+            raise ValueError(f"unknown command {command!r}")
     except DataError as e:
-        (tmp / "error.txt").write_text(str(e))
-        return EXIT_DATA_ERROR
-    return 0
+        reply, code = str(e).encode(), EXIT_DATA_ERROR
+    else:
+        code = 0
+    with result:
+        result.write(reply)
+    return code
 
 
 if __name__ == "__main__":
-    raise SystemExit(_child(sys.argv[1], Path(sys.argv[2])))
+    raise SystemExit(_child(sys.argv[1]))

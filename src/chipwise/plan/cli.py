@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+import math
 import sys
 
 from chipwise.errors import ChipwiseError
@@ -14,7 +16,7 @@ def add_commands(sub) -> None:
     pl.add_argument("--chips", required=True, type=int)
     pl.add_argument("--seq-len", required=True, type=int)
     pl.add_argument("--global-batch", required=True, type=int, metavar="SEQS", help="sequences per step")
-    pl.add_argument("--tokens", type=float, help="training tokens in all (e.g. 2e12): adds time, cost, energy")
+    pl.add_argument("--tokens", type=finite_float, help="training tokens in all (e.g. 2e12): adds time, cost, energy")
     pl.add_argument("--mesh", help="pin the layout, e.g. data=8,fsdp=16,tensor=8,pipeline=1 (else searched)")
     pl.add_argument("--remat", choices=("none", "dots", "full"), help="pin the remat policy (else searched)")
     pl.add_argument("--microbatches", type=int, help="pin micro-batches per step (else searched)")
@@ -35,6 +37,32 @@ def add_commands(sub) -> None:
     b.add_argument("--quick", action="store_true", help="shorter GEMM timings")
 
 
+def finite_float(text: str) -> float:
+    """argparse type of every float on the plan command line: float() takes "inf" and "nan", which would carry
+    through the arithmetic into the table and the JSON (which has no Infinity)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number (write e.g. 2e12)") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number; give a real amount (e.g. 2e12)")
+    return value
+
+
+def check_finite_settings(settings: list[str]) -> None:
+    """--catalog-set values are read as YAML, where .inf and .nan are numbers: refused here, for the same reason."""
+    import yaml
+
+    for text in settings:
+        _, sep, raw = text.partition("=")
+        try:
+            value = yaml.safe_load(raw) if sep and raw.strip() else None
+        except yaml.YAMLError:
+            continue  # not a number: the catalog's own checks name the field and its type
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ChipwiseError(f"--catalog-set {text!r}: {raw.strip()} is not a finite number; give a real figure")
+
+
 def plan_command(args) -> int:
     from chipwise.plan.planner import PlanRequest, catalog_overrides, plan, rank
     from chipwise.plan.render import print_table, to_json, write_chart
@@ -43,6 +71,7 @@ def plan_command(args) -> int:
     for name in ("chips", "seq_len", "global_batch", "tokens", "microbatches"):
         if getattr(args, name) is not None:
             positive("--" + name.replace("_", "-"), getattr(args, name))
+    check_finite_settings(args.catalog_set)
     ids = [a.strip() for a in args.accelerator.split(",") if a.strip()]
     if not ids:
         raise ChipwiseError("--accelerator needs at least one catalog id, e.g. h100-sxm,trn2")

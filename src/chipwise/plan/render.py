@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from rich.console import Console
@@ -38,13 +39,25 @@ def rows_as_dicts(rows: list[PlanRow], baseline: str | None) -> list[dict]:
     return [r.as_dict(base) for r in rows]
 
 
+def _finite(value):
+    """`value` with every non-finite float made null: JSON has no Infinity or NaN, and a consumer's strict parser
+    (jq, JavaScript, Go) rejects the whole document over one. A figure that overflowed is unknown, as null says."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
 def to_json(rows: list[PlanRow], baseline: str | None, aot: dict | None = None) -> str:
-    """One object per accelerator; `aot` adds each TPU's ahead-of-time check under "aot"."""
+    """One object per accelerator; `aot` adds each TPU's ahead-of-time check under "aot". Strict JSON."""
     data = rows_as_dicts(rows, baseline)
     for row in data:
         if aot and row["accelerator"] in aot:
             row["aot"] = aot[row["accelerator"]]
-    return json.dumps(data, indent=1)
+    return json.dumps(_finite(data), indent=1, allow_nan=False)
 
 
 def print_table(rows: list[PlanRow], req: PlanRequest, console: Console | None = None) -> None:

@@ -13,7 +13,10 @@ def summary_table(s: dict) -> Table:
     table = Table(title="chipwise run summary", show_header=False, title_justify="left")
     table.add_column("what", style="bold")
     table.add_column("value")
-    table.add_row("tokens", f"{s['tokens']:,}")
+    if s.get("stopped"):
+        table.add_row("stopped", s["stopped"])
+    runs = s.get("invocations") or 1
+    table.add_row("tokens", f"{s['tokens']:,}" + (f" (the whole run: {runs} invocations)" if runs > 1 else ""))
     table.add_row("wall time", f"{s['wall_time_s']:.1f} s (compile {s['compile_time_s']:.1f} s before it, "
                                f"data wait {s['data_wait_s']:.1f} s, eval {s['eval_time_s']:.1f} s, "
                                f"checkpoints {s['checkpoint_time_s']:.1f} s)")

@@ -75,14 +75,16 @@ def _median(values: list[float]) -> float | None:
 def throughput_figure(runs: list[Run]):
     """The throughput panels (see SHARED_PANEL_RATIO) above one MFU panel, all sharing the x-axis."""
     trains = [run.train() for run in runs]
-    groups = _panel_groups([_median([r["tokens_per_s"] for r in train]) for train in trains])
+    # .get: a log line of a run that diverged can lack a figure (None), and its point is simply not drawn
+    groups = _panel_groups([_median([r.get("tokens_per_s") for r in train]) for train in trains])
     fig, axes = plt.subplots(len(groups) + 1, 1, figsize=(8, 3 * (len(groups) + 1)), sharex=True, squeeze=False)
     panels, bottom = list(axes[:-1, 0]), axes[-1, 0]
     by_time = all(run.elapsed_minutes(train) is not None for run, train in zip(runs, trains))
     xs = [run.elapsed_minutes(train) if by_time else [r["step"] for r in train] for run, train in zip(runs, trains)]
     for panel, group in zip(panels, groups):
         for i in group:
-            panel.plot(xs[i], [r["tokens_per_s"] for r in trains[i]], color=_color(i), marker=".", label=runs[i].name)
+            panel.plot(xs[i], [r.get("tokens_per_s") for r in trains[i]], color=_color(i), marker=".",
+                       label=runs[i].name)
         panel.set(ylabel="tokens/s (all devices)")
     # MFU is a fraction of each run's own hardware peak, so one axis compares every run fairly: a run near zero
     # here really is using little of its devices.

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import datetime
 import html
+import os
+import secrets
+import shutil
 from pathlib import Path
 
 from chipwise import __version__
@@ -42,7 +45,7 @@ def summary_rows(runs: list[Run]) -> list[list[str]]:
     return [
         row("devices", lambda s, i: i.get("devices", "unknown")),
         row("parameters", lambda s, i: _fmt(i.get("params"), ",")),
-        row("tokens (last invocation)", lambda s, i: _fmt(s.get("tokens"), ",")),
+        row("tokens (the whole run)", lambda s, i: _fmt(s.get("tokens"), ",")),
         row("wall time", lambda s, i: _fmt(s.get("wall_time_s"), ".1f", " s")),
         row("final train loss", lambda s, i: _fmt(s.get("final_train_loss"), ".4f")),
         row("validation loss", lambda s, i: f"{_fmt(s.get('first_val_loss'), '.4f')} -> "
@@ -53,6 +56,9 @@ def summary_rows(runs: list[Run]) -> list[list[str]]:
         row("USD per million tokens", lambda s, i: _fmt(s.get("usd_per_million_tokens"), ".4g")),
         row("kWh per million tokens", lambda s, i: _fmt(s.get("kwh_per_million_tokens"), ".4g")),
         row("compile time", lambda s, i: _fmt(i.get("compile_time_s"), ".1f", " s")),
+        # The divergence guard's events over every invocation: why a loss curve has a gap or steps back.
+        ["skipped updates, rollbacks"] + [f"{len(r.events('skipped_update'))}, {len(r.events('rollback'))}"
+                                          for r in runs],
     ]
 
 
@@ -105,6 +111,47 @@ def render(runs: list[Run], figures: list[tuple[str, str]]) -> str:
     return "\n".join(parts)
 
 
+def _existing_ancestor(path: Path) -> Path:
+    """The nearest folder above `path` that exists: the staging folder goes there, so a failed report creates
+    no parent folders, and it is on the same file system as `path` (whose missing parents cannot be mounts)."""
+    parent = path.absolute().parent
+    while not parent.is_dir():
+        parent = parent.parent
+    return parent
+
+
+def _staging_dir(out_dir: Path) -> Path:
+    """A new hidden folder beside `out_dir`, or inside it where only DIR itself is writable."""
+    # os.mkdir, not tempfile.mkdtemp: the folder may become DIR itself, so it gets the umask's mode, not 0o700.
+    name = f".{out_dir.name or 'report'}.{os.getpid()}-{secrets.token_hex(4)}.partial"
+    places = [_existing_ancestor(out_dir)] + ([out_dir] if out_dir.is_dir() else [])
+    for place in places:
+        try:
+            (place / name).mkdir()
+            return place / name
+        except PermissionError:
+            continue
+    raise ChipwiseError(f"cannot write a report at {out_dir}: permission denied in {places[-1]}; "
+                        f"choose an --out you can write to")
+
+
+def _install(staged: Path, out_dir: Path) -> None:
+    """Move a complete report from `staged` into `out_dir`: renames only, so nothing here draws or can fail halfway
+    through a figure. A new directory arrives in one rename; into an existing one (empty, or an old report being
+    overwritten) the figures go first and index.html last, and figures the new report has no use for are removed
+    while anything else the user keeps in DIR stays."""
+    if not out_dir.exists():
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(staged, out_dir)
+        return
+    written = {p.name for p in staged.iterdir()}
+    for name in charts.FILES:
+        if name not in written:  # an old figure this report replaced with a note
+            (out_dir / name).unlink(missing_ok=True)
+    for name in sorted(written - {PAGE}) + [PAGE]:
+        shutil.move(staged / name, out_dir / name)  # a rename; a copy where DIR is a mount of its own
+
+
 def write_report(run_dirs: list[str], out: str, overwrite: bool = False) -> Path:
     runs = load_runs(run_dirs)
     out_dir = Path(out)
@@ -115,10 +162,14 @@ def write_report(run_dirs: list[str], out: str, overwrite: bool = False) -> Path
             raise ChipwiseError(f"--out {out} is not empty; choose a new directory or pass --overwrite")
         if not (out_dir / PAGE).is_file():
             raise ChipwiseError(f"refusing to overwrite {out}: it holds no {PAGE}, so it is not a chipwise report")
-        for name in charts.FILES:  # only the figures a report writes; anything else in DIR stays
-            (out_dir / name).unlink(missing_ok=True)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    figures = [(title, draw(runs, out_dir)) for title, draw in charts.CHARTS]
-    page = out_dir / PAGE
-    page.write_text(render(runs, figures), encoding="utf-8")
-    return page
+    # Drawn in a staging folder and moved into place only once complete: a report that fails midway leaves DIR
+    # as it was (absent, empty or the old report), so the retry is not refused as "not empty".
+    staged = _staging_dir(out_dir)
+    try:
+        figures = [(title, draw(runs, staged)) for title, draw in charts.CHARTS]
+        (staged / PAGE).write_text(render(runs, figures), encoding="utf-8")
+        _install(staged, out_dir)
+    finally:
+        shutil.rmtree(staged, ignore_errors=True)
+    return out_dir / PAGE
+

@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
 
 from chipwise.errors import ChipwiseError
 from chipwise.run_dir import RunDir
@@ -19,17 +18,23 @@ class Run:
     config_text: str
     records: list[dict]
     info: dict = field(default_factory=dict)  # run_info.json of the latest invocation
-    summary: dict = field(default_factory=dict)  # summary.json of the latest invocation
+    summary: dict = field(default_factory=dict)  # summary.json: the whole run, as of its latest invocation
 
     @property
     def tokens_per_step(self) -> int:
         return self.config["train"]["batch_size"] * self.config["train"]["seq_len"]
 
     def train(self) -> list[dict]:
-        return [r for r in self.records if "loss" in r]
+        """The training curve: log-line records. Event records (a skipped update, a rollback) carry a "loss" too,
+        but one step's, not a window's, and no throughput, so they are not points of the curve."""
+        return [r for r in self.records if "loss" in r and "event" not in r]
 
     def val(self) -> list[dict]:
-        return [r for r in self.records if "val_loss" in r]
+        return [r for r in self.records if "val_loss" in r and "event" not in r]
+
+    def events(self, kind: str) -> list[dict]:
+        """Records of one event kind ("skipped_update", "rollback", ...), in file order."""
+        return [r for r in self.records if r.get("event") == kind]
 
     def elapsed_minutes(self, records: list[dict]) -> list[float] | None:
         """Wall-clock minutes since the run's first record (None for runs written before records had a time)."""
@@ -80,9 +85,10 @@ class Run:
 
 def load_run(run_dir: str | Path) -> Run:
     run = RunDir(run_dir)
+    config = run.read_config_dict()  # a damaged config.yaml is a one-line error here
     text = run.read_config_text()
     records = run.read_metrics()
-    return Run(name=run.name, path=Path(run_dir), config=yaml.safe_load(text), config_text=text,
+    return Run(name=run.name, path=Path(run_dir), config=config, config_text=text,
                records=records, info=run.read_run_info(), summary=run.read_summary())
 
 

@@ -7,7 +7,7 @@ Model FLOPs follow flops.py; MFU, dollars and kWh per million tokens follow effi
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 from chipwise import efficiency
 
@@ -53,16 +53,34 @@ class Window:
 
 @dataclass
 class Totals:
+    """The whole run's totals: a resumed run starts from those saved with its checkpoint (`from_state`), so the
+    summary covers every invocation on the path to the final state (steps after the checkpoint a killed
+    invocation had reached were trained again, and are counted once)."""
     tokens: int = 0
-    wall_seconds: float = 0.0  # the whole loop, evaluation and checkpoints included
+    wall_seconds: float = 0.0  # the training loops, evaluation and checkpoints included
     step_seconds: float = 0.0  # steady-state steps only (the first of each invocation excluded)
     steady_tokens: int = 0
     data_wait: float = 0.0
     checkpoint_seconds: float = 0.0
     eval_seconds: float = 0.0
+    compile_seconds: float = 0.0
+    invocations: int = 0
     val_losses: list = field(default_factory=list)  # (step, loss)
     last_loss: float | None = None
-    stopped_by: str | None = None  # why a signal stopped the run early
+    stopped_by: str | None = None  # why the run stopped early (a signal, or divergence); never saved
+
+    def state(self, **changes) -> dict:
+        """What a checkpoint records (JSON)."""
+        d = {k: v for k, v in asdict(self).items() if k != "stopped_by"} | changes
+        d["val_losses"] = [list(x) for x in d["val_losses"]]
+        return d
+
+    @classmethod
+    def from_state(cls, state: dict | None) -> "Totals":
+        known = {f.name for f in fields(cls)} - {"stopped_by"}
+        totals = cls(**{k: v for k, v in (state or {}).items() if k in known})
+        totals.val_losses = [tuple(x) for x in totals.val_losses]
+        return totals
 
     def add_step(self, tokens: int, seconds: float, data_wait: float, loss: float, steady: bool) -> None:
         self.tokens += tokens
@@ -99,9 +117,8 @@ def window_line(r: dict) -> str:
             + (f"  skipped {r['skipped_steps']}, rollbacks {r['rollbacks']}" if r["skipped_steps"] else ""))
 
 
-def summary(totals: Totals, hw, flops_per_token: float, run_dir: str, compile_s: float,
-            peak_memory: int | None) -> dict:
-    """The end-of-run summary (summary.json, and the table printed at the end)."""
+def summary(totals: Totals, hw, flops_per_token: float, run_dir: str, peak_memory: int | None) -> dict:
+    """The end-of-run summary (summary.json, and the table printed at the end), over the whole run."""
     steady_tps = totals.steady_tokens / totals.step_seconds if totals.step_seconds > 0 else None
     tflops_dev = steady_tps / hw.num_devices * flops_per_token / 1e12 if steady_tps else None
     first_val = totals.val_losses[0][1] if totals.val_losses else None
@@ -117,7 +134,9 @@ def summary(totals: Totals, hw, flops_per_token: float, run_dir: str, compile_s:
         "tflops_per_device": tflops_dev,
         "mfu": efficiency.mfu(tflops_dev, hw.peak) if tflops_dev else None,
         "mfu_basis": efficiency.mfu_label(hw),
-        "compile_time_s": compile_s,
+        "compile_time_s": totals.compile_seconds,
+        "invocations": totals.invocations,
+        "stopped": totals.stopped_by,
         "data_wait_s": totals.data_wait,
         "eval_time_s": totals.eval_seconds,
         "checkpoint_time_s": totals.checkpoint_seconds,

@@ -52,10 +52,11 @@ class Guard:
     def check_rollback_allowed(self, max_rollbacks: int, checkpoint_steps: list[int]) -> None:
         """Raise TrainingStopped (exit EXIT_DIVERGED) when the rollbacks allowed are used up."""
         if self.rollbacks >= max_rollbacks:
+            intact = (f"checkpoints up to step {max(checkpoint_steps)} are intact" if checkpoint_steps else
+                      "no checkpoint had been saved")
             raise TrainingStopped(f"training diverged: {self.streak} non-finite steps in a row from step "
                                   f"{self.streak_start}, and the {max_rollbacks} rollbacks allowed "
-                                  f"(train.max_rollbacks) are used up; checkpoints up to step "
-                                  f"{max(checkpoint_steps, default=0)} are intact", EXIT_DIVERGED)
+                                  f"(train.max_rollbacks) are used up; {intact}", EXIT_DIVERGED)
 
     def plan_rollback(self, checkpoint_steps: list[int]) -> RollbackPlan:
         """Where to go back to: the newest checkpoint from before the streak; later ones are set aside."""

@@ -40,46 +40,56 @@ class Trainer:
         self.console.print(message, highlight=False)
 
     def run(self) -> dict:
-        cfg, t = self.cfg, self.cfg.train
+        """Train; the summary of the whole run. Raises TrainingStopped when a signal or divergence stopped it."""
         with StopSignals() as self.signals:
-            self.setup = prepare_devices(cfg)
-            self.data = prepare_data_everywhere(cfg, self.log)
-            self.run_dir.prepare(self.resume, self.overwrite)
-            if not self.resume:  # sampling and export read the run's own copy of its tokenizer
-                self.run_dir.write_tokenizer(self.data.tokenizer)
-                self.run_dir.write_config(cfg)  # a resumed run's config is written once the checkpoint accepts it
-            with use_mesh(self.setup.mesh, self.setup.rules):
-                compiled = build_train_step(cfg, self.setup.mesh, self.setup.platform, self.setup.attention)
-                ckpt = self.run_dir.checkpoints(t.keep_checkpoints, t.keep_every, log=self.log)
-                try:
-                    state, start, iterator, guard = initial_state(cfg, self.run_dir, self.data, compiled.steps,
-                                                                  ckpt, compiled.abstract_state, self.resume,
-                                                                  self.log)
-                    if self.resume:
-                        self.run_dir.write_config(cfg)
-                    compiled.compile()  # after the checkpoint is accepted: a refused resume costs no compile
-                    info = describe(self.setup, cfg, self.data, compiled.compile_s)
-                    self.run_dir.write_run_info(info)
-                    for line in header_lines(self.run_dir, info):
-                        self.log(line)
-                    writer = open_writer(self.run_dir, self.console, t.steps, start)  # a no-op beyond process 0
-                    writer.write({"step": start, "compile_time_s": compiled.compile_s,
-                                  **({"event": "resumed"} if start else {})})
-                    try:
-                        totals = self._loop(state, start, iterator, guard, compiled, ckpt, writer)
-                    finally:
-                        writer.close()
-                finally:
-                    ckpt.close()
-        if totals.stopped_by is not None:
-            raise TrainingStopped(totals.stopped_by, 128 + self.signals.received)
+            self.setup = prepare_devices(self.cfg)
+            self.data = prepare_data_everywhere(self.cfg, self.log)
+            self.run_dir.prepare(self.resume, self.overwrite)  # from here this run owns the directory
+            try:
+                totals = self._train()
+            finally:
+                self.run_dir.release()
         summary = accounting.summary(totals, self.setup.hardware, self.setup.flops.total, str(self.run_dir),
-                                     info["compile_time_s"], efficiency.peak_memory_bytes(self.setup.devices))
+                                     efficiency.peak_memory_bytes(self.setup.devices))
         self.run_dir.write_summary(summary)
+        if totals.stopped_by is not None:
+            raise TrainingStopped(totals.stopped_by, self.exit_code)
         from chipwise.report import summary_table
 
         self.console.print(summary_table(summary))
         return summary
+
+    def _train(self) -> Totals:
+        cfg, t = self.cfg, self.cfg.train
+        if not self.resume:  # sampling and export read the run's own copy of its tokenizer
+            self.run_dir.write_tokenizer(self.data.tokenizer)
+            self.run_dir.write_config(cfg)  # a resumed run's config is written once the checkpoint accepts it
+        with use_mesh(self.setup.mesh, self.setup.rules):
+            compiled = build_train_step(cfg, self.setup.mesh, self.setup.platform, self.setup.attention)
+            ckpt = self.run_dir.checkpoints(t.keep_checkpoints, t.keep_every, log=self.log)
+            try:
+                state, start, iterator, guard, totals = initial_state(
+                    cfg, self.run_dir, self.data, compiled.steps, ckpt, compiled.abstract_state, self.resume,
+                    self.log)
+                if self.resume:
+                    self.run_dir.write_config(cfg)
+                compiled.compile()  # after the checkpoint is accepted: a refused resume costs no compile
+                totals.compile_seconds += compiled.compile_s
+                totals.invocations += 1
+                info = describe(self.setup, cfg, self.data, compiled.compile_s)
+                self.run_dir.write_run_info(info)
+                for line in header_lines(self.run_dir, info):
+                    self.log(line)
+                self.run_dir.repair_metrics()
+                writer = open_writer(self.run_dir, self.console, t.steps, start)  # a no-op beyond process 0
+                event = {"event": "resumed"} if start else {"event": "restarted"} if self.resume else {}
+                writer.write({"step": start, "compile_time_s": compiled.compile_s, **event})
+                try:
+                    return self._loop(state, start, iterator, guard, totals, compiled, ckpt, writer)
+                finally:
+                    writer.close()
+            finally:
+                ckpt.close()
 
     # ---- pieces of the loop -------------------------------------------------------------------------------
     def _global_batch(self, local: np.ndarray, sharding) -> jax.Array:
@@ -97,17 +107,21 @@ class Trainer:
         writer.write({"step": step, "val_loss": loss, "val_ppl": float(np.exp(min(loss, 50.0))), "eval_s": seconds})
         writer.log(f"step {step:>6}  val_loss {loss:.4f}  (ppl {np.exp(min(loss, 50.0)):.1f})")
 
-    def _save(self, ckpt, writer, step, state, iterator, guard, force=False) -> None:
+    def _save(self, ckpt, writer, step, state, iterator, guard, totals: dict, force=False) -> None:
         known = len(ckpt.failures)
-        ckpt.save(step, state, checkpoint_meta(self.cfg, step, iterator, self.data.tokenizer_fingerprint, guard),
-                  force=force)
+        ckpt.save(step, state, checkpoint_meta(self.cfg, step, iterator, self.data, guard, totals), force=force)
         for failed, reason in ckpt.failures[known:]:  # this save, or the previous one finishing badly
             writer.write({"step": failed, "event": "checkpoint_failed", "reason": reason})
 
     def _rollback(self, ckpt, writer, steps, abstract_state, guard: Guard, step: int, data_pos: int):
         """Back to the newest checkpoint from before the run of non-finite steps, keeping the data position."""
         t = self.cfg.train
-        guard.check_rollback_allowed(t.max_rollbacks, ckpt.all_steps())
+        try:
+            guard.check_rollback_allowed(t.max_rollbacks, ckpt.all_steps())
+        except TrainingStopped as stop:
+            writer.write({"step": step, "event": "diverged", "bad_streak": guard.streak,
+                          "rollbacks": guard.rollbacks, "reason": str(stop)})
+            raise
         ckpt.wait()
         plan = guard.plan_rollback(ckpt.all_steps())
         for s in plan.set_aside:  # the abandoned path
@@ -125,10 +139,10 @@ class Trainer:
         guard.rolled_back()
         return state, target
 
-    def _preempted(self, ckpt, writer, step, start, state, iterator, guard) -> str:
+    def _preempted(self, ckpt, writer, step, start, state, iterator, guard, totals: dict) -> str:
         name = self.signals.name
         if step > start and step not in ckpt.all_steps():
-            self._save(ckpt, writer, step, state, iterator, guard, force=True)
+            self._save(ckpt, writer, step, state, iterator, guard, totals, force=True)
         saved = ckpt.wait() and step in ckpt.all_steps()
         writer.write({"step": step, "event": "preempted", "signal": name, "checkpoint_saved": saved})
         latest = ckpt.latest_step()
@@ -137,10 +151,11 @@ class Trainer:
         return f"{name} after step {step}: {where}; continue with: chipwise train --resume {self.run_dir}"
 
     # ---- the loop -----------------------------------------------------------------------------------------
-    def _loop(self, state, start, iterator, guard: Guard, compiled, ckpt, writer) -> Totals:
+    def _loop(self, state, start, iterator, guard: Guard, totals: Totals, compiled, ckpt, writer) -> Totals:
+        """Train from `start` to train.steps, adding to `totals` (the run's so far)."""
         t, steps = self.cfg.train, compiled.steps
         cadence, tokens_per_step = Cadence.of(t), t.batch_size * t.seq_len
-        totals, window = Totals(), Window()
+        window, wall_before = Window(), totals.wall_seconds
         poisoned = set(t.inject_nan_batches)
         val_batches = data.eval_batches(self.data.val_tokens, t.seq_len, t.batch_size, t.eval_batches)
 
@@ -148,6 +163,10 @@ class Trainer:
             self._evaluate(step, steps.eval, state["params"], val_batches, steps.batch_sharding, totals, writer)
 
         loop_start = time.perf_counter()
+
+        def totals_now() -> dict:  # what a checkpoint records: the run's totals up to this moment
+            return totals.state(wall_seconds=wall_before + time.perf_counter() - loop_start)
+
         if start == 0:
             evaluate(0)
         pending = None  # (step, metrics, data_wait) of the step dispatched last, read one step late
@@ -200,7 +219,13 @@ class Trainer:
             if boundary and not diverged:
                 diverged, pending = finish(pending), None
             if diverged:
-                state, step = self._rollback(ckpt, writer, steps, compiled.abstract_state, guard, step, data_pos)
+                try:
+                    state, step = self._rollback(ckpt, writer, steps, compiled.abstract_state, guard, step,
+                                                 data_pos)
+                except TrainingStopped as stop:  # the summary still gets written, with why it stopped
+                    totals.stopped_by, self.exit_code = str(stop), stop.exit_code
+                    pending = None
+                    break
                 pending, last_done = None, time.perf_counter()
                 continue
             if boundary:
@@ -208,15 +233,16 @@ class Trainer:
                     evaluate(step)
                 if cadence.checkpoint_due(step):
                     c0 = time.perf_counter()
-                    self._save(ckpt, writer, step, state, iterator, guard, force=step == t.steps)
+                    self._save(ckpt, writer, step, state, iterator, guard, totals_now(), force=step == t.steps)
                     seconds = time.perf_counter() - c0
                     totals.checkpoint_seconds += seconds
                     writer.write({"step": step, "checkpoint_s": seconds})  # per-step breakdown in reports
                 last_done = time.perf_counter()  # eval and checkpoint time is not step time
         if pending is not None:
             finish(pending)  # a rollback it might call for happens after the resume; the streak is saved
-        if self.signals.received is not None:
-            totals.stopped_by = self._preempted(ckpt, writer, step, start, state, iterator, guard)
+        if self.signals.received is not None and totals.stopped_by is None:
+            totals.stopped_by = self._preempted(ckpt, writer, step, start, state, iterator, guard, totals_now())
+            self.exit_code = 128 + self.signals.received
         ckpt.wait()
-        totals.wall_seconds = time.perf_counter() - loop_start
+        totals.wall_seconds = wall_before + time.perf_counter() - loop_start
         return totals

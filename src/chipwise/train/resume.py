@@ -10,51 +10,75 @@ import jax
 from chipwise import data
 from chipwise.config import Config, to_dict
 from chipwise.errors import ChipwiseError
+from chipwise.train.accounting import Totals
 from chipwise.train.guard import Guard
 
+# The data settings that decide which documents and tokens a run trains on: a resume that changes one of them would
+# continue the data stream at a position that now means other tokens.
+DATA_IDENTITY = ("sources", "text_field", "tokenizer", "val_fraction", "max_documents")
 
-def incompatibility(meta: dict, cfg: Config, tokenizer_fp: str) -> str | None:
+
+def incompatibility(meta: dict, cfg: Config, tokenizer_fp: str, corpus_fp: str) -> str | None:
     """What makes a checkpoint unusable under `cfg`, in a few words; None if nothing does.
 
-    The model's shape and vocabulary and the tokenizer must match; training length, schedule, logging and mesh
-    may change (the data-stream settings are checked by the data iterator itself).
+    The model's shape and vocabulary, the data's identity (DATA_IDENTITY, the corpus and the tokenizer) must
+    match; training length, schedule, logging and mesh may change (the data-stream settings are checked by the
+    data iterator itself).
     """
-    saved = (meta.get("config") or {}).get("model")
-    if saved is not None:  # checkpoints of older versions lack it; Orbax's shape check then has the last word
-        now = to_dict(cfg)["model"]
-        for key, value in now.items():
-            if key in saved and saved[key] != value:
-                return f"checkpoint has model.{key}={saved[key]}, config has {value}"
+    now = to_dict(cfg)
+    for section, keys in (("model", None), ("data", DATA_IDENTITY)):
+        saved = (meta.get("config") or {}).get(section)
+        if saved is None:  # checkpoints of older versions lack it; the checks below have the last word
+            continue
+        for key in keys or now[section]:
+            if key in saved and saved[key] != now[section][key]:
+                return f"checkpoint has {section}.{key}={saved[key]!r}, config has {now[section][key]!r}"
     fp = meta.get("tokenizer_fingerprint")
     if fp != tokenizer_fp:
         return (f"checkpoint was trained with tokenizer {str(fp)[:12]}, the data now gives tokenizer "
                 f"{tokenizer_fp[:12]} (sha256 of tokenizer.json)")
+    corpus = meta.get("corpus_fingerprint")
+    if corpus is not None and corpus != corpus_fp:
+        return (f"the documents under data.sources changed since the checkpoint (corpus {corpus[:12]}, now "
+                f"{corpus_fp[:12]}), so its data position would mean other tokens")
     return None
 
 
-def checkpoint_meta(cfg: Config, step: int, iterator, tokenizer_fp: str, guard: Guard) -> dict:
-    """The JSON saved with every checkpoint: enough to check a resume's config and continue the data stream."""
+def checkpoint_meta(cfg: Config, step: int, iterator, prepared: data.PreparedData, guard: Guard,
+                    totals: dict) -> dict:
+    """The JSON saved with every checkpoint: enough to check a resume's config, continue the data stream, the
+    divergence guard's counts and the run's totals."""
     return {"step": step, "data_iterator": iterator.get_state(), "config": to_dict(cfg),
-            "tokenizer_fingerprint": tokenizer_fp, "guard": guard.state()}
+            "tokenizer_fingerprint": prepared.tokenizer_fingerprint,
+            "corpus_fingerprint": prepared.corpus_fingerprint, "guard": guard.state(), "totals": totals}
 
 
 def initial_state(cfg: Config, run_dir, prepared: data.PreparedData, steps, ckpt, abstract_state, resume: bool,
                   log: Callable[[str], None]):
-    """(state, start step, data iterator, guard) to train from."""
+    """(state, start step, data iterator, guard, totals so far) to train from."""
     t = cfg.train
     iterator = data.make_train_iterator(prepared, t.seq_len, t.batch_size, t.seed, jax.process_index(),
                                         jax.process_count(), cfg.data.worker_threads)
     found = None
     if resume:
         def check(meta):  # before any array is read or any file of the run is written
-            problem = incompatibility(meta, cfg, prepared.tokenizer_fingerprint)
+            problem = incompatibility(meta, cfg, prepared.tokenizer_fingerprint, prepared.corpus_fingerprint)
             if problem:
                 raise ChipwiseError(f"cannot resume {run_dir}: {problem}; resume with the settings it "
                                     f"was trained with, or start a new run_dir")
+            if meta["step"] >= t.steps:  # nothing to train: refuse before the config or summary is rewritten
+                raise ChipwiseError(f"{run_dir} has already trained to step {meta['step']} and train.steps is "
+                                    f"{t.steps}; to train further, resume with --set train.steps=N (N > "
+                                    f"{meta['step']})")
             iterator.set_state(meta["data_iterator"])  # refuses a changed seq_len, batch size or seed
 
         found = ckpt.restore_latest(abstract_state, check)
     if found is None:
+        damaged = run_dir.has_damaged_checkpoints() if resume else []
+        if damaged:  # a run that has trained never silently starts again from step 0
+            raise ChipwiseError(f"cannot resume {run_dir}: it has no usable checkpoint (damaged ones were set aside: "
+                                f"{', '.join(damaged)}); start a new run_dir, or --overwrite to train it from "
+                                f"step 0 again")
         if resume:
             log(f"no checkpoint in {run_dir}; starting from step 0")
         state = steps.init()
@@ -63,7 +87,7 @@ def initial_state(cfg: Config, run_dir, prepared: data.PreparedData, steps, ckpt
 
             state["params"] = initial_params(cfg, steps.state_shardings["params"])
             log(f"initialised from {t.init_from}")
-        return state, 0, iterator, Guard()
+        return state, 0, iterator, Guard(), Totals()
     step, state, meta = found
     log(f"resumed from step {step}")
-    return state, step, iterator, Guard(**meta.get("guard", {}))
+    return state, step, iterator, Guard(**meta.get("guard", {})), Totals.from_state(meta.get("totals"))
