@@ -247,3 +247,21 @@ def test_sigterm_still_exits_with_the_signal_and_releases_the_lock(tmp_path, cor
     assert proc.wait(timeout=120) == 128 + signal.SIGTERM
     assert not (run / LOCK_FILE).exists()
     assert json.loads((run / "summary.json").read_text())["stopped"].startswith("SIGTERM")
+
+
+def test_an_unusable_data_cache_is_one_line(tmp_path, corpus, capsys):
+    blocker = tmp_path / "cache-file"
+    blocker.write_text("not a directory")
+    run = tmp_path / "run"
+    assert main(["train", *args(run, corpus, "train.steps=3", f"data.cache_dir={blocker}")]) == 2
+    assert "data cache" in one_line_error(capsys)
+    assert main(["train", *args(run, corpus, "train.steps=3", f"data.cache_dir={blocker / 'sub'}")]) == 2
+    assert "not writable" in one_line_error(capsys)
+    assert not run.exists()
+
+
+def test_a_batch_far_beyond_memory_is_refused_before_allocating(tmp_path, corpus, capsys):
+    run = tmp_path / "run"
+    assert main(["train", *args(run, corpus, "train.steps=3", "train.batch_size=1000000000")]) == 2
+    assert "GiB" in one_line_error(capsys)
+    assert not run.exists()

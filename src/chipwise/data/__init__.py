@@ -7,7 +7,9 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from tokenizers import Tokenizer
@@ -68,9 +70,22 @@ def pack_in_best_process(docs: list[Document], tok: Tokenizer) -> np.ndarray:
     return pack_documents(docs, tok)
 
 
+def _check_cache_dir(cache_dir: Path) -> None:
+    """The cache must be a directory chipwise can write to (created if missing): say so in one line up front,
+    rather than with a traceback from deep inside a tokenizer or packing write."""
+    existing = next(p for p in [cache_dir, *cache_dir.parents] if p.exists())
+    if existing == cache_dir and not cache_dir.is_dir():
+        raise DataError(f"the data cache {cache_dir} is a file, not a directory; set data.cache_dir (or "
+                        f"CHIPWISE_CACHE) to a directory")
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise DataError(f"cannot write the data cache in {cache_dir} ({existing} is not writable); set "
+                        f"data.cache_dir (or CHIPWISE_CACHE) to a writable directory")
+
+
 def prepare_data(data_cfg: DataConfig, vocab_size: int, log=print) -> PreparedData:
     """Read the corpus, get a tokenizer and the packed tokens, reusing the cache where it can."""
     cache_dir = default_cache_dir(data_cfg)
+    _check_cache_dir(cache_dir)
     corpus = load_corpus(data_cfg)
     for note in corpus.notes:
         log(f"corpus: {note}")

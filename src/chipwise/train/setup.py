@@ -12,6 +12,7 @@ import jax.numpy as jnp
 from chipwise import data, efficiency, flops, provenance
 from chipwise.config import Config
 from chipwise.distributed import agree, barrier, is_leader
+from chipwise.errors import ConfigError
 from chipwise.sharding import make_mesh, platform_rules
 from chipwise.train.compiled_step import check_batch_fits, compute_dtype, select_attention
 
@@ -36,10 +37,44 @@ def prepare_devices(cfg: Config) -> RunSetup:
     check_batch_fits(cfg.train, mesh)
     dtype = compute_dtype(cfg.train.dtype, platform)
     choice = select_attention(cfg, platform, dtype)
+    check_memory_fits(cfg, mesh, devices)
     barrier("measure-peak")  # processes sharing a CPU measure it together, so each sees its share
     hardware = efficiency.resolve_hardware(devices, dtype, cfg.hardware)
     return RunSetup(devices, platform, mesh, platform_rules(platform)["rules"], dtype, choice, hardware,
                     flops.training_flops_per_token(cfg.model, cfg.train.seq_len))
+
+
+def _host_memory_available() -> int | None:
+    try:
+        for line in open("/proc/meminfo"):
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def check_memory_fits(cfg: Config, mesh, devices) -> None:
+    """Refuse a run whose estimated memory (plan/memory.py, the planner's own model) exceeds what the devices
+    have, before anything is allocated: the OS would otherwise kill it with no message. The estimate is a model,
+    not a measurement, so only a clear excess is refused."""
+    from chipwise.plan.memory import training_memory
+
+    t, local = cfg.train, [d for d in devices if d.process_index == jax.process_index()]
+    dp = mesh.shape["data"] * mesh.shape["fsdp"]
+    per_device = training_memory(cfg.model, t.seq_len, t.batch_size / t.grad_accum / dp, fsdp=mesh.shape["fsdp"],
+                                 tensor=mesh.shape["tensor"], pipeline=1, microbatches=t.grad_accum,
+                                 remat=t.remat).total
+    if devices[0].platform == "cpu":  # every CPU device of this process shares the host's memory
+        need, have, where = per_device * len(local), _host_memory_available(), "host memory available"
+    else:
+        stats = local[0].memory_stats() or {}
+        need, have, where = per_device, stats.get("bytes_limit"), f"memory of one {local[0].device_kind}"
+    if have and need > have:
+        raise ConfigError(f"this run needs about {need / 2**30:,.1f} GiB (estimated: train.batch_size "
+                          f"{t.batch_size} x seq_len {t.seq_len}, model {flops.param_count(cfg.model) / 1e6:,.1f}M "
+                          f"parameters) but {where} is {have / 2**30:,.1f} GiB; lower train.batch_size, raise "
+                          f"train.grad_accum or use train.remat=full")
 
 
 def prepare_data_everywhere(cfg: Config, log: Callable[[str], None]) -> data.PreparedData:
