@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from chipwise.model import layer_params
+
 # `enable_gqa` arrived in torch 2.5; before that K/V heads are repeated by hand.
 _SDPA_GQA = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 5)
 
@@ -158,7 +160,7 @@ class Llama(nn.Module):
 
         put(self.embed.weight, params["embed"])
         for i, block in enumerate(self.blocks):
-            p = params["blocks"][i]
+            p = layer_params(params, i, self.cfg)
             put(block.attn_norm.weight, p["attn_norm"]["scale"])
             put(block.mlp_norm.weight, p["mlp_norm"]["scale"])
             for name in ("wq", "wk", "wv"):  # [d, heads, head_dim] -> Linear [heads * head_dim, d]

@@ -204,13 +204,17 @@ def strict_json(text: str):
 
 
 def test_plan_json_is_strict_even_when_a_figure_is_infinite(tmp_path, capsys):
-    # A catalog file is YAML, where .inf is a number; whatever reaches the output, the output stays JSON.
+    # A catalog file is YAML, where .inf is a number: the catalog refuses it as a figure, in one line...
     overrides = tmp_path / "prices.yaml"
     overrides.write_text("h100-sxm: {price_per_chip_hour: .inf}\n")
-    assert main([*PLAN, "--tokens", "2e12", "--catalog", str(overrides), "--json"]) == 0
-    (row,) = strict_json(capsys.readouterr().out)
-    assert row["price_per_chip_hour"] is None and row["cost_usd"] is None
-    assert row["step_time_s"] > 0  # the finite figures are untouched
+    assert main([*PLAN, "--tokens", "2e12", "--catalog", str(overrides), "--json"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and "positive and finite" in captured.err and captured.err.count("\n") == 1
+    # ...and whatever non-finite number might still reach the output, the output stays JSON.
+    from chipwise.plan.render import _finite
+
+    assert json.loads(json.dumps(_finite({"a": [float("inf"), 1.5], "b": float("nan")}), allow_nan=False)) == \
+        {"a": [None, 1.5], "b": None}
 
 
 # ------------------------------------------------------------------------------- symlinked data folders
@@ -234,3 +238,17 @@ def test_symlinked_folders_are_followed_once(tmp_path):
     for link in ("data/loop", "data/0again", "data/linked/back"):
         assert f"skipped {link}: it leads to" in skipped, corpus.notes
     assert all("\n" not in note for note in corpus.notes)
+
+
+def test_a_long_run_without_whitespace_is_cut_for_tokenizer_training_only():
+    from chipwise.data.corpus import Document
+    from chipwise.data.tokenizer import MAX_TRAINING_WORD, train_tokenizer, training_text
+
+    blob = "x" * (3 * MAX_TRAINING_WORD + 5)
+    text = f"def f():\n    return '{blob}'\n"
+    cut = training_text(text)
+    assert max(len(run) for run in cut.split()) <= MAX_TRAINING_WORD and cut.replace("\n", "") == \
+        text.replace("\n", "")
+    assert training_text("short text") == "short text"
+    tok = train_tokenizer([Document(name="a", text=text * 3)], 300)
+    assert tok.decode(tok.encode(text).ids) == text  # encoding the whole run still round-trips

@@ -12,7 +12,7 @@ from chipwise.config import ModelConfig
 from chipwise.errors import ChipwiseError
 from chipwise.hf import convert
 from chipwise.hf.checkpoint import parse_size, read_checkpoint, write_checkpoint
-from chipwise.model import Transformer
+from chipwise.model import Transformer, layer_params
 from conftest import require
 
 torch = require("torch")
@@ -170,6 +170,6 @@ def test_bf16_checkpoints_are_read_and_widened(tmp_path, tokenizer_file):
     weights = tmp_path / "model.safetensors"
     narrow = {k: v.astype(ml_dtypes.bfloat16) for k, v in load_file(str(weights)).items()}
     save_file(narrow, str(weights), metadata={"format": "pt"})
-    _, back = read_checkpoint(tmp_path)
-    assert back["blocks"][0]["attn"]["wq"].dtype == np.float32
+    read_model, back = read_checkpoint(tmp_path)
+    assert layer_params(back, 0, read_model)["attn"]["wq"].dtype == np.float32
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-2, atol=1e-2), back, params)

@@ -1,3 +1,5 @@
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -6,7 +8,7 @@ from flax import nnx
 
 from chipwise import flops
 from chipwise.config import ModelConfig
-from chipwise.model import Transformer
+from chipwise.model import Transformer, layer_params, stack_layers
 from chipwise.train.step import next_token_loss
 
 
@@ -68,18 +70,16 @@ def test_bf16_compute_keeps_fp32_params_and_is_close(small_model_cfg):
     assert not np.array_equal(half, full)  # bf16 really was used
 
 
-def test_kv_cache_decode_matches_full_forward(small_model_cfg):
-    cfg = small_model_cfg
+@pytest.mark.parametrize("scan_layers", [True, False])
+def test_kv_cache_decode_matches_full_forward(small_model_cfg, scan_layers):
+    cfg = dataclasses.replace(small_model_cfg, scan_layers=scan_layers)
     model = make(cfg)
     x = tokens(cfg, batch=1, seq=12)
     full = model(x)
-    shape = (1, 12, cfg.num_kv_heads, cfg.head_dim)
-    caches = [(jnp.zeros(shape), jnp.zeros(shape), 0) for _ in range(cfg.num_layers)]
-    prefill, caches = model(x[:, :8], caches=caches)
+    prefill, caches = model(x[:, :8], caches=model.init_cache(1, 12))
     np.testing.assert_allclose(prefill, full[:, :8], rtol=1e-5, atol=1e-5)
     for pos in range(8, 12):
-        step_caches = [(k, v, pos) for k, v in caches]
-        logits, caches = model(x[:, pos:pos + 1], positions=jnp.array([[pos]]), caches=step_caches)
+        logits, caches = model(x[:, pos:pos + 1], positions=jnp.array([[pos]]), caches=caches, cache_start=pos)
         np.testing.assert_allclose(logits[:, 0], full[:, pos], rtol=1e-4, atol=1e-4)
 
 
@@ -89,3 +89,28 @@ def test_rope_makes_attention_depend_on_relative_position(small_model_cfg):
     x = tokens(small_model_cfg)
     pos = jnp.broadcast_to(jnp.arange(16), x.shape)
     np.testing.assert_allclose(model(x, positions=pos), model(x, positions=pos + 7), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("remat", ["none", "full", "dots"])
+def test_scanned_layers_equal_unrolled_ones(small_model_cfg, remat):
+    """The same parameters, stacked, give the same loss and gradients under the scan."""
+    unrolled_cfg = dataclasses.replace(small_model_cfg, num_layers=3, scan_layers=False)
+    scanned_cfg = dataclasses.replace(unrolled_cfg, scan_layers=True)
+    unrolled = make(unrolled_cfg)
+    params = nnx.to_pure_dict(nnx.state(unrolled))
+    stacked = dict(params, blocks=stack_layers([params["blocks"][i] for i in range(3)]))
+    graphdefs = {cfg.scan_layers: nnx.split(make(cfg))[0] for cfg in (unrolled_cfg, scanned_cfg)}
+    x = tokens(unrolled_cfg)
+
+    def loss(params, scan):
+        model = nnx.merge(graphdefs[scan], params)
+        return next_token_loss(model(x[:, :-1], remat=remat), x[:, 1:])
+
+    l_unrolled, g_unrolled = jax.value_and_grad(loss)(params, False)
+    l_scanned, g_scanned = jax.value_and_grad(loss)(stacked, True)
+    np.testing.assert_allclose(l_scanned, l_unrolled, rtol=1e-5)
+    for i in range(3):
+        for a, b in zip(jax.tree.leaves(layer_params(g_scanned, i, scanned_cfg)),
+                        jax.tree.leaves(layer_params(g_unrolled, i, unrolled_cfg))):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(g_scanned["embed"], g_unrolled["embed"], rtol=1e-5, atol=1e-6)

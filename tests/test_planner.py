@@ -64,6 +64,49 @@ def test_memory_shrinks_with_sharding_and_remat():
     assert full.params == param_count(SMALL) * 4
 
 
+def test_memory_counts_dtypes_zero1_and_the_chunked_loss():
+    base = dict(data=4, fsdp=2, tensor=1, pipeline=1, microbatches=1, remat="none")
+    fp32 = memory.training_memory(SMALL, 64, 8, **base)
+    bf16 = memory.training_memory(SMALL, 64, 8, **base, param_dtype="bfloat16", moments_dtype="bfloat16")
+    assert (bf16.params, bf16.grads, bf16.optimizer) == (fp32.params / 2, fp32.grads / 2, fp32.optimizer / 2)
+    zero1 = memory.training_memory(SMALL, 64, 8, **base, shard_optimizer=True)
+    assert zero1.optimizer == pytest.approx(fp32.optimizer / 4) and zero1.params == fp32.params
+    # The loss a chunk at a time (train/loss.py): one chunk's logits, split over data x fsdp = 8, not every token's;
+    # plus the head whole in fp32 and its fp32 gradient.
+    head = SMALL.d_model * SMALL.vocab_size * memory.HEAD_BYTES
+    whole = memory.training_memory(SMALL, 64, 8, **base, loss_chunk_tokens=10**9)
+    chunked = memory.training_memory(SMALL, 64, 8, **base, loss_chunk_tokens=256)
+    assert whole.logits == pytest.approx(8 * 64 * SMALL.vocab_size * memory.LOGIT_BYTES + head)
+    assert chunked.logits == pytest.approx(256 / 8 * SMALL.vocab_size * memory.LOGIT_BYTES + head)
+
+
+def test_fsdp_gathers_one_scanned_layer_at_a_time():
+    """XLA's temporaries under fsdp=8: about two layers' worth of weights with scanned layers (one gathered layer and
+    its unreduced gradient), every layer gathered when they are unrolled; memory.py counts each so."""
+    from dataclasses import replace
+
+    from chipwise.config import MeshConfig
+    from chipwise.flops import layer_matmul_params
+    from chipwise.sharding import make_mesh
+    from chipwise.train.compiled_step import build_train_step
+
+    model = ModelConfig(num_layers=8, d_model=256, num_heads=4, num_kv_heads=4, d_ff=2048, vocab_size=256,
+                        max_seq_len=64)
+    mesh = make_mesh(MeshConfig(data=1, fsdp=8), jax.devices()[:8])
+    layer = layer_matmul_params(model) * 4  # fp32 on a CPU
+    temp = {}
+    for scan in (True, False):
+        cfg = from_dict({"model": vars(replace(model, scan_layers=scan)),
+                         "train": {"batch_size": 8, "seq_len": 8, "dtype": "float32"}})
+        temp[scan] = build_train_step(cfg, mesh, "cpu").compile().train.memory_analysis().temp_size_in_bytes
+    grads = param_count(model) * 4 / 8
+    assert temp[True] < grads + 3 * layer and temp[False] > grads + model.num_layers * layer
+    kw = dict(fsdp=8, tensor=1, pipeline=1, microbatches=1, remat="none")
+    assert memory.training_memory(model, 8, 1, **kw).weights_compute == 2 * layer_matmul_params(model) * 2
+    unrolled = memory.training_memory(replace(model, scan_layers=False), 8, 1, **kw)
+    assert unrolled.weights_compute == param_count(model) * 2
+
+
 # ------------------------------------------------------------------------------------------ step time
 
 
@@ -133,6 +176,19 @@ def test_search_finds_the_fastest_fitting_layout_among_all_candidates():
     assert sum(result.rejected.values()) == len(brute) - 1
 
 
+def test_search_weighs_zero1_where_there_is_data_parallelism():
+    cfg, h100 = load_model("llama3-8b"), chip("h100-sxm")
+    layouts = list(candidate_layouts(cfg, 64, 16, h100))
+    assert any(lay.shard_optimizer for lay in layouts)
+    assert not any(lay.shard_optimizer and lay.data == 1 for lay in layouts)  # nothing to split the moments over
+    # data=8 x fsdp=2 fits an 8B model only with its moments split over data too.
+    pinned = dict(fixed=Layout(data=8, fsdp=2), remats=("full",), microbatches=1)
+    assert search(cfg, 2048, 64, 16, h100, zero1s=(False,), **pinned).best is None
+    best = search(cfg, 2048, 64, 16, h100, **pinned).best
+    assert best.layout.shard_optimizer and best.layout.describe().endswith(" zero1")
+    assert best.memory.optimizer == pytest.approx(param_count(cfg) / 2 * 8 / 8)
+
+
 def test_search_rejects_layouts_that_do_not_fit():
     result = search(load_model("llama3-70b"), 4096, 32, 32, chip("h100-sxm"))
     assert result.rejected["does not fit in memory"] > 0
@@ -174,8 +230,9 @@ def test_the_issue_example_as_json_has_every_field(capsys):
     assert main(EXAMPLE + ["--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert [r["accelerator"] for r in rows] and {r["accelerator"] for r in rows} == {"trn2", "tpu-v5p", "h100-sxm"}
-    fields = ("accelerator chips mesh step_time_s tokens_per_s_per_chip model_tflops_per_chip mfu memory_per_chip_gib "
-              "fits time_to_train_h chip_hours cost_usd energy_kwh tokens_per_usd tokens_per_kwh").split()
+    fields = ("accelerator chips mesh shard_optimizer step_time_s tokens_per_s_per_chip model_tflops_per_chip mfu "
+              "memory_per_chip_gib fits time_to_train_h chip_hours cost_usd energy_kwh tokens_per_usd "
+              "tokens_per_kwh").split()
     for r in rows:
         assert all(f in r for f in fields), [f for f in fields if f not in r]
         assert r["modelled"] is True and r["chips"] == 1024

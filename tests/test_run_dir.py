@@ -218,7 +218,7 @@ def test_sample_refuses_a_tokenizer_the_checkpoint_was_not_trained_with(run, cap
 
 def test_resume_names_the_data_setting_that_changed(run, corpus, tmp_path, capsys):
     assert main(["train", "--resume", str(run), "--set", "train.steps=9", "--set", "data.val_fraction=0.3"]) == 2
-    assert "data.val_fraction" in one_line_error(capsys)
+    assert "data.val_fraction was 0.05, is now 0.3" in one_line_error(capsys)
     # A fixed tokenizer, and a corpus that changed under it: refused instead of continuing on other tokens.
     fixed = tmp_path / "fixed"
     shutil.copytree(corpus, tmp_path / "corpus2")
@@ -265,3 +265,12 @@ def test_a_batch_far_beyond_memory_is_refused_before_allocating(tmp_path, corpus
     assert main(["train", *args(run, corpus, "train.steps=3", "train.batch_size=1000000000")]) == 2
     assert "GiB" in one_line_error(capsys)
     assert not run.exists()
+
+
+def test_a_corrupt_tokenizer_is_one_line_for_sample_and_export(run, tmp_path, capsys):
+    (run / "tokenizer.json").write_text('{"version": "1.0", "trunc')
+    assert main(["sample", "--run", str(run), "--prompt", "def ", "--max-new-tokens", "4"]) == 2
+    assert "tokenizer" in one_line_error(capsys)
+    assert main(["export", "--run", str(run), "--out", str(tmp_path / "hf")]) == 2
+    assert "tokenizer" in one_line_error(capsys)
+    assert not (tmp_path / "hf").exists()  # the refused export created nothing

@@ -31,6 +31,7 @@ class ModelConfig:
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     max_seq_len: int = 512
+    scan_layers: bool = True  # stacked layers under a scan (model.py); false: a Python loop, unrolled
 
     @property
     def head_dim(self) -> int:
@@ -68,6 +69,16 @@ class TrainConfig:
     grad_clip: float = 1.0
     dtype: str = "auto"  # compute dtype: auto (bf16 on accelerators, fp32 on CPU) | bfloat16 | float32
     remat: str = "none"  # none | full | dots (save only matmul outputs)
+    # Tokens per chunk of the LM head and loss (train/loss.py): 0 picks about 128 MiB of fp32 logits per chunk; a
+    # value >= batch x seq_len computes the full logits at once.
+    loss_chunk_tokens: int = 0
+    # Precision of what the train state stores (train/step.py, train/optimizer.py). fp32 everywhere by default, CPUs
+    # included: bf16 parameters halve their memory but round away every update smaller than half a bf16 step of the
+    # weight (about 0.4% of it), which stalls training late in a decaying schedule, so they are opt-in. bf16 moments
+    # halve AdamW's state at a small cost in accuracy (docs/architecture.md states the tolerance tested).
+    param_dtype: str = "float32"  # float32 | bfloat16
+    moments_dtype: str = "float32"  # float32 | bfloat16: AdamW's first and second moments
+    shard_optimizer: bool = False  # ZeRO-1: AdamW's moments also sharded over the mesh's data axis
     log_every: int = 10
     eval_every: int = 50
     eval_batches: int = 4
@@ -113,6 +124,8 @@ CHOICES = {
     "train.schedule": ("cosine", "wsd"),
     "train.dtype": ("auto", "bfloat16", "float32"),
     "train.remat": ("none", "full", "dots"),
+    "train.param_dtype": ("float32", "bfloat16"),
+    "train.moments_dtype": ("float32", "bfloat16"),
 }
 
 
@@ -297,7 +310,7 @@ def validate(cfg: Config) -> None:
                  "checkpoint_every", "keep_checkpoints"):
         if getattr(t, name) <= 0:
             raise ConfigError(f"train.{name} must be positive, got {getattr(t, name)}")
-    for name in ("keep_every", "max_rollbacks"):
+    for name in ("keep_every", "max_rollbacks", "loss_chunk_tokens"):
         if getattr(t, name) < 0:
             raise ConfigError(f"train.{name} must be zero or more, got {getattr(t, name)}")
     if t.max_bad_steps <= 0:

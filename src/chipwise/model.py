@@ -3,6 +3,11 @@
 Parameters are fp32 and carry logical axis names in their `axes` metadata; activations get sharding hints
 through `constrain`. Nothing here knows about devices: `sharding.py` maps the names onto a mesh and
 `attention/` picks the kernel.
+
+Layers (`model.scan_layers`, on by default) are stacked: every block parameter has a leading `layers` axis and
+one block's body runs under `jax.lax.scan`, so the compiled program does not grow with depth (MaxText's
+scan_layers, AXLearn's Repeat, Levanter's Stacked). With scan_layers off, blocks are a Python list, unrolled.
+`layer_params` and `stack_layers` convert between the two layouts (Hugging Face files are per layer).
 """
 
 from __future__ import annotations
@@ -117,40 +122,107 @@ class Block(nnx.Module):
         return x, cache
 
 
+def remat_policy(remat: str):
+    return None if remat == "full" else jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+
+
 class Transformer(nnx.Module):
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         self.cfg = cfg
         # Embedding rows have unit-scale entries divided by sqrt(d): a tied LM head then starts near uniform.
         self.embed = param(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), fan_in=cfg.d_model)
-        self.blocks = nnx.List([Block(cfg, rngs) for _ in range(cfg.num_layers)])
+        if cfg.scan_layers:
+            @nnx.vmap(in_axes=0, out_axes=0)
+            def stacked(key):  # one Block whose parameters carry a leading `layers` axis
+                return Block(cfg, nnx.Rngs(params=key))
+
+            self.blocks = stacked(jax.random.split(rngs.params(), cfg.num_layers))
+        else:
+            self.blocks = nnx.List([Block(cfg, rngs) for _ in range(cfg.num_layers)])
         self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps, rngs)
         if not cfg.tie_embeddings:
             self.lm_head = param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"))
 
-    def __call__(self, tokens, *, dtype=jnp.float32, attend: Callable = reference.attend, remat: str = "none",
-                 positions=None, caches=None):
-        """tokens [batch, seq] -> logits [batch, seq, vocab] in fp32 (and the updated KV caches, if given)."""
+    def init_cache(self, batch: int, length: int, dtype=jnp.float32):
+        """An empty KV cache for `length` positions, in this model's layer layout."""
+        c = self.cfg
+        shape = (batch, length, c.num_kv_heads, c.head_dim)
+        if c.scan_layers:
+            return (jnp.zeros((c.num_layers, *shape), dtype), jnp.zeros((c.num_layers, *shape), dtype))
+        return [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(c.num_layers)]
+
+    def hidden(self, tokens, *, dtype=jnp.float32, attend: Callable = reference.attend, remat: str = "none",
+               positions=None, caches=None, cache_start=0):
+        """tokens [batch, seq] -> final hidden states [batch, seq, d_model] after the final norm (and the updated
+        KV caches, if given: written from position `cache_start`)."""
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
         x = constrain(self.embed[...].astype(dtype)[tokens], ("batch", "seq", "embed"))
+        if self.cfg.scan_layers:
+            x, caches = self._scan_blocks(x, positions, attend, remat, caches, cache_start)
+        else:
+            x, caches = self._unrolled_blocks(x, positions, attend, remat, caches, cache_start)
+        x = self.final_norm(x)
+        return x if caches is None else (x, caches)
 
+    def _scan_blocks(self, x, positions, attend, remat, caches, cache_start):
+        graphdef, stacked = nnx.split(self.blocks)
+
+        def layer(x, xs):
+            params, cache = xs
+            block = nnx.merge(graphdef, params)
+            x, cache = block(x, positions, attend, None if cache is None else (*cache, cache_start))
+            return x, cache
+
+        if remat != "none":  # per layer: the backward pass recomputes one layer at a time
+            layer = jax.checkpoint(layer, policy=remat_policy(remat), prevent_cse=False)
+        return jax.lax.scan(layer, x, (stacked, caches))
+
+    def _unrolled_blocks(self, x, positions, attend, remat, caches, cache_start):
         def run_block(block, x, cache):
             return block(x, positions, attend, cache)
 
         if remat != "none":
-            policy = None if remat == "full" else jax.checkpoint_policies.dots_with_no_batch_dims_saveable
-            run_block = nnx.remat(run_block, policy=policy)
+            run_block = nnx.remat(run_block, policy=remat_policy(remat))
         new_caches = []
         for i, block in enumerate(self.blocks):
-            x, cache = run_block(block, x, None if caches is None else caches[i])
+            x, cache = run_block(block, x, None if caches is None else (*caches[i], cache_start))
             new_caches.append(cache)
-        x = self.final_norm(x)
-        head = self.embed[...].T if self.cfg.tie_embeddings else self.lm_head[...]
-        logits = constrain((x @ head.astype(dtype)).astype(jnp.float32), ("batch", "seq", "vocab"))
-        return logits if caches is None else (logits, new_caches)
+        return x, None if caches is None else new_caches
+
+    def head(self):
+        """The LM head weight [d_model, vocab] (fp32): the embedding's transpose when tied."""
+        return self.embed[...].T if self.cfg.tie_embeddings else self.lm_head[...]
+
+    def __call__(self, tokens, *, dtype=jnp.float32, attend: Callable = reference.attend, remat: str = "none",
+                 positions=None, caches=None, cache_start=0):
+        """tokens [batch, seq] -> logits [batch, seq, vocab] in fp32 (and the updated KV caches, if given)."""
+        out = self.hidden(tokens, dtype=dtype, attend=attend, remat=remat, positions=positions, caches=caches,
+                          cache_start=cache_start)
+        x, caches = (out, None) if caches is None else out
+        logits = constrain((x @ self.head().astype(dtype)).astype(jnp.float32), ("batch", "seq", "vocab"))
+        return logits if caches is None else (logits, caches)
 
 
 def param_axes(model: nnx.Module):
-    """The pytree of logical axis names, matching `nnx.state(model, nnx.Param)`."""
-    return jax.tree.map(lambda v: v.get_metadata()["axes"], nnx.state(model, nnx.Param),
-                        is_leaf=lambda x: isinstance(x, nnx.Variable))
+    """The pytree of logical axis names, matching `nnx.state(model, nnx.Param)`; stacked block parameters get a
+    leading `layers` axis."""
+    def axes(v):
+        names = tuple(v.get_metadata()["axes"])
+        return ("layers", *names) if len(v.get_value().shape) == len(names) + 1 else names
+
+    return jax.tree.map(axes, nnx.state(model, nnx.Param), is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def layer_params(params: dict, i: int, cfg: ModelConfig) -> dict:
+    """Layer i's parameters as a per-layer dict, from either layout of the model's pure param dict."""
+    if cfg.scan_layers:
+        return jax.tree.map(lambda a: a[i], params["blocks"])
+    return params["blocks"][i]
+
+
+def stack_layers(blocks: list[dict]) -> dict:
+    """Per-layer parameter dicts -> the scanned layout's `blocks` (a leading layers axis)."""
+    import numpy as np
+
+    return jax.tree.map(lambda *layers: np.stack(layers), *blocks)

@@ -39,6 +39,10 @@ def setup(log_level: int = logging.INFO) -> None:
     for noisy in NOISY_LOGGERS:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     logging.getLogger("jax._src.xla_bridge").setLevel(logging.ERROR)  # "no GPU/TPU found" on every CPU start
+    # A failed checkpoint save (a full disk) makes Orbax log each failing write with its traceback, and asyncio its
+    # unretrieved task errors: hundreds of lines for what chipwise reports itself in one (train/checkpoint.py).
+    for failing_save in ("absl", "asyncio"):
+        logging.getLogger(failing_save).setLevel(logging.CRITICAL)
     keep_freed_memory()
 
 

@@ -27,6 +27,7 @@ import yaml
 
 from chipwise import __version__
 from chipwise.config import Config, from_dict, to_dict
+from chipwise.data.cache import atomic_path
 from chipwise.distributed import barrier, is_leader
 from chipwise.errors import ChipwiseError
 from chipwise.run_lock import RunLock
@@ -168,11 +169,15 @@ class RunDir:
         if not isinstance(values, dict):
             raise ChipwiseError(f"{where} does not hold a chipwise config (a mapping of sections, found "
                                 f"{type(values).__name__}); restore it or start a new run_dir")
+        model = values.get("model")
+        if isinstance(model, dict) and "scan_layers" not in model:  # saved before layers were scanned: unrolled
+            values["model"] = {**model, "scan_layers": False}
         return values
 
     def write_config(self, cfg: Config) -> None:
-        if is_leader():  # one process writes the run's files
-            self._path(CONFIG_FILE).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        if is_leader():  # one process writes the run's files; replaced in one rename, never left half-written
+            with atomic_path(self._path(CONFIG_FILE)) as tmp:
+                tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
     @property
     def tokenizer_file(self) -> Path:
@@ -221,21 +226,28 @@ class RunDir:
                 records.append(record)
         return records
 
-    def write_run_info(self, info: dict) -> None:
-        self._write_json(RUN_INFO_FILE, info)
+    def write_run_info(self, info: dict, log: Callable[[str], None] = print) -> None:
+        self._write_json(RUN_INFO_FILE, info, log)
 
     def read_run_info(self) -> dict:
         return self._read_json(RUN_INFO_FILE)
 
-    def write_summary(self, summary: dict) -> None:
-        self._write_json(SUMMARY_FILE, summary)
+    def write_summary(self, summary: dict, log: Callable[[str], None] = print) -> None:
+        self._write_json(SUMMARY_FILE, summary, log)
 
     def read_summary(self) -> dict:
         return self._read_json(SUMMARY_FILE)
 
-    def _write_json(self, name: str, value: dict) -> None:
-        if is_leader():
-            self._path(name).write_text(json.dumps(value, indent=2))
+    def _write_json(self, name: str, value: dict, log: Callable[[str], None] = print) -> None:
+        """Replace RUN_DIR/name in one rename. A full disk costs this record (said in one line), never the run or
+        the previous copy."""
+        if not is_leader():
+            return
+        try:
+            with atomic_path(self._path(name)) as tmp:
+                tmp.write_text(json.dumps(value, indent=2))
+        except OSError as e:
+            log(f"could not write {self._path(name)} ({e.strerror or e}); the previous copy, if any, is kept")
 
     def _read_json(self, name: str) -> dict:
         path = self._path(name)

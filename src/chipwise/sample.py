@@ -36,11 +36,8 @@ def filter_logits(logits, top_k: int, top_p: float):
 def generate(graphdef, params, prompt, key, *, max_new_tokens: int, temperature: float, top_k: int, top_p: float):
     """prompt [1, P] int32 -> new tokens [max_new_tokens]."""
     model: Transformer = nnx.merge(graphdef, params)
-    cfg = model.cfg
     length = prompt.shape[1] + max_new_tokens
-    shape = (1, length, cfg.num_kv_heads, cfg.head_dim)
-    caches = [(jnp.zeros(shape), jnp.zeros(shape), 0) for _ in range(cfg.num_layers)]
-    logits, caches = model(prompt, caches=caches)
+    logits, caches = model(prompt, caches=model.init_cache(1, length))
 
     def pick(logits, key):
         if temperature == 0.0:
@@ -50,14 +47,13 @@ def generate(graphdef, params, prompt, key, *, max_new_tokens: int, temperature:
     def decode(carry, step_key):
         caches, token, pos = carry
         positions = jnp.full((1, 1), pos, jnp.int32)
-        logits, new = model(token.reshape(1, 1), positions=positions,
-                            caches=[(k, v, pos) for k, v in caches])
+        logits, caches = model(token.reshape(1, 1), positions=positions, caches=caches, cache_start=pos)
         nxt = pick(logits[0, -1], step_key)
-        return (new, nxt, pos + 1), nxt
+        return (caches, nxt, pos + 1), nxt
 
     first_key, key = jax.random.split(key)
     first = pick(logits[0, -1], first_key)
-    carry = ([(k, v) for k, v in caches], first, jnp.int32(prompt.shape[1]))
+    carry = (caches, first, jnp.int32(prompt.shape[1]))
     _, rest = jax.lax.scan(decode, carry, jax.random.split(key, max_new_tokens - 1))
     return jnp.concatenate([first[None], rest])
 

@@ -32,6 +32,7 @@ DEFAULT_RULES: tuple[tuple[str, tuple[str, ...] | None], ...] = (
     ("embed", ("fsdp",)),
     ("seq", None),
     ("head_dim", None),
+    ("layers", None),  # the stacked layers of scan_layers: each device holds its share of every layer
 )
 
 # Per-platform defaults, as data (AXLearn-style). `max_tensor` caps tensor parallelism to the fast domain;
@@ -142,6 +143,24 @@ def tree_shardings(axes_tree, shapes_tree, mesh: Mesh, rules=DEFAULT_RULES):
     """NamedShardings for a pytree of arrays given a matching pytree of logical-axes tuples."""
     return jax.tree.map(lambda axes, shape: NamedSharding(mesh, logical_to_spec(axes, shape, mesh, rules)),
                         axes_tree, shapes_tree, is_leaf=lambda x: isinstance(x, tuple))
+
+
+def add_axis(spec: PartitionSpec, shape: tuple[int, ...], mesh: Mesh, axis: str = "data") -> PartitionSpec:
+    """`spec` further split over the mesh axis `axis` (ZeRO-1: the optimizer moments over data), on the first
+    dimension whose size the axes already splitting it times `axis` divide; `axis` goes last (minor), so each device's
+    slice lies inside its shard under `spec`. Unchanged where `axis` has size 1, is already used, or divides nothing.
+    """
+    if mesh.shape[axis] == 1:
+        return spec
+    entries = [(() if e is None else (e,) if isinstance(e, str) else tuple(e))
+               for e in tuple(spec) + (None,) * (len(shape) - len(spec))]
+    if any(axis in e for e in entries):
+        return spec
+    for i, (current, dim) in enumerate(zip(entries, shape)):
+        if dim % (math.prod(mesh.shape[a] for a in current) * mesh.shape[axis]) == 0:
+            entries[i] = (*current, axis)
+            return PartitionSpec(*(None if not e else e[0] if len(e) == 1 else e for e in entries))
+    return spec
 
 
 def batch_sharding(mesh: Mesh, ndim: int = 2, rules=DEFAULT_RULES, batch_size: int | None = None) -> NamedSharding:

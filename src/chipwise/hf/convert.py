@@ -12,6 +12,7 @@ import numpy as np
 
 from chipwise.config import ModelConfig
 from chipwise.errors import ChipwiseError
+from chipwise.model import layer_params, stack_layers
 
 ARCHITECTURE = "LlamaForCausalLM"
 
@@ -98,7 +99,7 @@ def to_hf_tensors(params: dict, m: ModelConfig) -> dict[str, np.ndarray]:
     d, h, kv, hd = m.d_model, m.num_heads, m.num_kv_heads, m.head_dim
     out = {"model.embed_tokens.weight": params["embed"], "model.norm.weight": params["final_norm"]["scale"]}
     for i in range(m.num_layers):
-        b, p = params["blocks"][i], f"model.layers.{i}."
+        b, p = layer_params(params, i, m), f"model.layers.{i}."
         out[p + "input_layernorm.weight"] = b["attn_norm"]["scale"]
         out[p + "post_attention_layernorm.weight"] = b["mlp_norm"]["scale"]
         out[p + "self_attn.q_proj.weight"] = b["attn"]["wq"].reshape(d, h * hd).T
@@ -166,7 +167,8 @@ def from_hf_tensors(tensors: dict[str, np.ndarray], m: ModelConfig) -> dict:
             "mlp": {"w_gate": t(p + "mlp.gate_proj.weight").T, "w_up": t(p + "mlp.up_proj.weight").T,
                     "w_down": t(p + "mlp.down_proj.weight").T},
         }
-    params = {"embed": t("model.embed_tokens.weight"), "blocks": blocks,
+    params = {"embed": t("model.embed_tokens.weight"),
+              "blocks": stack_layers([blocks[i] for i in range(m.num_layers)]) if m.scan_layers else blocks,
               "final_norm": {"scale": t("model.norm.weight")}}
     if m.tie_embeddings:
         if "lm_head.weight" in tensors and not np.array_equal(tensors["lm_head.weight"], params["embed"]):

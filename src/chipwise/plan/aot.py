@@ -8,7 +8,7 @@ estimate before any TPU is rented. The inputs are abstract (shapes and shardings
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 from chipwise import catalog
 from chipwise.errors import ChipwiseError
@@ -48,7 +48,8 @@ class AotResult:
     xla_argument_gib: float  # per device: the step's inputs (sharded parameters, optimizer state, tokens)
     model_state_gib: float  # the planner's parameters + optimizer state per device
     xla_tflops: float  # per device per step, as XLA counts (executed FLOPs, recomputation included)
-    model_tflops: float  # the planner's model FLOPs per device per step (flops.py)
+    model_tflops: float  # the planner's model FLOPs per device per step (flops.py), of what XLA counts: one loop
+    # body (one scanned layer, one micro-batch)
     warnings: list[str]
 
     def as_dict(self) -> dict:
@@ -94,7 +95,9 @@ def aot_check(req, row) -> AotResult:
     topology = topology_name(acc, layout.chips)  # the run's catalog, overrides included
     cfg = from_dict({"model": asdict(req.model) | {"max_seq_len": max(req.model.max_seq_len, req.seq_len)},
                      "train": {"batch_size": req.global_batch, "seq_len": req.seq_len, "dtype": "bfloat16",
-                               "remat": layout.remat, "grad_accum": layout.microbatches}})
+                               "remat": layout.remat, "grad_accum": layout.microbatches,
+                               "shard_optimizer": layout.shard_optimizer, "param_dtype": req.param_dtype,
+                               "moments_dtype": req.moments_dtype, "loss_chunk_tokens": req.loss_chunk_tokens}})
     compiled, attn = compile_for_topology(cfg, topology, {"data": layout.data, "fsdp": layout.fsdp,
                                                           "tensor": layout.tensor})
     mem = compiled.memory_analysis()
@@ -102,7 +105,11 @@ def aot_check(req, row) -> AotResult:
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     xla_bytes = mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes + mem.temp_size_in_bytes
     devices = layout.chips * acc.devices_per_chip
-    model_flops = training_flops_per_token(req.model, req.seq_len).total * req.global_batch * req.seq_len / devices
+    # XLA's cost analysis counts a loop body once: with scanned layers one layer of the forward and backward
+    # scans, with micro-batches one micro-batch. Compare like with like: the model's FLOPs of what XLA counts.
+    counted = replace(cfg.model, num_layers=1) if cfg.model.scan_layers else cfg.model
+    tokens_counted = req.global_batch * req.seq_len / max(layout.microbatches, 1)
+    model_flops = training_flops_per_token(counted, req.seq_len).total * tokens_counted / devices
     est = row.estimate.memory
     result = AotResult(acc.id, topology, layout.mesh_text(), attn, xla_bytes / GIB,
                        est.total / acc.devices_per_chip / GIB, mem.argument_size_in_bytes / GIB,
@@ -122,6 +129,7 @@ def print_aot(r: AotResult) -> None:
     print(f"  inputs  XLA {r.xla_argument_gib:8.3f} GiB   planner {r.model_state_gib:8.3f} GiB (parameters and "
           "optimizer state)")
     print(f"  FLOPs   XLA {r.xla_tflops:8.4g} TFLOP  planner {r.model_tflops:8.4g} TFLOP (model FLOPs; XLA counts "
-          "what it executes, recomputation and dense attention squares included)")
+          "what it executes, recomputation and dense attention squares included, and a loop body once: one "
+          "scanned layer, one micro-batch)")
     for w in r.warnings:
         print(f"  WARNING {w}")

@@ -17,7 +17,7 @@ from chipwise.config import ModelConfig
 from chipwise.errors import ConfigError
 from chipwise.flops import forward_flops_per_token, param_count, training_flops_per_token
 from chipwise.plan import assumptions as A
-from chipwise.plan.memory import GIB, USABLE_HBM_FRACTION, MemoryEstimate, training_memory
+from chipwise.plan.memory import DTYPE_BYTES, GIB, USABLE_HBM_FRACTION, MemoryEstimate, training_memory
 
 MESH_ORDER = ("pipeline", "data", "fsdp", "tensor")  # outermost to innermost: tensor on neighbouring chips
 COMPUTE_PARTS = ("matmul", "attention", "elementwise", "loss", "dispatch")
@@ -31,6 +31,7 @@ class Layout:
     pipeline: int = 1
     microbatches: int = 1  # micro-batches per optimizer step (gradient accumulation, or the pipeline's)
     remat: str = "none"
+    shard_optimizer: bool = False  # ZeRO-1: AdamW's moments split over data too (train.shard_optimizer)
 
     @property
     def chips(self) -> int:
@@ -40,7 +41,8 @@ class Layout:
         return f"data={self.data},fsdp={self.fsdp},tensor={self.tensor},pipeline={self.pipeline}"
 
     def describe(self) -> str:
-        return f"{self.mesh_text()} mb={self.microbatches} remat={self.remat}"
+        zero1 = " zero1" if self.shard_optimizer else ""
+        return f"{self.mesh_text()} mb={self.microbatches} remat={self.remat}{zero1}"
 
 
 @dataclass(frozen=True)
@@ -203,8 +205,12 @@ def check_layout(cfg: ModelConfig, global_batch: int, layout: Layout) -> str | N
     return None
 
 
-def estimate(cfg: ModelConfig, seq_len: int, global_batch: int, chip: ChipModel, layout: Layout) -> StepEstimate:
+def estimate(cfg: ModelConfig, seq_len: int, global_batch: int, chip: ChipModel, layout: Layout, *,
+             param_dtype: str = "float32", moments_dtype: str = "float32", loss_chunk_tokens: int = 0) -> StepEstimate:
+    """The step time and memory of `layout`; the dtypes and loss chunk are the train config's (train.param_dtype,
+    train.moments_dtype, train.loss_chunk_tokens)."""
     t, f, d, p, mb = layout.tensor, layout.fsdp, layout.data, layout.pipeline, layout.microbatches
+    pb, zero1 = DTYPE_BYTES[param_dtype], layout.shard_optimizer and d > 1
     seqs_per_rank = global_batch / (d * f)
     tokens_mb = seqs_per_rank / mb * seq_len  # tokens one chip's micro-batch carries
     layers = cfg.num_layers / p
@@ -238,7 +244,10 @@ def estimate(cfg: ModelConfig, seq_len: int, global_batch: int, chip: ChipModel,
     ew_factor = 1 + A.BACKWARD_ELEMENTWISE_FACTOR + A.REMAT_ELEMENTWISE_RECOMPUTE[layout.remat]
     elementwise = mb * layers * tokens_mb * fwd_elems * chip.compute_bytes * ew_factor / bw
     loss = mb * tokens_mb * cfg.vocab_size / t * 4 * A.LOSS_PASSES / bw / p
-    optimizer = param_count(cfg) / (f * t * p) * A.OPTIMIZER_BYTES_PER_PARAM / bw
+    # The AdamW update reads the parameter, gradient and moments and writes them back (the assumption's fp32
+    # figure, less what narrower stored dtypes save); under ZeRO-1 each chip updates its 1/data of them.
+    update_bytes = A.OPTIMIZER_BYTES_PER_PARAM - 3 * (4 - pb) - 4 * (4 - DTYPE_BYTES[moments_dtype])
+    optimizer = param_count(cfg) / (f * t * p * (d if zero1 else 1)) * update_bytes / bw
     # Fixed cost of each layer's kernels (launch, dispatch), forward and backward, per micro-batch.
     dispatch = mb * layers * chip.layer_overhead_s
     matmul, attention = chip.matmul_scale * matmul, chip.attention_scale * attention
@@ -253,11 +262,15 @@ def estimate(cfg: ModelConfig, seq_len: int, global_batch: int, chip: ChipModel,
     tp_per_layer = (4 + 2 * recompute) * _collective_time(chip, t, st["tensor"], act_bytes, "ar")
     tp_comm = mb * layers * tp_per_layer
     stage_params = param_count(cfg) / (t * p)
-    # FSDP: gather bf16 weights forward and again backward, reduce-scatter fp32 gradients, per micro-batch.
+    # FSDP: gather bf16 weights forward and again backward, reduce-scatter gradients (in the parameters' dtype),
+    # per micro-batch.
     fsdp_comm = mb * (2 * _collective_time(chip, f, st["fsdp"], stage_params * 2, "ag")
-                      + _collective_time(chip, f, st["fsdp"], stage_params * 4, "ag"))
-    # Data parallelism: all-reduce the (FSDP-sharded) fp32 gradients once per step.
-    dp_comm = _collective_time(chip, d, st["data"], stage_params / f * 4, "ar")
+                      + _collective_time(chip, f, st["fsdp"], stage_params * pb, "ag"))
+    # Data parallelism: all-reduce the (FSDP-sharded) gradients once per step. ZeRO-1 then all-gathers the updated
+    # parameters from the chips that updated them (as XLA compiles it: the all-reduce stays one, no reduce-scatter).
+    dp_comm = _collective_time(chip, d, st["data"], stage_params / f * pb, "ar")
+    if zero1:
+        dp_comm += _collective_time(chip, d, st["data"], stage_params / f * pb, "ag")
     # Pipeline: send activations forward and gradients back at each stage boundary.
     pp_comm = (2 * mb * _collective_time(chip, 2, st["pipeline"], act_bytes, "ag")) if p > 1 else 0.0
     hidden = fsdp_comm + dp_comm
@@ -266,7 +279,8 @@ def estimate(cfg: ModelConfig, seq_len: int, global_batch: int, chip: ChipModel,
     step = compute + tp_comm + exposed + pp_comm + bubble + chip.step_overhead_s
 
     mem = training_memory(cfg, seq_len, seqs_per_rank / mb, fsdp=f, tensor=t, pipeline=p, microbatches=mb,
-                          remat=layout.remat)
+                          remat=layout.remat, data=d, shard_optimizer=zero1, param_dtype=param_dtype,
+                          moments_dtype=moments_dtype, loss_chunk_tokens=loss_chunk_tokens)
     usable = chip.hbm_gib * USABLE_HBM_FRACTION if chip.hbm_gib else None
     tokens = global_batch * seq_len
     chips = layout.chips

@@ -13,7 +13,7 @@ from chipwise.errors import ConfigError
 from chipwise.flops import CONVENTION
 from chipwise.plan.calibration import find_profile
 from chipwise.plan.perf import ChipModel, Layout, StepEstimate, chip_model
-from chipwise.plan.search import REMATS, SearchResult, search
+from chipwise.plan.search import REMATS, ZERO1, SearchResult, search
 
 
 @dataclass
@@ -30,6 +30,10 @@ class PlanRequest:
     baseline: str | None = None
     catalog_overrides: dict | None = None
     calibration_dir: str | None = None
+    shard_optimizer: bool | None = None  # ZeRO-1 pinned on or off; None: searched (where data > 1)
+    param_dtype: str = "float32"  # train.param_dtype the run will use
+    moments_dtype: str = "float32"  # train.moments_dtype
+    loss_chunk_tokens: int = 0  # train.loss_chunk_tokens (0: the trainer's default for the vocabulary)
 
 
 @dataclass
@@ -49,6 +53,7 @@ class PlanRow:
             "mesh": e.layout.mesh_text(),
             "microbatches": e.layout.microbatches,
             "remat": e.layout.remat,
+            "shard_optimizer": e.layout.shard_optimizer,
             "step_time_s": e.step_time_s,
             "tokens_per_s_per_chip": e.tokens_per_s_per_chip,
             "model_tflops_per_chip": e.model_tflops_per_chip,
@@ -156,7 +161,10 @@ def plan(req: PlanRequest) -> list[PlanRow]:
                               f"use {', '.join(alternatives)} for a training plan")
         chip = chip_model(acc, find_profile(acc, req.calibration_dir))
         result = search(req.model, req.seq_len, req.global_batch, req.chips, chip, fixed=req.mesh, remats=remats,
-                        microbatches=req.microbatches)
+                        microbatches=req.microbatches,
+                        zero1s=ZERO1 if req.shard_optimizer is None else (req.shard_optimizer,),
+                        param_dtype=req.param_dtype, moments_dtype=req.moments_dtype,
+                        loss_chunk_tokens=req.loss_chunk_tokens)
         best = result.best or result.least_memory
         rows.append(PlanRow(acc, chip, result, best, result.best is not None, req.tokens))
     if not any(r.fits for r in rows):

@@ -74,7 +74,8 @@ def print_table(rows: list[PlanRow], req: PlanRequest, console: Console | None =
         perf.add_column(c, justify="left" if c in ("accelerator", "mesh", "remat") else "right", no_wrap=True)
     for i, r in enumerate(data, 1):
         fits = "yes" if r["fits"] else f"NO (> {r['usable_memory_per_chip_gib']:.0f})"
-        perf.add_row(str(i), r["accelerator"], str(r["chips"]), short_mesh(r["mesh"]), str(r["microbatches"]),
+        mesh = short_mesh(r["mesh"]) + (" zero1" if r["shard_optimizer"] else "")
+        perf.add_row(str(i), r["accelerator"], str(r["chips"]), mesh, str(r["microbatches"]),
                      r["remat"], f"{r['step_time_s']:.3g}", f"{r['tokens_per_s_per_chip']:,.0f}",
                      f"{r['model_tflops_per_chip']:.3g}", f"{r['mfu']:.1%}", f"{r['memory_per_chip_gib']:.1f}", fits)
     console.print(perf)
@@ -116,6 +117,8 @@ def print_table(rows: list[PlanRow], req: PlanRequest, console: Console | None =
         if cap is not None and r.estimate.layout.tensor > cap:
             notes.append(f"tensor={r.estimate.layout.tensor} chips exceeds chipwise's trainer rule for "
                          f"{r.accelerator.platform} ({cap} chip): the trainer would refuse this mesh")
+        if r.estimate.layout.shard_optimizer:
+            notes.append("zero1: AdamW's moments split over data too (train.shard_optimizer=true)")
         if r.estimate.layout.pipeline > 1:
             notes.append("pipeline parallelism is planned but chipwise's trainer does not run it yet")
         console.print(f"  {r.accelerator.id}: " + "; ".join(notes))

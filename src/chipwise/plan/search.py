@@ -1,4 +1,5 @@
-"""Layout search: the fastest data x FSDP x tensor x pipeline layout, remat policy and micro-batching that fits.
+"""Layout search: the fastest data x FSDP x tensor x pipeline layout, remat policy, micro-batching and ZeRO-1 (moments
+split over data, where data > 1) that fits.
 
 Every candidate is estimated with perf.estimate; the ones that lose say why (does not fit, communication-bound,
 slower). Tensor parallelism stays inside the chip's fabric domain (it may exceed the trainer's platform rule, which the
@@ -17,6 +18,7 @@ from chipwise.plan.perf import ChipModel, Layout, StepEstimate, check_layout, es
 from chipwise.sharding import platform_rules
 
 REMATS = ("none", "dots", "full")
+ZERO1 = (False, True)  # train.shard_optimizer off / on
 
 
 def _divisors(n: int) -> list[int]:
@@ -44,8 +46,12 @@ def trainer_tensor_cap(chip: ChipModel) -> int | None:
     return None if device_cap is None else max(1, device_cap // acc.devices_per_chip)
 
 
+def _zero1_choices(data: int, zero1s) -> tuple:
+    return tuple(zero1s) if data > 1 else (False,)  # with one data rank there is nothing to split the moments over
+
+
 def candidate_layouts(cfg: ModelConfig, global_batch: int, chips: int, chip: ChipModel, remats=REMATS,
-                      microbatches: int | None = None):
+                      microbatches: int | None = None, zero1s=ZERO1):
     """Every layout worth estimating under chipwise's tensor cap; pipelines need as many micro-batches as stages."""
     max_tp = max_tensor_chips(chip)
     for pipeline in _divisors(chips):
@@ -64,24 +70,30 @@ def candidate_layouts(cfg: ModelConfig, global_batch: int, chips: int, chip: Chi
                     if pipeline > 1 and mb < pipeline:
                         continue
                     for remat in remats:
-                        yield Layout(data, fsdp, tensor, pipeline, mb, remat)
+                        for zero1 in _zero1_choices(data, zero1s):
+                            yield Layout(data, fsdp, tensor, pipeline, mb, remat, zero1)
 
 
 def search(cfg: ModelConfig, seq_len: int, global_batch: int, chips: int, chip: ChipModel, keep: int = 5,
-           fixed: Layout | None = None, remats=REMATS, microbatches: int | None = None) -> SearchResult:
-    """The fastest fitting layout. With `fixed`, only that mesh (tensor and pipeline caps not applied)."""
+           fixed: Layout | None = None, remats=REMATS, microbatches: int | None = None, zero1s=ZERO1,
+           **precision) -> SearchResult:
+    """The fastest fitting layout. With `fixed`, only that mesh (tensor and pipeline caps not applied).
+
+    `zero1s` are the ZeRO-1 settings to weigh ((True,) or (False,) pins it); `precision` is passed to
+    perf.estimate (param_dtype, moments_dtype, loss_chunk_tokens).
+    """
     result = SearchResult(best=None, considered=0)
     fitting: list[StepEstimate] = []
-    layouts = candidate_layouts(cfg, global_batch, chips, chip, remats, microbatches)
+    layouts = candidate_layouts(cfg, global_batch, chips, chip, remats, microbatches, zero1s)
     if fixed is not None:
-        layouts = (Layout(fixed.data, fixed.fsdp, fixed.tensor, fixed.pipeline, mb, r)
+        layouts = (Layout(fixed.data, fixed.fsdp, fixed.tensor, fixed.pipeline, mb, r, zero1)
                    for mb in ([microbatches] if microbatches else
                               _divisors(max(1, global_batch // (fixed.data * fixed.fsdp))))
-                   for r in remats)
+                   for r in remats for zero1 in _zero1_choices(fixed.data, zero1s))
     for layout in layouts:
         if check_layout(cfg, global_batch, layout):
             continue
-        est = estimate(cfg, seq_len, global_batch, chip, layout)
+        est = estimate(cfg, seq_len, global_batch, chip, layout, **precision)
         result.considered += 1
         if result.least_memory is None or est.memory.total < result.least_memory.memory.total:
             result.least_memory = est

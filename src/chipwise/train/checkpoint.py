@@ -10,15 +10,20 @@ verifies them: a checkpoint damaged afterwards (truncated, bit-flipped, files lo
 checkpoints_set_aside/, and the previous good one is used. Nothing is ever deleted except by the retention policy.
 
 A save that fails (disk full, permission denied) is reported and leaves the earlier checkpoints as they were
-(the failed one never left its temporary directory); training goes on. Restores read straight into the run's
-current shardings, so the mesh and the device count may change between save and restore.
+(the failed one never left its temporary directory, which is then removed so that failures do not pile up and
+fill the disk); training goes on. Retention never deletes a checkpoint before its successor is published: Orbax
+decides what to delete when a save starts but deletes only after that save's rename succeeded, which
+tests/test_full_disk.py checks with keep_checkpoints=1. Restores read straight into the run's current
+shardings, so the mesh and the device count may change between save and restore.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -46,6 +51,28 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def _wait_until_still(path: Path, quiet: float = 0.2, limit: float = 5.0) -> None:
+    """Wait until no file under `path` has changed size or time for `quiet` seconds (at most `limit` seconds)."""
+    def listing():
+        found = []
+        for root, _, files in os.walk(path):
+            for name in files:
+                try:
+                    st = os.stat(os.path.join(root, name))
+                except OSError:
+                    continue
+                found.append((root, name, st.st_size, st.st_mtime_ns))
+        return sorted(found)
+
+    deadline, before = time.monotonic() + limit, listing()
+    while time.monotonic() < deadline:
+        time.sleep(quiet)
+        now = listing()
+        if now == before:
+            return
+        before = now
+
+
 def _file_digests(step_dir: Path) -> dict[str, str]:
     """Every file of the saved items (state/, meta/). Orbax rewrites its own step-level files
     (_CHECKPOINT_METADATA, commit_success.txt) as it publishes the step, after our callback, so they are left out."""
@@ -59,6 +86,8 @@ class Checkpoints:
         self.log = log
         self.failures: list[tuple[int, str]] = []  # (step, reason) of every save that did not complete
         self._saving: int | None = None  # the step whose save is in flight (Orbax runs one at a time)
+        self._leftovers: set[int] = set()  # steps whose save failed: their temporary directories are removed
+        self._unverified: set[int] = set()  # steps already reported as having no checksums
         keep_policies = [policies.LatestN(n=keep)] + ([policies.EveryNSteps(keep_every)] if keep_every else [])
         options = ocp.CheckpointManagerOptions(
             # when a checkpoint is due is the training loop's decision alone (train/cadence.py): every save asked
@@ -79,11 +108,18 @@ class Checkpoints:
     def save(self, step: int, state, meta: dict, force: bool = False) -> bool:
         """Start writing a checkpoint in the background; False if it was not started (reported, not raised)."""
         self.wait()  # one save at a time; also surfaces a failure of the previous one
+        self._remove_leftovers()  # no save is in flight here
+        self._leftovers.discard(step)  # from here its temporary directory is this save's own
         self._saving = step
         try:
             return self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                                    meta=ocp.args.JsonSave(meta)), force=force)
         except Exception as e:  # noqa: BLE001 - any I/O error: report it, keep training
+            try:
+                self._settle()  # whatever else this save left behind is the same failure
+            except Exception:  # noqa: BLE001
+                pass
+            self._saving = None
             self._failed(step, e)
             return False
 
@@ -91,8 +127,7 @@ class Checkpoints:
         """Block until the save in flight is on disk; False (and reported) if it failed."""
         step = self._saving
         try:
-            self.manager.wait_until_finished()
-            self.manager.check_for_errors()
+            self._settle()
         except Exception as e:  # noqa: BLE001
             self._failed(step, e)
             return False
@@ -100,11 +135,56 @@ class Checkpoints:
             self._saving = None  # only now: the checksum callback reads it until the save is finished
         return True
 
+    def _settle(self) -> None:
+        """Wait for Orbax and collect every error of the save in flight, raising the first. A save that failed on
+        a full disk leaves several (its items, and each metadata file Orbax writes in the background), raised one
+        per call; one left behind would fail the next save before it wrote anything, and report it falsely."""
+        first = None
+        for _ in range(50):  # each call consumes at least one error
+            try:
+                self.manager.wait_until_finished()
+                self.manager.check_for_errors()
+                break
+            except Exception as e:  # noqa: BLE001
+                first = first or e
+        if first is not None:
+            raise first
+
     def _failed(self, step, e: BaseException) -> None:
         self.failures.append((step, one_line(e)))
+        if step is not None:
+            self._leftovers.add(step)
+            self._remove_leftovers()
+        try:
+            # Orbax drops the steps its retention policy will delete from its list when a save *starts* (and
+            # deletes them from disk only once that save is published, so with a failed save they are still
+            # there). Without this re-read a failed save with keep_checkpoints=1 reported "latest good: none",
+            # and a rollback or a preemption message would overlook the intact checkpoint.
+            self.manager.reload()
+        except Exception as reload_error:  # noqa: BLE001 - an unreadable directory: keep Orbax's own list
+            self.log(f"could not re-read {self.directory} ({one_line(reload_error)})")
         kept = [s for s in self.all_steps() if s != step]
-        self.log(f"checkpoint at step {step} FAILED ({one_line(e)}); earlier checkpoints are untouched "
+        what = f"checkpoint at step {step}" if step is not None else "a checkpoint write"
+        self.log(f"{what} FAILED ({one_line(e)}); earlier checkpoints are untouched "
                  f"(latest good: {kept[-1] if kept else 'none'}); training continues")
+
+    def _remove_leftovers(self) -> None:
+        """Remove the partial temporary directories of failed saves: only `STEP.orbax-checkpoint-tmp*` of a step
+        whose save failed, never a published checkpoint, so that failures do not pile up and fill the disk.
+
+        Orbax reports a failure as soon as one item fails, while tensorstore may still be writing the others into
+        the same directory (and recreating directories a removal took away), so each directory is removed once it
+        has stopped changing, and the failed steps are swept again at every save and at close (Orbax removes any
+        still left when the next run opens the directory). Process 0 alone removes: the others may share the
+        file system."""
+        if jax.process_index() != 0:
+            return
+        for step in sorted(self._leftovers):
+            for path in self.directory.glob(f"{step}{TMP_SUFFIX}*"):
+                _wait_until_still(path)
+                shutil.rmtree(path, ignore_errors=True)
+                if path.exists():
+                    self.log(f"could not remove {path} yet (the failed save at step {step}); retrying later")
 
     def _write_checksums(self) -> None:
         """Runs in Orbax's finalize thread after every item is written and before the directory is renamed."""
@@ -126,8 +206,12 @@ class Checkpoints:
         step_dir = self.directory / str(step)
         try:
             recorded = json.loads((step_dir / CHECKSUMS).read_text())["sha256"]
-        except FileNotFoundError:
-            return None  # written by an older chipwise: Orbax's own checks during the restore must do
+        except FileNotFoundError:  # Orbax's own checks during the restore must do
+            if step not in self._unverified:
+                self._unverified.add(step)
+                self.log(f"checkpoint at step {step} has no {CHECKSUMS} (written by an older chipwise, or its "
+                         f"checksum write failed): restoring it unverified")
+            return None
         except (OSError, ValueError, KeyError, TypeError) as e:
             return f"unreadable {CHECKSUMS}: {one_line(e)}"
         actual = _file_digests(step_dir)
@@ -193,6 +277,7 @@ class Checkpoints:
 
     def close(self) -> None:
         self.wait()
+        self._remove_leftovers()
         self.manager.close()
 
 

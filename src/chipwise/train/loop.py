@@ -51,7 +51,7 @@ class Trainer:
                 self.run_dir.release()
         summary = accounting.summary(totals, self.setup.hardware, self.setup.flops.total, str(self.run_dir),
                                      efficiency.peak_memory_bytes(self.setup.devices))
-        self.run_dir.write_summary(summary)
+        self.run_dir.write_summary(summary, self.log)
         if totals.stopped_by is not None:
             raise TrainingStopped(totals.stopped_by, self.exit_code)
         from chipwise.report import summary_table
@@ -77,7 +77,7 @@ class Trainer:
                 totals.compile_seconds += compiled.compile_s
                 totals.invocations += 1
                 info = describe(self.setup, cfg, self.data, compiled.compile_s)
-                self.run_dir.write_run_info(info)
+                self.run_dir.write_run_info(info, self.log)
                 for line in header_lines(self.run_dir, info):
                     self.log(line)
                 self.run_dir.repair_metrics()
@@ -243,6 +243,9 @@ class Trainer:
         if self.signals.received is not None and totals.stopped_by is None:
             totals.stopped_by = self._preempted(ckpt, writer, step, start, state, iterator, guard, totals_now())
             self.exit_code = 128 + self.signals.received
+        known = len(ckpt.failures)
         ckpt.wait()
+        for failed, reason in ckpt.failures[known:]:  # the last save, failing only now
+            writer.write({"step": failed, "event": "checkpoint_failed", "reason": reason})
         totals.wall_seconds = wall_before + time.perf_counter() - loop_start
         return totals

@@ -15,6 +15,8 @@ from chipwise.train.guard import Guard
 
 # The data settings that decide which documents and tokens a run trains on: a resume that changes one of them would
 # continue the data stream at a position that now means other tokens.
+# How block parameters are laid out in a checkpoint (model.py): recorded with every save.
+PARAM_LAYOUT = {True: "stacked-layers-v1", False: "unrolled-layers-v1"}
 DATA_IDENTITY = ("sources", "text_field", "tokenizer", "val_fraction", "max_documents")
 
 
@@ -26,17 +28,25 @@ def incompatibility(meta: dict, cfg: Config, tokenizer_fp: str, corpus_fp: str) 
     data iterator itself).
     """
     now = to_dict(cfg)
-    for section, keys in (("model", None), ("data", DATA_IDENTITY)):
-        saved = (meta.get("config") or {}).get(section)
-        if saved is None:  # checkpoints of older versions lack it; the checks below have the last word
-            continue
-        for key in keys or now[section]:
-            if key in saved and saved[key] != now[section][key]:
-                return f"checkpoint has {section}.{key}={saved[key]!r}, config has {now[section][key]!r}"
+    saved_model = (meta.get("config") or {}).get("model")
+    if saved_model is not None and saved_model.get("scan_layers", False) != cfg.model.scan_layers:
+        layout = "stacked (scanned)" if saved_model.get("scan_layers", False) else "unrolled"
+        return (f"checkpoint holds {layout} layers, config has model.scan_layers={cfg.model.scan_layers}; resume "
+                f"with --set model.scan_layers={str(not cfg.model.scan_layers).lower()}, or convert: chipwise export "
+                f"--run RUN --out HF_DIR, then chipwise train --init-from HF_DIR (a fresh optimizer state)")
+    saved = meta.get("config") or {}
+    for key, value in now["model"].items():  # checkpoints of older versions lack the config: Orbax checks shapes
+        if key in saved.get("model", {}) and saved["model"][key] != value:
+            return f"checkpoint has model.{key}={saved['model'][key]}, config has {value}"
+    changed = [f"data.{key} was {saved['data'][key]!r}, is now {now['data'][key]!r}" for key in DATA_IDENTITY
+               if key in saved.get("data", {}) and saved["data"][key] != now["data"][key]]
     fp = meta.get("tokenizer_fingerprint")
     if fp != tokenizer_fp:
         return (f"checkpoint was trained with tokenizer {str(fp)[:12]}, the data now gives tokenizer "
-                f"{tokenizer_fp[:12]} (sha256 of tokenizer.json)")
+                f"{tokenizer_fp[:12]} (sha256 of tokenizer.json)" + (f" because {'; '.join(changed)}" if changed
+                                                                      else ""))
+    if changed:
+        return f"{'; '.join(changed)}: the checkpoint's data position would mean other tokens"
     corpus = meta.get("corpus_fingerprint")
     if corpus is not None and corpus != corpus_fp:
         return (f"the documents under data.sources changed since the checkpoint (corpus {corpus[:12]}, now "
@@ -50,7 +60,8 @@ def checkpoint_meta(cfg: Config, step: int, iterator, prepared: data.PreparedDat
     divergence guard's counts and the run's totals."""
     return {"step": step, "data_iterator": iterator.get_state(), "config": to_dict(cfg),
             "tokenizer_fingerprint": prepared.tokenizer_fingerprint,
-            "corpus_fingerprint": prepared.corpus_fingerprint, "guard": guard.state(), "totals": totals}
+            "corpus_fingerprint": prepared.corpus_fingerprint, "guard": guard.state(), "totals": totals,
+            "param_layout": PARAM_LAYOUT[cfg.model.scan_layers]}
 
 
 def initial_state(cfg: Config, run_dir, prepared: data.PreparedData, steps, ckpt, abstract_state, resume: bool,

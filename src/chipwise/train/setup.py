@@ -64,7 +64,9 @@ def check_memory_fits(cfg: Config, mesh, devices) -> None:
     dp = mesh.shape["data"] * mesh.shape["fsdp"]
     per_device = training_memory(cfg.model, t.seq_len, t.batch_size / t.grad_accum / dp, fsdp=mesh.shape["fsdp"],
                                  tensor=mesh.shape["tensor"], pipeline=1, microbatches=t.grad_accum,
-                                 remat=t.remat).total
+                                 remat=t.remat, data=mesh.shape["data"], shard_optimizer=t.shard_optimizer,
+                                 param_dtype=t.param_dtype, moments_dtype=t.moments_dtype,
+                                 loss_chunk_tokens=t.loss_chunk_tokens).total
     if devices[0].platform == "cpu":  # every CPU device of this process shares the host's memory
         need, have, where = per_device * len(local), _host_memory_available(), "host memory available"
     else:

@@ -6,6 +6,13 @@ that optax, Orbax and the sharding rules all see the same arrays. Shapes are sta
 
 Divergence guard: a step whose loss or gradient norm is not finite keeps the old parameters and optimizer state,
 chosen with `jnp.where` leaf by leaf (both branches are computed; shapes stay static), and reports `finite` = 0.
+
+Precision: parameters are stored in `train.param_dtype` (fp32, or bf16), gradients come out in that dtype, and the
+update is computed in fp32 (gradients, the AdamW step and the new weight) and rounded to the stored dtype last. With
+bf16 parameters an update smaller than half a bf16 step of its weight (~0.4% of it) is rounded away: the price of
+halving the weights' memory (no stochastic rounding here). Gradient accumulation sums in fp32. AdamW's moments are
+stored in `train.moments_dtype` (train/optimizer.py). ZeRO-1 (`train.shard_optimizer`): the moments are also split
+over the mesh's data axis (sharding.add_axis); parameters and gradients are not, and GSPMD inserts the collectives.
 """
 
 from __future__ import annotations
@@ -22,11 +29,14 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from chipwise import prng
 from chipwise.config import Config, ModelConfig, TrainConfig
 from chipwise.model import Transformer, param_axes
-from chipwise.sharding import batch_sharding, tree_shardings
+from chipwise.sharding import add_axis, batch_sharding, tree_shardings
+from chipwise.train.loss import default_chunk_tokens
+from chipwise.train.loss import next_token_loss as chunked_loss
 from chipwise.train.optimizer import learning_rate_schedule, make_optimizer
 
 
 def next_token_loss(logits, targets):
+    """The loss from full logits (what the chunked loss of train/loss.py equals; tests compare with it)."""
     return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets).mean()
 
 
@@ -52,7 +62,8 @@ def make_init(m: ModelConfig, t: TrainConfig, tx=None) -> Callable:
 
     def init():
         model = Transformer(m, nnx.Rngs(params=prng.key(t.seed)))
-        params = nnx.to_pure_dict(nnx.state(model))
+        # Created in fp32 (model.py), stored in train.param_dtype.
+        params = jax.tree.map(lambda p: p.astype(t.param_dtype), nnx.to_pure_dict(nnx.state(model)))
         # The run's PRNG state, stored as raw key data (Orbax saves plain arrays). The model draws no random
         # numbers today (no dropout); the key still advances every step and is checkpointed, so anything
         # stochastic added to the step resumes exactly.
@@ -78,21 +89,33 @@ def build_steps(cfg: Config, mesh: Mesh, attend: Callable, compute_dtype) -> Ste
     tx = make_optimizer(t)
     schedule = learning_rate_schedule(t)
     replicated = NamedSharding(mesh, PartitionSpec())
-    abstract_opt = jax.eval_shape(tx.init, jax.tree.map(lambda s: jax.ShapeDtypeStruct(s, jnp.float32), shapes,
+    abstract_opt = jax.eval_shape(tx.init, jax.tree.map(lambda s: jax.ShapeDtypeStruct(s, t.param_dtype), shapes,
                                                         is_leaf=lambda x: isinstance(x, tuple)))
-    # Optimizer moments shard like their parameters; counters are replicated.
-    opt_shardings = optax.tree_map_params(tx, lambda _, s: s, abstract_opt, param_shardings,
+
+    def moment_sharding(moment, param_sharding):
+        if not t.shard_optimizer:
+            return param_sharding
+        return NamedSharding(mesh, add_axis(param_sharding.spec, moment.shape, mesh, "data"))
+
+    # Optimizer moments shard like their parameters (ZeRO-1: and over data too); counters are replicated.
+    opt_shardings = optax.tree_map_params(tx, moment_sharding, abstract_opt, param_shardings,
                                           transform_non_params=lambda _: replicated)
     state_shardings = {"step": replicated, "params": param_shardings, "opt_state": opt_shardings,
                        "rng": replicated}
     tokens_sharding = batch_sharding(mesh, 2, batch_size=t.batch_size)
 
+    chunk = t.loss_chunk_tokens or default_chunk_tokens(m.vocab_size)
+
     def forward(params, tokens):
         model = nnx.merge(graphdef, params)
-        logits = model(tokens[:, :-1], dtype=compute_dtype, attend=attend, remat=t.remat)
-        return next_token_loss(logits, tokens[:, 1:])
+        hidden = model.hidden(tokens[:, :-1], dtype=compute_dtype, attend=attend, remat=t.remat)
+        # The LM head and the loss a chunk of tokens at a time: the full logits never exist (train/loss.py).
+        return chunked_loss(hidden, model.head(), tokens[:, 1:], chunk_tokens=chunk, compute_dtype=compute_dtype)
 
     init = make_init(m, t, tx)
+
+    def fp32(tree):
+        return optax.tree.cast(tree, jnp.float32)
 
     def train_step(state, tokens, poison):
         params = state["params"]
@@ -104,25 +127,28 @@ def build_steps(cfg: Config, mesh: Mesh, attend: Callable, compute_dtype) -> Ste
 
         if t.grad_accum == 1:
             loss, grads = jax.value_and_grad(poisoned_forward)(params, tokens)
+            grads = fp32(grads)
         else:
             micro = tokens.reshape(t.grad_accum, tokens.shape[0] // t.grad_accum, tokens.shape[1])
 
             def accumulate(carry, mb):
                 loss, grads = jax.value_and_grad(poisoned_forward)(params, mb)
-                return jax.tree.map(jnp.add, carry, (loss, grads)), None
+                return jax.tree.map(jnp.add, carry, (loss, fp32(grads))), None
 
-            zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
+            zeros = (jnp.zeros((), jnp.float32), jax.tree.map(lambda p: jnp.zeros_like(p, jnp.float32), params))
             (loss, grads), _ = jax.lax.scan(accumulate, zeros, micro)
             loss, grads = jax.tree.map(lambda x: x / t.grad_accum, (loss, grads))
         grad_norm = optax.tree.norm(grads)
-        updates, opt_state = tx.update(grads, state["opt_state"], params)
+        master = fp32(params)  # the update in fp32, whatever the parameters are stored in
+        updates, opt_state = tx.update(grads, state["opt_state"], master)
+        new_params = optax.tree.cast(optax.apply_updates(master, updates), t.param_dtype)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
         def keep_good(new, old):
             return jnp.where(finite, new, old)
 
         new_state = {"step": state["step"] + 1,
-                     "params": jax.tree.map(keep_good, optax.apply_updates(params, updates), params),
+                     "params": jax.tree.map(keep_good, new_params, params),
                      "opt_state": jax.tree.map(keep_good, opt_state, state["opt_state"]),
                      "rng": jax.random.key_data(next_rng)}
         metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state["step"]),

@@ -1,0 +1,53 @@
+"""Scanned and unrolled layer layouts in real runs: a checkpoint keeps its layout, and runs saved before layers were
+scanned (no model.scan_layers in their config) still sample, export and resume."""
+
+import pytest
+import yaml
+
+from chipwise.cli import main
+from chipwise.run_dir import RunDir
+
+pytestmark = pytest.mark.slow
+
+TINY = ["model.num_layers=2", "model.d_model=32", "model.num_heads=2", "model.num_kv_heads=1", "model.d_ff=64",
+        "model.vocab_size=320", "model.max_seq_len=64", "train.seq_len=32", "train.batch_size=8",
+        "train.log_every=1", "train.eval_every=1000", "train.eval_batches=1", "train.warmup_steps=1",
+        "train.checkpoint_every=3", "hardware.peak_tflops=1"]
+
+
+def args(run, corpus, *extra):
+    return [x for s in [*TINY, f"data.sources=[{corpus}]", f"run_dir={run}", *extra] for x in ("--set", s)]
+
+
+def test_a_checkpoint_keeps_its_layer_layout(tmp_path, corpus, capsys):
+    run = tmp_path / "run"
+    assert main(["train", *args(run, corpus, "train.steps=3", "model.scan_layers=false")]) == 0
+    ckpt = RunDir(run).checkpoints(keep=3)
+    assert ckpt.read_meta(3)["param_layout"] == "unrolled-layers-v1"  # the layout is recorded with the save
+    ckpt.close()
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run), "--set", "train.steps=6", "--set", "model.scan_layers=true"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "unrolled layers" in err and "model.scan_layers=false" in err and "\n" not in err
+
+
+def test_a_run_saved_before_scanned_layers_still_samples_exports_and_resumes(tmp_path, corpus, capsys):
+    run = tmp_path / "run"
+    assert main(["train", *args(run, corpus, "train.steps=3", "model.scan_layers=false")]) == 0
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    del config["model"]["scan_layers"]  # as an older chipwise wrote it
+    (run / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    assert RunDir(run).read_config().model.scan_layers is False
+    assert main(["sample", "--run", str(run), "--prompt", "def ", "--max-new-tokens", "4"]) == 0
+    assert main(["export", "--run", str(run), "--out", str(tmp_path / "hf")]) == 0
+    assert main(["train", "--resume", str(run), "--set", "train.steps=6"]) == 0
+    assert "resumed from step 3" in capsys.readouterr().out
+
+
+def test_scanned_runs_export_and_start_again_from_their_export(tmp_path, corpus):
+    run = tmp_path / "run"
+    assert main(["train", *args(run, corpus, "train.steps=3")]) == 0
+    assert RunDir(run).read_config().model.scan_layers is True
+    assert main(["export", "--run", str(run), "--out", str(tmp_path / "hf")]) == 0
+    assert main(["train", "--init-from", str(tmp_path / "hf"),
+                 *args(tmp_path / "again", corpus, "train.steps=3")]) == 0
