@@ -119,7 +119,7 @@ def test_import_round_trip_and_training_continues_from_it(trained, exported, cap
     tmp, corpus, run = trained
     cfg = RunDir(run).read_config()
     original, _ = RunDir(run).latest_params(cfg)
-    model_cfg, imported = read_checkpoint(exported, cfg.model.max_seq_len)
+    model_cfg, imported = read_checkpoint(exported, cfg.model.max_seq_len, cfg.model.scan_layers)
     assert model_cfg == cfg.model
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), b), original, imported)
 

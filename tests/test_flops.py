@@ -26,7 +26,8 @@ def test_causal_convention_halves_the_attention_term():
 def test_matches_xla_cost_analysis_of_the_compiled_train_step():
     """XLA executes dense (non-causal) attention, so compare against the non-causal count. Layers unrolled: XLA's
     cost analysis counts a loop body (a scanned layer) once."""
-    cfg = load_config(None, ["model.scan_layers=false", "model.num_layers=2", "model.d_model=128", "model.num_heads=4", "model.num_kv_heads=2",
+    cfg = load_config(None, ["model.scan_layers=false",
+                             "model.num_layers=2", "model.d_model=128", "model.num_heads=4", "model.num_kv_heads=2",
                              "model.d_ff=384", "model.vocab_size=512", "train.batch_size=4", "train.seq_len=64",
                              "train.dtype=float32"])
     mesh = make_mesh(cfg.mesh, jax.devices()[:1])

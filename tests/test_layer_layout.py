@@ -44,10 +44,19 @@ def test_a_run_saved_before_scanned_layers_still_samples_exports_and_resumes(tmp
     assert "resumed from step 3" in capsys.readouterr().out
 
 
-def test_scanned_runs_export_and_start_again_from_their_export(tmp_path, corpus):
+def test_the_platform_decides_the_layout_and_the_run_records_it(tmp_path, corpus):
     run = tmp_path / "run"
     assert main(["train", *args(run, corpus, "train.steps=3")]) == 0
+    assert RunDir(run).read_config().model.scan_layers is False  # PLATFORM_RULES: unrolled on CPUs
+
+
+def test_scanned_runs_export_and_start_again_from_their_export_in_either_layout(tmp_path, corpus):
+    run = tmp_path / "run"
+    assert main(["train", *args(run, corpus, "train.steps=3", "model.scan_layers=true")]) == 0
     assert RunDir(run).read_config().model.scan_layers is True
     assert main(["export", "--run", str(run), "--out", str(tmp_path / "hf")]) == 0
-    assert main(["train", "--init-from", str(tmp_path / "hf"),
-                 *args(tmp_path / "again", corpus, "train.steps=3")]) == 0
+    for layout in ("true", "false"):  # HF files are per layer; either layout starts from them
+        again = tmp_path / f"again-{layout}"
+        assert main(["train", "--init-from", str(tmp_path / "hf"),
+                     *args(again, corpus, "train.steps=3", f"model.scan_layers={layout}")]) == 0
+        assert RunDir(again).read_config().model.scan_layers is (layout == "true")

@@ -15,7 +15,8 @@ from chipwise.plan.memory import training_memory
 from chipwise.sharding import add_axis, make_mesh, use_mesh
 from chipwise.train.compiled_step import build_train_step
 
-SMALL = ["model.num_layers=2", "model.d_model=64", "model.num_heads=4", "model.num_kv_heads=2", "model.d_ff=128",
+SMALL = ["model.scan_layers=true",  # the layout accelerators default to; CPUs default to unrolled
+         "model.num_layers=2", "model.d_model=64", "model.num_heads=4", "model.num_kv_heads=2", "model.d_ff=128",
          "model.vocab_size=128", "train.batch_size=8", "train.seq_len=32", "train.dtype=float32",
          "train.warmup_steps=2", "train.lr=1e-2"]
 DATA, FSDP = 4, 2

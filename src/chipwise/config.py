@@ -31,11 +31,18 @@ class ModelConfig:
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     max_seq_len: int = 512
-    scan_layers: bool = True  # stacked layers under a scan (model.py); false: a Python loop, unrolled
+    # Layers stacked under a scan (model.py), or false: a Python loop, unrolled. None: the platform's default
+    # (sharding.PLATFORM_RULES), which the trainer writes into the run's config.yaml.
+    scan_layers: bool | None = None
 
     @property
     def head_dim(self) -> int:
         return self.d_model // self.num_heads
+
+    @property
+    def scanned(self) -> bool:
+        """Whether layers are stacked; None (no platform named, e.g. the bare model or the planner) means yes."""
+        return self.scan_layers is not False
 
 
 @dataclass

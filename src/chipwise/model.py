@@ -4,9 +4,10 @@ Parameters are fp32 and carry logical axis names in their `axes` metadata; activ
 through `constrain`. Nothing here knows about devices: `sharding.py` maps the names onto a mesh and
 `attention/` picks the kernel.
 
-Layers (`model.scan_layers`, on by default) are stacked: every block parameter has a leading `layers` axis and
-one block's body runs under `jax.lax.scan`, so the compiled program does not grow with depth (MaxText's
-scan_layers, AXLearn's Repeat, Levanter's Stacked). With scan_layers off, blocks are a Python list, unrolled.
+Layers (`model.scan_layers`; by default the platform's choice, sharding.PLATFORM_RULES) are stacked: every block
+parameter has a leading `layers` axis and one block's body runs under `jax.lax.scan`, so the compiled program does
+not grow with depth (MaxText's scan_layers, AXLearn's Repeat, Levanter's Stacked). With scan_layers off, blocks
+are a Python list, unrolled.
 `layer_params` and `stack_layers` convert between the two layouts (Hugging Face files are per layer).
 """
 
@@ -131,7 +132,7 @@ class Transformer(nnx.Module):
         self.cfg = cfg
         # Embedding rows have unit-scale entries divided by sqrt(d): a tied LM head then starts near uniform.
         self.embed = param(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), fan_in=cfg.d_model)
-        if cfg.scan_layers:
+        if cfg.scanned:
             @nnx.vmap(in_axes=0, out_axes=0)
             def stacked(key):  # one Block whose parameters carry a leading `layers` axis
                 return Block(cfg, nnx.Rngs(params=key))
@@ -147,7 +148,7 @@ class Transformer(nnx.Module):
         """An empty KV cache for `length` positions, in this model's layer layout."""
         c = self.cfg
         shape = (batch, length, c.num_kv_heads, c.head_dim)
-        if c.scan_layers:
+        if c.scanned:
             return (jnp.zeros((c.num_layers, *shape), dtype), jnp.zeros((c.num_layers, *shape), dtype))
         return [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(c.num_layers)]
 
@@ -158,7 +159,7 @@ class Transformer(nnx.Module):
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
         x = constrain(self.embed[...].astype(dtype)[tokens], ("batch", "seq", "embed"))
-        if self.cfg.scan_layers:
+        if self.cfg.scanned:
             x, caches = self._scan_blocks(x, positions, attend, remat, caches, cache_start)
         else:
             x, caches = self._unrolled_blocks(x, positions, attend, remat, caches, cache_start)
@@ -216,7 +217,7 @@ def param_axes(model: nnx.Module):
 
 def layer_params(params: dict, i: int, cfg: ModelConfig) -> dict:
     """Layer i's parameters as a per-layer dict, from either layout of the model's pure param dict."""
-    if cfg.scan_layers:
+    if cfg.scanned:
         return jax.tree.map(lambda a: a[i], params["blocks"])
     return params["blocks"][i]
 

@@ -7,7 +7,8 @@ taken over, when
   * its owner ran on this host and that process no longer exists (a SIGKILLed run restarted here: at once), or
   * its heartbeat is older than STALE_S (an owner on another host that died: after STALE_S).
 Taking over a stale lock is itself guarded by a second O_EXCL file (`<lock>.takeover`), so of two processes
-that find the same stale lock only one removes it; the other then finds the winner's fresh lock. Object stores (gs://, s3://) would use a conditional create (if-generation-match /
+that find the same stale lock only one removes it; the other then finds the winner's fresh lock. Object stores
+(gs://, s3://) would use a conditional create (if-generation-match /
 If-None-Match) in the same place; this module is the only one that knows how the lock is held.
 """
 

@@ -39,13 +39,15 @@ DEFAULT_RULES: tuple[tuple[str, tuple[str, ...] | None], ...] = (
 # `compute_dtype` is what train.dtype=auto means there (CPUs have no fast bf16 matmul; accelerators are built
 # for it).
 PLATFORM_RULES: dict[str, dict] = {
-    "cpu": dict(rules=DEFAULT_RULES, max_tensor=None, why="", compute_dtype="float32"),
-    "gpu": dict(rules=DEFAULT_RULES, max_tensor=8, compute_dtype="bfloat16",
+    # Unrolled on CPUs: XLA:CPU runs the scanned step of the demo model 5-19% slower (docs/benchmarks.md), and a
+    # CPU run is small enough for the unrolled program to compile quickly.
+    "cpu": dict(rules=DEFAULT_RULES, max_tensor=None, why="", compute_dtype="float32", scan_layers=False),
+    "gpu": dict(rules=DEFAULT_RULES, max_tensor=8, compute_dtype="bfloat16", scan_layers=True,
                 why="tensor parallelism must stay inside one NVLink domain of 8 GPUs"),
-    "tpu": dict(rules=DEFAULT_RULES, max_tensor=None, why="", compute_dtype="bfloat16"),
+    "tpu": dict(rules=DEFAULT_RULES, max_tensor=None, why="", compute_dtype="bfloat16", scan_layers=True),
     # Trainium2 shows 4 JAX devices per chip (LNC=2); tensor parallelism beyond a chip crosses NeuronLink
     # on every layer, which AXLearn's trn2 rule (model=4) also avoids.
-    "neuron": dict(rules=DEFAULT_RULES, max_tensor=4, compute_dtype="bfloat16",
+    "neuron": dict(rules=DEFAULT_RULES, max_tensor=4, compute_dtype="bfloat16", scan_layers=True,
                    why="Trainium keeps tensor parallelism inside one chip (4 devices at LNC=2)"),
 }
 

@@ -56,6 +56,8 @@ def check_model(cfg) -> None:
     """cfg.model must be the shape of the checkpoint in cfg.train.init_from (max_seq_len aside)."""
     m = model_config(read_config(Path(cfg.train.init_from)), cfg.model.max_seq_len)
     for field in dataclasses.fields(m):
+        if field.name == "scan_layers":  # how layers are laid out in memory, not the checkpoint's shape
+            continue
         want, got = getattr(cfg.model, field.name), getattr(m, field.name)
         if want != got:
             raise ChipwiseError(f"model.{field.name} is {want!r} but the checkpoint in train.init_from has "
@@ -67,6 +69,6 @@ def initial_params(cfg, shardings) -> dict:
     import jax
 
     check_model(cfg)
-    _, params = read_checkpoint(Path(cfg.train.init_from), cfg.model.max_seq_len)
+    _, params = read_checkpoint(Path(cfg.train.init_from), cfg.model.max_seq_len, cfg.model.scanned)
     # make_array_from_callback builds each process's shards from host memory, so this works on many hosts.
     return jax.tree.map(lambda x, s: jax.make_array_from_callback(x.shape, s, lambda idx: x[idx]), params, shardings)

@@ -6,6 +6,7 @@ Weights are safetensors only (read and written with the `safetensors` package's 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import shutil
@@ -137,9 +138,11 @@ def weight_files(hf_dir: Path) -> list[Path]:
     return [hf_dir / f for f in files]
 
 
-def read_checkpoint(hf_dir: Path, max_seq_len: int | None = None) -> tuple[ModelConfig, dict]:
-    """(ModelConfig, chipwise params as float32 numpy) from a local HF Llama directory."""
-    m = convert.model_config(read_config(hf_dir), max_seq_len)
+def read_checkpoint(hf_dir: Path, max_seq_len: int | None = None,
+                    scan_layers: bool | None = None) -> tuple[ModelConfig, dict]:
+    """(ModelConfig, chipwise params as float32 numpy) from a local HF Llama directory, in the layer layout
+    `scan_layers` asks for (None: ModelConfig's default, stacked)."""
+    m = dataclasses.replace(convert.model_config(read_config(hf_dir), max_seq_len), scan_layers=scan_layers)
     files = weight_files(hf_dir)
     shapes = {}
     for path in files:  # check names and shapes from the headers before reading any data

@@ -168,7 +168,7 @@ def from_hf_tensors(tensors: dict[str, np.ndarray], m: ModelConfig) -> dict:
                     "w_down": t(p + "mlp.down_proj.weight").T},
         }
     params = {"embed": t("model.embed_tokens.weight"),
-              "blocks": stack_layers([blocks[i] for i in range(m.num_layers)]) if m.scan_layers else blocks,
+              "blocks": stack_layers([blocks[i] for i in range(m.num_layers)]) if m.scanned else blocks,
               "final_norm": {"scale": t("model.norm.weight")}}
     if m.tie_embeddings:
         if "lm_head.weight" in tensors and not np.array_equal(tensors["lm_head.weight"], params["embed"]):

@@ -107,7 +107,7 @@ def aot_check(req, row) -> AotResult:
     devices = layout.chips * acc.devices_per_chip
     # XLA's cost analysis counts a loop body once: with scanned layers one layer of the forward and backward
     # scans, with micro-batches one micro-batch. Compare like with like: the model's FLOPs of what XLA counts.
-    counted = replace(cfg.model, num_layers=1) if cfg.model.scan_layers else cfg.model
+    counted = replace(cfg.model, num_layers=1) if cfg.model.scanned else cfg.model
     tokens_counted = req.global_batch * req.seq_len / max(layout.microbatches, 1)
     model_flops = training_flops_per_token(counted, req.seq_len).total * tokens_counted / devices
     est = row.estimate.memory

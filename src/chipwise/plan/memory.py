@@ -122,7 +122,7 @@ def training_memory(cfg: ModelConfig, seq_len: int, micro_batch_seqs: float, *, 
     activations = layers_here * per_layer * tokens * in_flight * COMPUTE_BYTES
     if remat == "full":  # the layer being recomputed holds all of its activations once
         activations += activation_elements_per_token(cfg, "none", tensor) * tokens * COMPUTE_BYTES
-    if fsdp > 1 and cfg.scan_layers:  # one gathered layer and its unreduced weight gradient
+    if fsdp > 1 and cfg.scanned:  # one gathered layer and its unreduced weight gradient
         weights_compute = 2 * layer_matmul_params(cfg) / tensor * COMPUTE_BYTES
     elif fsdp > 1 or param_bytes != COMPUTE_BYTES:  # the whole local model gathered, or cast for the matmuls
         weights_compute = n / (tensor * pipeline) * COMPUTE_BYTES

@@ -8,6 +8,7 @@ so that what the planner compiles and what the benchmark times is exactly what `
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -26,6 +27,14 @@ def compute_dtype(dtype: str, platform: str):
     """`train.dtype` on `platform`: "auto" is the platform's default (sharding.PLATFORM_RULES)."""
     name = platform_rules(platform)["compute_dtype"] if dtype == "auto" else dtype
     return jnp.dtype(name).type
+
+
+def with_platform_defaults(cfg: Config, platform: str) -> Config:
+    """`cfg` with what it leaves to the platform decided (sharding.PLATFORM_RULES): today model.scan_layers."""
+    if cfg.model.scan_layers is not None:
+        return cfg
+    model = dataclasses.replace(cfg.model, scan_layers=platform_rules(platform)["scan_layers"])
+    return dataclasses.replace(cfg, model=model)
 
 
 def check_batch_fits(t: TrainConfig, mesh) -> None:
@@ -76,6 +85,7 @@ def build_train_step(cfg: Config, mesh, platform: str, choice: attention.Attenti
     "tpu" on a CPU). Pass `choice` where the attention was already selected (the trainer reports it first).
     Callers compile it with `.compile()`; the trainer does so only once its checkpoint has been accepted.
     """
+    cfg = with_platform_defaults(cfg, platform)
     check_batch_fits(cfg.train, mesh)
     dtype = compute_dtype(cfg.train.dtype, platform)
     choice = choice or select_attention(cfg, platform, dtype)

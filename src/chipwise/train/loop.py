@@ -21,7 +21,7 @@ from chipwise.run_dir import RunDir
 from chipwise.sharding import use_mesh
 from chipwise.train import accounting
 from chipwise.train.accounting import Cadence, Totals, Window
-from chipwise.train.compiled_step import build_train_step
+from chipwise.train.compiled_step import build_train_step, with_platform_defaults
 from chipwise.train.guard import EXIT_DIVERGED, Guard, Verdict  # noqa: F401 - EXIT_DIVERGED: the exit codes' home
 from chipwise.train.metrics import open_writer
 from chipwise.train.resume import checkpoint_meta, initial_state
@@ -43,6 +43,7 @@ class Trainer:
         """Train; the summary of the whole run. Raises TrainingStopped when a signal or divergence stopped it."""
         with StopSignals() as self.signals:
             self.setup = prepare_devices(self.cfg)
+            self.cfg = with_platform_defaults(self.cfg, self.setup.platform)  # config.yaml records the choice
             self.data = prepare_data_everywhere(self.cfg, self.log)
             self.run_dir.prepare(self.resume, self.overwrite)  # from here this run owns the directory
             try:

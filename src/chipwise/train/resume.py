@@ -29,10 +29,10 @@ def incompatibility(meta: dict, cfg: Config, tokenizer_fp: str, corpus_fp: str) 
     """
     now = to_dict(cfg)
     saved_model = (meta.get("config") or {}).get("model")
-    if saved_model is not None and saved_model.get("scan_layers", False) != cfg.model.scan_layers:
+    if saved_model is not None and saved_model.get("scan_layers", False) != cfg.model.scanned:
         layout = "stacked (scanned)" if saved_model.get("scan_layers", False) else "unrolled"
-        return (f"checkpoint holds {layout} layers, config has model.scan_layers={cfg.model.scan_layers}; resume "
-                f"with --set model.scan_layers={str(not cfg.model.scan_layers).lower()}, or convert: chipwise export "
+        return (f"checkpoint holds {layout} layers, config has model.scan_layers={cfg.model.scanned}; resume "
+                f"with --set model.scan_layers={str(not cfg.model.scanned).lower()}, or convert: chipwise export "
                 f"--run RUN --out HF_DIR, then chipwise train --init-from HF_DIR (a fresh optimizer state)")
     saved = meta.get("config") or {}
     for key, value in now["model"].items():  # checkpoints of older versions lack the config: Orbax checks shapes
@@ -61,7 +61,7 @@ def checkpoint_meta(cfg: Config, step: int, iterator, prepared: data.PreparedDat
     return {"step": step, "data_iterator": iterator.get_state(), "config": to_dict(cfg),
             "tokenizer_fingerprint": prepared.tokenizer_fingerprint,
             "corpus_fingerprint": prepared.corpus_fingerprint, "guard": guard.state(), "totals": totals,
-            "param_layout": PARAM_LAYOUT[cfg.model.scan_layers]}
+            "param_layout": PARAM_LAYOUT[cfg.model.scanned]}
 
 
 def initial_state(cfg: Config, run_dir, prepared: data.PreparedData, steps, ckpt, abstract_state, resume: bool,
