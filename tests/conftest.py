@@ -40,6 +40,38 @@ def require(module: str, install: str = DEV_EXTRA):
         unavailable(module, install)
 
 
+# The tiny model the end-to-end tests train through the command line (it compiles in seconds on a CPU); a test adds
+# its own train.* settings, data.sources and run_dir (later settings win).
+TINY_MODEL = ["model.num_layers=1", "model.d_model=32", "model.num_heads=2", "model.num_kv_heads=1", "model.d_ff=64",
+              "model.vocab_size=320", "model.max_seq_len=64", "train.seq_len=32", "train.batch_size=8",
+              "train.eval_batches=1", "train.warmup_steps=1"]
+
+
+def set_args(*settings: str) -> list[str]:
+    """`--set` arguments for `chipwise train`."""
+    return [x for s in settings for x in ("--set", s)]
+
+
+def one_line_error(capsys) -> str:
+    """The command's stderr, which must be one `error: ...` line and no traceback."""
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "\n" not in err and "Traceback" not in err, err
+    return err
+
+
+def flat(text: str) -> str:
+    """Console output with rich's line wrapping undone."""
+    return " ".join(text.split())
+
+
+def fault(message):
+    """What a test observed; also appended to $CHIPWISE_FAULT_LOG if set (how docs/reliability.md was written)."""
+    print(f"FAULT: {message}")
+    if os.environ.get("CHIPWISE_FAULT_LOG"):
+        with open(os.environ["CHIPWISE_FAULT_LOG"], "a") as f:
+            f.write(f"{message}\n")
+
+
 @pytest.fixture
 def small_model_cfg() -> ModelConfig:
     return ModelConfig(num_layers=2, d_model=64, num_heads=4, num_kv_heads=2, d_ff=128, vocab_size=128,

@@ -13,22 +13,12 @@ from chipwise.data import prepare_data
 from chipwise.data.corpus import load_corpus
 from chipwise.errors import ChipwiseError, ConfigError
 from chipwise.report import charts
+from conftest import one_line_error
+from test_train_e2e import train_args  # its tiny run
 
 
-def train_args(run_dir, corpus, steps, *extra):
-    """tests/test_train_e2e.py's tiny run."""
-    settings = ["model.num_layers=1", "model.d_model=32", "model.num_heads=2", "model.num_kv_heads=1",
-                "model.d_ff=64", "model.vocab_size=320", "model.max_seq_len=64", "train.seq_len=32",
-                "train.batch_size=8", f"train.steps={steps}", "train.log_every=2", "train.eval_every=3",
-                "train.checkpoint_every=3", "train.eval_batches=1", "train.warmup_steps=1",
-                f"data.sources=[{corpus}]", f"run_dir={run_dir}", *extra]
-    return [x for s in settings for x in ("--set", s)]
 
 
-def one_line_error(capsys) -> str:
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err, err
-    return err
 
 
 def tree(path) -> dict:

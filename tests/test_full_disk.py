@@ -20,6 +20,7 @@ import jax
 import pytest
 
 from chipwise.cli import main
+from conftest import fault, flat
 
 TINY = ["model.num_layers=1", "model.d_model=32", "model.num_heads=2", "model.num_kv_heads=1", "model.d_ff=64",
         "model.vocab_size=320", "model.max_seq_len=64", "train.seq_len=32", "train.batch_size=8",
@@ -32,17 +33,8 @@ def settings(run_dir, corpus, *extra):
     return [x for s in [*TINY, f"data.sources=[{corpus}]", f"run_dir={run_dir}", *extra] for x in ("--set", s)]
 
 
-def flat(text: str) -> str:
-    """Console output with rich's line wrapping undone."""
-    return " ".join(text.split())
 
 
-def fault(message):
-    """What a test observed; also appended to $CHIPWISE_FAULT_LOG if set (how docs/reliability.md was written)."""
-    print(f"FAULT: {message}")
-    if os.environ.get("CHIPWISE_FAULT_LOG"):
-        with open(os.environ["CHIPWISE_FAULT_LOG"], "a") as f:
-            f.write(f"{message}\n")
 
 
 def tree_bytes(path: Path) -> int:

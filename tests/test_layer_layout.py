@@ -6,17 +6,16 @@ import yaml
 
 from chipwise.cli import main
 from chipwise.run_dir import RunDir
+from conftest import TINY_MODEL, set_args
 
 pytestmark = pytest.mark.slow
 
-TINY = ["model.num_layers=2", "model.d_model=32", "model.num_heads=2", "model.num_kv_heads=1", "model.d_ff=64",
-        "model.vocab_size=320", "model.max_seq_len=64", "train.seq_len=32", "train.batch_size=8",
-        "train.log_every=1", "train.eval_every=1000", "train.eval_batches=1", "train.warmup_steps=1",
-        "train.checkpoint_every=3", "hardware.peak_tflops=1"]
 
 
 def args(run, corpus, *extra):
-    return [x for s in [*TINY, f"data.sources=[{corpus}]", f"run_dir={run}", *extra] for x in ("--set", s)]
+    return set_args(*TINY_MODEL, "model.num_layers=2", "train.log_every=1", "train.eval_every=1000",
+                    "train.checkpoint_every=3", "hardware.peak_tflops=1", f"data.sources=[{corpus}]", f"run_dir={run}",
+                    *extra)
 
 
 def test_a_checkpoint_keeps_its_layer_layout(tmp_path, corpus, capsys):

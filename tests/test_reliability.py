@@ -29,6 +29,7 @@ import pytest
 import yaml
 
 from chipwise.cli import main
+from conftest import fault, flat
 from chipwise.config import load_config, to_dict
 from chipwise.errors import ConfigError
 
@@ -46,17 +47,8 @@ def settings(run_dir, corpus, *extra):
     return [x for s in [*TINY, f"data.sources=[{corpus}]", f"run_dir={run_dir}", *extra] for x in ("--set", s)]
 
 
-def flat(text: str) -> str:
-    """Console output with rich's line wrapping undone."""
-    return " ".join(text.split())
 
 
-def fault(message):
-    """What a test observed; also appended to $CHIPWISE_FAULT_LOG if set (how docs/reliability.md was written)."""
-    print(f"FAULT: {message}")
-    if os.environ.get("CHIPWISE_FAULT_LOG"):
-        with open(os.environ["CHIPWISE_FAULT_LOG"], "a") as f:
-            f.write(f"{message}\n")
 
 
 @contextmanager

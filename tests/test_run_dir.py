@@ -17,23 +17,15 @@ from chipwise.cli import main
 from chipwise.errors import ChipwiseError
 from chipwise.run_dir import LOCK_FILE, MARKER_FILE, RunDir
 from chipwise.run_lock import STALE_S, RunLock
+from conftest import TINY_MODEL, one_line_error, set_args
 
 pytestmark = pytest.mark.slow
 
-TINY = ["model.num_layers=1", "model.d_model=32", "model.num_heads=2", "model.num_kv_heads=1", "model.d_ff=64",
-        "model.vocab_size=320", "model.max_seq_len=64", "train.seq_len=32", "train.batch_size=8",
-        "train.log_every=1", "train.eval_every=1000", "train.eval_batches=1", "train.warmup_steps=1",
-        "train.checkpoint_every=3", "hardware.peak_tflops=1"]
 
 
 def args(run, corpus, *extra):
-    return [x for s in [*TINY, f"data.sources=[{corpus}]", f"run_dir={run}", *extra] for x in ("--set", s)]
-
-
-def one_line_error(capsys) -> str:
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error:") and "\n" not in err and "Traceback" not in err, err
-    return err
+    return set_args(*TINY_MODEL, "train.log_every=1", "train.eval_every=1000", "train.checkpoint_every=3",
+                    "hardware.peak_tflops=1", f"data.sources=[{corpus}]", f"run_dir={run}", *extra)
 
 
 def snapshot(run: Path) -> dict:
