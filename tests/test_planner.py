@@ -371,6 +371,7 @@ def test_aot_compiles_the_real_train_step_for_a_tpu_topology(capsys, tmp_path):
     assert aot["xla_argument_gib"] == pytest.approx(aot["model_state_gib"] + tokens_gib, rel=0.02)
     # XLA counts the GEMMs it runs (not the Pallas kernel's): close to the model FLOPs minus attention.
     assert 0.75 < aot["xla_tflops"] / aot["model_tflops"] < 1.1
+    assert aot["compile_s"] > 0  # `plan --aot --json` says how long the compile took
     ratio = aot["xla_memory_gib"] / aot["model_memory_gib"]
     assert aot["xla_memory_gib"] >= aot["xla_argument_gib"]
     assert any(w.startswith("memory") for w in aot["warnings"]) == (abs(ratio - 1) > 0.25)

@@ -50,6 +50,7 @@ class AotResult:
     xla_tflops: float  # per device per step, as XLA counts (executed FLOPs, recomputation included)
     model_tflops: float  # the planner's model FLOPs per device per step (flops.py), of what XLA counts: one loop
     # body (one scanned layer, one micro-batch)
+    compile_s: float  # lowering + compilation on this machine
     warnings: list[str]
 
     def as_dict(self) -> dict:
@@ -69,7 +70,7 @@ def _require_libtpu():
 
 
 def compile_for_topology(cfg, topology: str, mesh_sizes: dict[str, int]):
-    """Compile chipwise's train step for `topology`; returns (compiled, attention name)."""
+    """Compile chipwise's train step for `topology`; returns (compiled, attention name, compile seconds)."""
     from chipwise.sharding import MESH_AXES
     from chipwise.train.compiled_step import build_train_step
 
@@ -81,7 +82,7 @@ def compile_for_topology(cfg, topology: str, mesh_sizes: dict[str, int]):
                                      "extra (pip install 'chipwise[tpu]')".split())[:400]) from None
     mesh = topologies.make_mesh(topo, tuple(mesh_sizes[a] for a in MESH_AXES), MESH_AXES)
     step = build_train_step(cfg, mesh, "tpu").compile()
-    return step.train, step.attention.name
+    return step.train, step.attention.name, step.compile_s
 
 
 def aot_check(req, row) -> AotResult:
@@ -98,7 +99,7 @@ def aot_check(req, row) -> AotResult:
                                "remat": layout.remat, "grad_accum": layout.microbatches,
                                "shard_optimizer": layout.shard_optimizer, "param_dtype": req.param_dtype,
                                "moments_dtype": req.moments_dtype, "loss_chunk_tokens": req.loss_chunk_tokens}})
-    compiled, attn = compile_for_topology(cfg, topology, {"data": layout.data, "fsdp": layout.fsdp,
+    compiled, attn, compile_s = compile_for_topology(cfg, topology, {"data": layout.data, "fsdp": layout.fsdp,
                                                           "tensor": layout.tensor})
     mem = compiled.memory_analysis()
     cost = compiled.cost_analysis()
@@ -114,7 +115,7 @@ def aot_check(req, row) -> AotResult:
     result = AotResult(acc.id, topology, layout.mesh_text(), attn, xla_bytes / GIB,
                        est.total / acc.devices_per_chip / GIB, mem.argument_size_in_bytes / GIB,
                        (est.params + est.optimizer) / acc.devices_per_chip / GIB,
-                       float(cost.get("flops", 0.0)) / 1e12, model_flops / 1e12, [])
+                       float(cost.get("flops", 0.0)) / 1e12, model_flops / 1e12, compile_s, [])
     for what, xla, model in (("memory", result.xla_memory_gib, result.model_memory_gib),
                              ("FLOPs", result.xla_tflops, result.model_tflops)):
         if model and abs(xla / model - 1) > DISAGREEMENT:
@@ -124,7 +125,8 @@ def aot_check(req, row) -> AotResult:
 
 
 def print_aot(r: AotResult) -> None:
-    print(f"AOT check {r.accelerator} {r.topology} ({r.mesh}, attention {r.attention}), per device per step:")
+    print(f"AOT check {r.accelerator} {r.topology} ({r.mesh}, attention {r.attention}), compiled in "
+          f"{r.compile_s:.1f} s; per device per step:")
     print(f"  memory  XLA {r.xla_memory_gib:8.3f} GiB   planner {r.model_memory_gib:8.3f} GiB")
     print(f"  inputs  XLA {r.xla_argument_gib:8.3f} GiB   planner {r.model_state_gib:8.3f} GiB (parameters and "
           "optimizer state)")
