@@ -376,3 +376,19 @@ def test_aot_compiles_the_real_train_step_for_a_tpu_topology(capsys, tmp_path):
     assert aot["xla_memory_gib"] >= aot["xla_argument_gib"]
     assert any(w.startswith("memory") for w in aot["warnings"]) == (abs(ratio - 1) > 0.25)
     assert re.match(r"data=2,fsdp=2", aot["mesh"])
+
+
+def test_aot_out_of_memory_is_one_line_naming_both_estimates(monkeypatch, capsys):
+    """XLA refusing the planned layout for lack of HBM is a finding about the plan, not a traceback."""
+    from chipwise.plan import aot
+
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO "
+                           "temporaries (103.13G) exceeds available HBM (95.74G).\nmore XLA detail")
+
+    monkeypatch.setattr(aot, "compile_for_topology", out_of_memory)
+    assert main(["plan", "--model", "1b", "--accelerator", "tpu-v5p", "--chips", "8", "--seq-len", "2048",
+                 "--global-batch", "16", "--aot"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --aot: XLA cannot fit") and "103.13G" in err and "GiB per device" in err
+    assert "\n" not in err

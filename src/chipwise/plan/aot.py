@@ -99,8 +99,17 @@ def aot_check(req, row) -> AotResult:
                                "remat": layout.remat, "grad_accum": layout.microbatches,
                                "shard_optimizer": layout.shard_optimizer, "param_dtype": req.param_dtype,
                                "moments_dtype": req.moments_dtype, "loss_chunk_tokens": req.loss_chunk_tokens}})
-    compiled, attn, compile_s = compile_for_topology(cfg, topology, {"data": layout.data, "fsdp": layout.fsdp,
-                                                          "tensor": layout.tensor})
+    try:
+        compiled, attn, compile_s = compile_for_topology(cfg, topology, {"data": layout.data, "fsdp": layout.fsdp,
+                                                                         "tensor": layout.tensor})
+    except Exception as e:  # noqa: BLE001 - XLA's out-of-memory is a finding about the plan, said in one line
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        xla = " ".join(str(e).split()).split("RESOURCE_EXHAUSTED:")[-1].strip()[:200]
+        raise ChipwiseError(f"--aot: XLA cannot fit the planned layout on {acc.id} ({layout.mesh_text()}, remat "
+                            f"{layout.remat}, {layout.microbatches} micro-batches): {xla}; the planner estimated "
+                            f"{row.estimate.memory.total / acc.devices_per_chip / GIB:.1f} GiB per device, so trust "
+                            f"XLA and pin more remat or micro-batches (--remat full, --microbatches N)") from None
     mem = compiled.memory_analysis()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
