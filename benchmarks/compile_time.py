@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 
@@ -32,16 +31,6 @@ cfg = from_dict({"model": {"num_layers": depth, "d_model": width, "num_heads": 4
 step = build_train_step(cfg, make_mesh(MeshConfig(), jax.devices()[:1]), "cpu").compile()
 print(json.dumps({"compile_s": step.compile_s}))
 """
-
-
-def cpu_model() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def measure(depth: int, width: int, layout: str) -> float:
@@ -65,6 +54,8 @@ def main() -> int:
         rows.append((depth, measure(depth, args.d_model, "scan"), measure(depth, args.d_model, "unrolled")))
         print(f"{depth:>3} layers: scanned {rows[-1][1]:6.2f} s, unrolled {rows[-1][2]:6.2f} s", flush=True)
     if args.markdown:
+        from chipwise.plan.calibration import cpu_model
+
         print("\n| layers | scanned compile s | unrolled compile s |\n|---:|---:|---:|")
         for depth, scan, unrolled in rows:
             print(f"| {depth} | {scan:.2f} | {unrolled:.2f} |")

@@ -183,12 +183,9 @@ def bench_chipwise(cfg, ctx: dict, tokens_np: np.ndarray, warmup: int, steps: in
 # ---- PyTorch ----------------------------------------------------------------------------------------------------
 
 def torch_threads(requested: int = 0) -> int:
-    if requested > 0:
-        return requested
-    try:
-        return len(os.sched_getaffinity(0))  # the cores this process may use (containers, taskset)
-    except AttributeError:
-        return os.cpu_count() or 1
+    from chipwise.plan.calibration import usable_cores  # the cores this process may use (containers, taskset)
+
+    return requested if requested > 0 else usable_cores()
 
 
 def bench_torch(cfg, ctx: dict, tokens_np: np.ndarray, warmup: int, steps: int, modes: list[str],
@@ -275,18 +272,6 @@ def bench_torch(cfg, ctx: dict, tokens_np: np.ndarray, warmup: int, steps: int, 
 
 # ---- reporting --------------------------------------------------------------------------------------------------
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or platform.machine() or "unknown CPU"
-
-
 def print_result(r: Result) -> None:
     mfu = f"{r.mfu:.1%}" if r.mfu is not None else "unknown"
     peak = f"{r.peak_tflops_per_device:.4g} TFLOP/s per device" if r.peak_tflops_per_device else "no peak"
@@ -304,6 +289,7 @@ def print_markdown(results: list[Result], cfg, ctx: dict, args) -> None:
     import jax
 
     from chipwise.host_memory import keep_freed_memory  # already applied by run_guarded: this reads it
+    from chipwise.plan.calibration import cpu_model
 
     torch_version = ""
     if "torch_threads" in ctx:

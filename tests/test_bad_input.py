@@ -143,8 +143,11 @@ def test_a_truncated_token_cache_is_rebuilt(corpus, tmp_path):
     ("train.lr=.inf", "train.lr must be a positive finite number"),
     ("train.beta2=.nan", "train.beta2 must be in [0, 1)"),
     ("hardware.price_per_hour=.nan", "hardware.price_per_hour must be positive and finite"),
+    ("train.param_dtype=float16", "train.param_dtype must be one of float32, bfloat16, got 'float16'"),
+    ("train.moments_dtype=fp8", "train.moments_dtype must be one of float32, bfloat16, got 'fp8'"),
+    ("train.shard_optimizer=sometimes", "train.shard_optimizer must be bool"),
 ])
-def test_optimizer_settings_out_of_range(setting, message):
+def test_optimizer_and_precision_settings_out_of_range(setting, message):
     with pytest.raises(ConfigError) as err:
         load_config(None, [setting])
     assert str(err.value).startswith(message) and "\n" not in str(err.value)

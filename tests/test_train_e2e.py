@@ -114,9 +114,12 @@ def test_the_python_api_trains_exactly_like_the_command(tmp_path, corpus):
     assert jax.tree.structure(cli_params) == jax.tree.structure(api_params)
     for a, b in zip(jax.tree.leaves(cli_params), jax.tree.leaves(api_params)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    # the run's PRNG state is checkpointed as the named implementation's key data, whatever JAX's default
+    # The run's PRNG state is the named implementation's key data, whatever JAX's default (threefry's key data
+    # has another shape, so a key made without naming the implementation fails here).
+    assert prng.IMPL != jax.config.jax_default_prng_impl
     state, _ = abstract_state(cfg)
-    assert state["rng"].shape == jax.random.key_data(prng.key(0)).shape
+    assert state["rng"].shape == jax.random.key_data(jax.random.key(0, impl=prng.IMPL)).shape
+    assert state["rng"].shape != jax.random.key_data(jax.random.key(0, impl="threefry2x32")).shape
 
 
 def test_a_refused_command_creates_nothing(tmp_path, corpus, capsys):

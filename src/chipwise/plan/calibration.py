@@ -69,19 +69,22 @@ VALIDATION_RUNS = [
 ]
 
 
+def cpu_model() -> str:
+    """The processor's model name (Linux's /proc/cpuinfo), else what Python's platform module knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
 def machine_id(device) -> str:
     """What a profile is valid for: the device kind, and on CPUs the processor model and core count."""
     if device.platform != "cpu":
         return device.device_kind
-    model = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"cpu: {model} x{usable_cores()}"
+    return f"cpu: {cpu_model()} x{usable_cores()}"
 
 
 def usable_cores() -> int:

@@ -13,7 +13,7 @@ from chipwise import data, efficiency, flops, provenance
 from chipwise.config import Config
 from chipwise.distributed import agree, barrier, is_leader
 from chipwise.errors import ConfigError
-from chipwise.sharding import make_mesh, platform_rules
+from chipwise.sharding import data_parallel_size, make_mesh, platform_rules
 from chipwise.train.compiled_step import check_batch_fits, compute_dtype, select_attention
 
 
@@ -61,7 +61,7 @@ def check_memory_fits(cfg: Config, mesh, devices) -> None:
     from chipwise.plan.memory import training_memory
 
     t, local = cfg.train, [d for d in devices if d.process_index == jax.process_index()]
-    dp = mesh.shape["data"] * mesh.shape["fsdp"]
+    dp = data_parallel_size(mesh)
     per_device = training_memory(cfg.model, t.seq_len, t.batch_size / t.grad_accum / dp, fsdp=mesh.shape["fsdp"],
                                  tensor=mesh.shape["tensor"], pipeline=1, microbatches=t.grad_accum,
                                  remat=t.remat, data=mesh.shape["data"], shard_optimizer=t.shard_optimizer,
