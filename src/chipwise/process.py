@@ -21,13 +21,17 @@ NOISY_LOGGERS = ("absl", "orbax", "jax", "grain")
 
 def quiet_libtpu_off_tpu() -> None:
     """With the `tpu` extra installed on a machine without TPUs (to compile for TPU topologies, `plan --aot`),
-    libtpu looks for TPU VM metadata at start-up and prints screens of warnings. Tell it there is none to find.
+    libtpu looks for TPU VM metadata at start-up and prints screens of warnings. Tell it there is none to find, and
+    that several processes may load it.
     Never on a TPU VM (its /dev/accel* or /dev/vfio devices exist) and never over the user's own settings."""
     if any(os.path.exists(p) for p in ("/dev/accel0", "/dev/vfio/0")) or "TPU_ACCELERATOR_TYPE" in os.environ:
         return
     os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
     os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5litepod-1")
     os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+    # With no TPU to own, two processes compiling for TPU topologies at once (two `plan --aot`, test workers) must not
+    # fail on libtpu's one-process lock file ("Internal error when accessing libtpu multi-process lockfile").
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 
 def setup(log_level: int = logging.INFO) -> None:

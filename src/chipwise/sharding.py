@@ -56,6 +56,20 @@ def platform_rules(platform: str) -> dict:
     return PLATFORM_RULES.get(platform, PLATFORM_RULES["cpu"])
 
 
+def pipeline_stage_layers(num_layers: int, stages: int) -> tuple[int, ...]:
+    """Layers per pipeline stage. Where the layers do not divide the stages, the first and last stages (which also
+    hold the embedding and the LM head with the loss) give up one layer each, then the second and second-to-last,
+    and so on: Llama 3.1 405B's 126 layers over 16 stages are 7, 8 x 14, 7."""
+    if not 1 <= stages <= num_layers:
+        raise ConfigError(f"pipeline={stages} stages for {num_layers} layers: each stage needs at least one layer; "
+                          f"use at most {num_layers} stages")
+    per = -(-num_layers // stages)
+    counts = [per] * stages
+    for i in range(per * stages - num_layers):  # fewer than `stages`: each stage gives up at most one
+        counts[i // 2 if i % 2 == 0 else stages - 1 - i // 2] -= 1
+    return tuple(counts)
+
+
 def resolve_mesh_shape(mesh_cfg: MeshConfig, num_devices: int, platform: str = "cpu") -> dict[str, int]:
     sizes = {name: getattr(mesh_cfg, name) for name in MESH_AXES}
     fixed = math.prod(v for v in sizes.values() if v != -1)
@@ -82,7 +96,13 @@ def make_mesh(mesh_cfg: MeshConfig, devices=None) -> Mesh:
     devices = list(devices if devices is not None else jax.devices())
     sizes = resolve_mesh_shape(mesh_cfg, len(devices), devices[0].platform)
     shape = tuple(sizes[a] for a in MESH_AXES)
-    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
+    from jax.experimental import mesh_utils
+
+    try:  # each axis over whole physical torus axes where the sizes allow (the best collectives)
+        grid = mesh_utils.create_device_mesh(shape, devices)
+    except NotImplementedError:  # e.g. data=2 x fsdp=8 x tensor=4 on a v5p 4x4x4: split physical axes
+        grid = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+    return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
 
 
 def logical_to_spec(axes: tuple[str | None, ...], shape: tuple[int, ...], mesh: Mesh,

@@ -43,7 +43,7 @@ class AotResult:
     topology: str
     mesh: str
     attention: str
-    xla_memory_gib: float  # per device: arguments + outputs - aliased + temporaries
+    xla_memory_gib: float  # per device: XLA's peak of live buffers, arguments included (its heap as allocated)
     model_memory_gib: float  # the planner's estimate per device
     xla_argument_gib: float  # per device: the step's inputs (sharded parameters, optimizer state, tokens)
     model_state_gib: float  # the planner's parameters + optimizer state per device
@@ -71,7 +71,8 @@ def _require_libtpu():
 
 def compile_for_topology(cfg, topology: str, mesh_sizes: dict[str, int]):
     """Compile chipwise's train step for `topology`; returns (compiled, attention name, compile seconds)."""
-    from chipwise.sharding import MESH_AXES
+    from chipwise.config import MeshConfig
+    from chipwise.sharding import make_mesh
     from chipwise.train.compiled_step import build_train_step
 
     topologies = _require_libtpu()
@@ -80,28 +81,54 @@ def compile_for_topology(cfg, topology: str, mesh_sizes: dict[str, int]):
     except Exception as e:  # noqa: BLE001 - libtpu missing or the name unknown: both a user-fixable setup issue
         raise ChipwiseError(" ".join(f"--aot cannot describe TPU topology {topology}: {e}. Install the tpu "
                                      "extra (pip install 'chipwise[tpu]')".split())[:400]) from None
-    mesh = topologies.make_mesh(topo, tuple(mesh_sizes[a] for a in MESH_AXES), MESH_AXES)
+    mesh = make_mesh(MeshConfig(**mesh_sizes), topo.devices)  # the trainer's own device placement
     step = build_train_step(cfg, mesh, "tpu").compile()
     return step.train, step.attention.name, step.compile_s
+
+
+def xla_peak_bytes(mem) -> float:
+    """Bytes one device needs for the compiled step: XLA's simulated peak of live buffers, arguments included.
+
+    Not arguments + temporaries: on TPU `temp_size_in_bytes` counts more than the heap XLA assigns (llama3-8b at seq
+    8192 on v5p-8: 23.6 GiB of "temporaries" against a peak of 25.4 GiB with 11.2 GiB of arguments; the buffer
+    assignment dump's preallocated heap plus the arguments is the peak). Backends that do not report a peak (0)
+    fall back to that sum, an upper bound."""
+    peak = getattr(mem, "peak_memory_in_bytes", 0)
+    if peak:
+        return float(peak)
+    return float(mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
+                 + mem.temp_size_in_bytes)
+
+
+def record_memory(record: dict):
+    """The planner's memory estimate (plan/memory.py) for one record of benchmarks/aot_memory.py (model, layers,
+    seq, global batch, layout): the figure set beside XLA's there and held to it in tests/test_planner.py."""
+    from chipwise.plan.memory import training_memory
+    from chipwise.plan.spec import load_model
+
+    model = load_model(record["model"])
+    model = replace(model, num_layers=record["layers"] or model.num_layers, scan_layers=True)
+    lay = record["layout"]
+    seqs = record["batch"] / (lay["data"] * lay["fsdp"]) / lay["microbatches"]  # one micro-batch of one rank
+    return training_memory(model, record["seq"], seqs, data=lay["data"], fsdp=lay["fsdp"], tensor=lay["tensor"],
+                           pipeline=lay["pipeline"], microbatches=lay["microbatches"], remat=lay["remat"],
+                           shard_optimizer=lay["shard_optimizer"])
 
 
 def aot_check(req, row) -> AotResult:
     """Compile the planned layout of `row` (a PlanRow on a TPU) and compare XLA's analysis with the model's."""
     from chipwise.config import from_dict
+    from chipwise.plan.emit import train_config
 
     acc, layout = row.accelerator, row.estimate.layout
-    if layout.pipeline > 1:
-        raise ChipwiseError(f"--aot: the plan for {acc.id} uses pipeline={layout.pipeline}, which chipwise's "
-                            "trainer does not run; pin a mesh without pipeline (--mesh ...,pipeline=1)")
-    topology = topology_name(acc, layout.chips)  # the run's catalog, overrides included
-    cfg = from_dict({"model": asdict(req.model) | {"max_seq_len": max(req.model.max_seq_len, req.seq_len)},
-                     "train": {"batch_size": req.global_batch, "seq_len": req.seq_len, "dtype": "bfloat16",
-                               "remat": layout.remat, "grad_accum": layout.microbatches,
-                               "shard_optimizer": layout.shard_optimizer, "param_dtype": req.param_dtype,
-                               "moments_dtype": req.moments_dtype, "loss_chunk_tokens": req.loss_chunk_tokens}})
     try:
-        compiled, attn, compile_s = compile_for_topology(cfg, topology, {"data": layout.data, "fsdp": layout.fsdp,
-                                                                         "tensor": layout.tensor})
+        values = train_config(req, row)  # the config `plan --emit-config` writes for this row
+    except ChipwiseError as e:
+        raise ChipwiseError(f"--aot: {e}") from None
+    cfg = from_dict(values)
+    topology = topology_name(acc, layout.chips)  # the run's catalog, overrides included
+    try:
+        compiled, attn, compile_s = compile_for_topology(cfg, topology, values["mesh"])
     except Exception as e:  # noqa: BLE001 - XLA's out-of-memory is a finding about the plan, said in one line
         if "RESOURCE_EXHAUSTED" not in str(e):
             raise
@@ -113,7 +140,7 @@ def aot_check(req, row) -> AotResult:
     mem = compiled.memory_analysis()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    xla_bytes = mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes + mem.temp_size_in_bytes
+    xla_bytes = xla_peak_bytes(mem)
     devices = layout.chips * acc.devices_per_chip
     # XLA's cost analysis counts a loop body once: with scanned layers one layer of the forward and backward
     # scans, with micro-batches one micro-batch. Compare like with like: the model's FLOPs of what XLA counts.
@@ -143,7 +170,8 @@ def aot_check(req, row) -> AotResult:
 def print_aot(r: AotResult) -> None:
     print(f"AOT check {r.accelerator} {r.topology} ({r.mesh}, attention {r.attention}), compiled in "
           f"{r.compile_s:.1f} s; per device per step:")
-    print(f"  memory  XLA {r.xla_memory_gib:8.3f} GiB   planner {r.model_memory_gib:8.3f} GiB")
+    print(f"  memory  XLA {r.xla_memory_gib:8.3f} GiB   planner {r.model_memory_gib:8.3f} GiB (XLA: its peak of live "
+          "buffers, inputs included)")
     print(f"  inputs  XLA {r.xla_argument_gib:8.3f} GiB   planner {r.model_state_gib:8.3f} GiB (parameters and "
           "optimizer state)")
     print(f"  FLOPs   XLA {r.xla_tflops:8.4g} TFLOP  planner {r.model_tflops:8.4g} TFLOP (model FLOPs; XLA counts "

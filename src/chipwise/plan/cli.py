@@ -27,6 +27,9 @@ def add_commands(sub) -> None:
     pl.add_argument("--calibration", metavar="DIR_OR_FILE", help="calibration profiles (default: the cache's)")
     pl.add_argument("--json", action="store_true", help="print a JSON list, one object per accelerator")
     pl.add_argument("--chart", metavar="PNG", help="write a chart of time to train against cost")
+    pl.add_argument("--emit-config", metavar="FILE",
+                    help="write the first row's layout (mesh, micro-batches, remat, ZeRO-1, dtypes, batch) as a "
+                         "config that `chipwise train --config FILE` runs; FILE must not exist")
     pl.add_argument("--aot", action="store_true",
                     help="TPU only: compile chipwise's real train step for the planned topology (needs the tpu "
                          "extra) and show XLA's memory and FLOPs next to the model's")
@@ -72,6 +75,10 @@ def plan_command(args) -> int:
         if getattr(args, name) is not None:
             positive("--" + name.replace("_", "-"), getattr(args, name))
     check_finite_settings(args.catalog_set)
+    if args.emit_config:
+        from chipwise.plan.emit import check_target
+
+        check_target(args.emit_config)
     ids = [a.strip() for a in args.accelerator.split(",") if a.strip()]
     if not ids:
         raise ChipwiseError("--accelerator needs at least one catalog id, e.g. h100-sxm,trn2")
@@ -80,6 +87,10 @@ def plan_command(args) -> int:
                       args.remat, args.microbatches, args.baseline,
                       catalog_overrides(args.catalog, args.catalog_set), args.calibration)
     rows = rank(plan(req))
+    if args.emit_config:  # checked now, written last: a command refused on the way writes nothing
+        from chipwise.plan.emit import config_text, write_new_file
+
+        emitted = config_text(req, rows[0])
     if args.aot:
         from chipwise.plan.aot import aot_check, print_aot
 
@@ -96,6 +107,10 @@ def plan_command(args) -> int:
     if args.chart:
         out = write_chart(rows, args.chart, args.tokens)
         print(f"chart written to {out}", file=sys.stderr)
+    if args.emit_config:
+        out = write_new_file(args.emit_config, emitted)
+        print(f"config for {rows[0].accelerator.id} ({rows[0].estimate.layout.describe()}) written to {out}",
+              file=sys.stderr)
     return 0
 
 

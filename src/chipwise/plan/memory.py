@@ -1,21 +1,24 @@
 """Memory per chip for a training layout: the one place chipwise estimates how many bytes a run needs (the
 planner's layouts and the trainer's up-front check, train/setup.py, both ask `training_memory`).
 
-The formulas follow what chipwise's trainer keeps alive (train/step.py, train/loss.py, model.py):
-  - master parameters and their gradients in `train.param_dtype` (fp32, or bf16), sharded over fsdp x tensor x
-    pipeline and replicated over data;
-  - AdamW's two moments in `train.moments_dtype`, sharded like the parameters and, under ZeRO-1
+The formulas follow what chipwise's trainer keeps alive (train/step.py, train/loss.py, model.py), term by term as
+XLA's TPU compiler allocates them (`plan --aot`: peak_memory_in_bytes of the compiled step, and its live-range dump,
+for llama3-8b at seq 8192 on v5p-8 with remat none, dots and full; docs/planner.md):
+  - master parameters in `train.param_dtype` (fp32, or bf16), sharded over fsdp x tensor x pipeline and replicated
+    over data; AdamW's two moments in `train.moments_dtype`, sharded like the parameters and, under ZeRO-1
     (`train.shard_optimizer`), over data too;
-  - an fp32 gradient accumulator when a step has several micro-batches (the scan carry);
-  - the weights the matmuls read in the compute dtype: under FSDP with scanned layers (`model.scan_layers`) one
-    gathered layer and that layer's full weight gradient before its reduce-scatter (the backward scan: measured on
-    XLA:CPU, about two layers' worth); otherwise, and under FSDP with unrolled layers (XLA then keeps every gathered
-    layer: measured), the whole local model (without FSDP, none when the parameters are stored in the compute
-    dtype: the matmuls then read them as they are);
-  - activations saved for the backward pass, per token and layer, under each remat policy (below);
+  - the step's gradient: in the parameter dtype with one micro-batch; with several, an fp32 accumulator (the scan
+    carry) that each micro-batch's gradient is added into as the backward pass makes it, so the gradient is
+    counted once;
+  - the weights the matmuls read in the compute dtype: XLA casts the whole local model once, outside the layer
+    scan (not at all when the parameters are stored in the compute dtype); under FSDP with scanned layers
+    (`model.scan_layers`) also one gathered layer and that layer's full weight gradient before its
+    reduce-scatter; under FSDP with unrolled layers XLA keeps every gathered layer;
+  - activations saved for the backward pass, per token and layer, under each remat policy (below), and the
+    working set of the one layer the backward pass is in;
   - the LM head and the loss (train/loss.py): one chunk of logits at a time (bf16, its fp32 copy and gradient), the
-    chunk split over the devices that split the batch, plus the head whole on each device in fp32 and its fp32
-    gradient accumulated across chunks.
+    chunk split over the devices that split the batch, plus the head gathered whole in the compute dtype and its
+    fp32 gradient, summed across chunks, whole on each device until the backward pass ends.
 Activation counts are in elements of the compute dtype (2 bytes). Embedding-sized tensors (d_model wide) are
 replicated across the tensor axis, as chipwise does today (no sequence parallelism); head- and FFN-wide
 tensors are split by it. Checked against XLA's own memory analysis of the compiled step (tests/test_planner.py,
@@ -30,7 +33,7 @@ from types import SimpleNamespace
 
 from chipwise.config import ModelConfig
 from chipwise.flops import layer_matmul_params, param_count
-from chipwise.sharding import logical_to_spec
+from chipwise.sharding import logical_to_spec, pipeline_stage_layers
 from chipwise.train.loss import chunk_size, default_chunk_tokens
 
 GIB = 2**30
@@ -38,7 +41,7 @@ COMPUTE_BYTES = 2  # bf16 activations and gathered weights
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2}  # train.param_dtype and train.moments_dtype
 ACCUM_BYTES_PER_PARAM = 4  # fp32 gradient accumulator across micro-batches
 LOGIT_BYTES = 2 + 4 + 4  # bf16 logits, their fp32 copy for the loss, and the fp32 gradient
-HEAD_BYTES = 4 + 4  # the LM head whole on each device (fp32) and its fp32 gradient summed across loss chunks
+HEAD_BYTES = COMPUTE_BYTES + 4  # the LM head gathered whole in the compute dtype, and its fp32 gradient
 # Share of HBM a run may fill: the runtime (CUDA context, XLA's reserved and scratch buffers) and
 # fragmentation take the rest. MaxText and torchtitan users report OOMs above ~90-95% of nominal HBM.
 USABLE_HBM_FRACTION = 0.9
@@ -47,23 +50,43 @@ USABLE_HBM_FRACTION = 0.9
 def activation_elements_per_token(cfg: ModelConfig, remat: str, tensor: int) -> float:
     """Elements one layer keeps for its backward pass, per token, on one chip of a tensor group of `tensor`.
 
-    none: every input a backward needs: the two norm inputs and outputs (4 d), q, k, v and the attention
-          output (2 H hd + 2 KV hd), the FFN's gate, up and their product (3 d_ff; GELU 2 d_ff).
-    dots: only matmul outputs (jax's dots_with_no_batch_dims_saveable) and the layer input: q, k, v, attention
-          output, the two projections back to d (2 d), gate and up (2 d_ff), plus the input (d).
+    Counted from the buffers XLA keeps across the layer scan (llama3-8b, seq 8192, TPU v5p, splash attention):
+    none: everything JAX's linearisation saves: five d-wide tensors (the layer input, both norm outputs, the
+          residual after attention, the attention output), q and k with rotary applied in fp32 (8 H hd in bf16
+          units), k and v and the kernel's output-sized statistics (3 KV hd), the kernel's fp32 log-sum-exp (2 H),
+          and in a SwiGLU FFN gate, up, sigmoid(gate), silu(gate), their product and its cast (6 d_ff; a GELU FFN
+          is taken as 4 d_ff, not measured).
+    dots: only matmul outputs (jax's dots_with_no_batch_dims_saveable) and the layer input: q, k and v, the two
+          projections back to d and the input (3 d), gate and up (2 d_ff; GELU 1). The attention kernel's output
+          is not a matmul: the backward pass recomputes it.
     full: only the layer's input (d); the layer is recomputed in the backward pass.
     """
     d, f = cfg.d_model, cfg.d_ff
     heads = cfg.num_heads * cfg.head_dim / tensor
     kv = cfg.num_kv_heads * cfg.head_dim / min(tensor, cfg.num_kv_heads)  # kv heads replicate past their count
-    ffn_saved = {"none": 3 if cfg.ffn == "swiglu" else 2, "dots": 2 if cfg.ffn == "swiglu" else 1}
+    swiglu = cfg.ffn == "swiglu"
     if remat == "none":
-        return 4 * d + 2 * heads + 2 * kv + ffn_saved["none"] * f / tensor
+        return 5 * d + 8 * heads + 3 * kv + 2 * cfg.num_heads / tensor + (6 if swiglu else 4) * f / tensor
     if remat == "dots":
-        return 3 * d + 2 * heads + 2 * kv + ffn_saved["dots"] * f / tensor
+        return 3 * d + heads + 2 * kv + (2 if swiglu else 1) * f / tensor
     if remat == "full":
         return float(d)
     raise ValueError(f"unknown remat policy {remat!r}")
+
+
+def backward_working_elements_per_token(cfg: ModelConfig, tensor: int) -> float:
+    """Elements per token the backward pass of one layer holds beyond what the layers saved (its recomputed or
+    saved FFN activations and their gradients): 2 d_ff + d, measured under full remat (XLA frees the layer's
+    tensors as their gradients are made, so this is far below the layer's whole activation set)."""
+    return 2 * cfg.d_ff / tensor + cfg.d_model
+
+
+def stage_param_count(cfg: ModelConfig, pipeline: int) -> float:
+    """Parameters of the most loaded pipeline stage: its layers, and an even share of the embedding and the head
+    (with uneven stages the middle ones carry a layer more than the average). All of them when pipeline is 1."""
+    layer_params = layer_matmul_params(cfg) + 2 * cfg.d_model  # its matmuls and its two norms
+    layers = max(pipeline_stage_layers(cfg.num_layers, pipeline))
+    return layers * layer_params + (param_count(cfg) - cfg.num_layers * layer_params) / pipeline
 
 
 @dataclass(frozen=True)
@@ -108,34 +131,36 @@ def training_memory(cfg: ModelConfig, seq_len: int, micro_batch_seqs: float, *, 
 
     micro_batch_seqs: sequences in one micro-batch of one data-parallel rank (all chips of a tensor group and a
     pipeline see the same tokens). With pipeline parallelism the first stage holds the activations of up to
-    `pipeline` micro-batches in flight (1F1B schedule) for its share of the layers. `data` is the data-parallel
-    degree (ZeRO-1 splits the moments over it; the loss chunk is split over data x fsdp); the dtypes and
+    `pipeline` micro-batches in flight (1F1B schedule) for its share of the layers; layers that do not divide
+    the stages are spread as sharding.pipeline_stage_layers does (first and last stages lighter). `data` is the
+    data-parallel degree (ZeRO-1 splits the moments over it; the loss chunk is split over data x fsdp); the dtypes and
     `loss_chunk_tokens` are the train config's (train.param_dtype, train.moments_dtype, train.loss_chunk_tokens).
     """
-    shard = fsdp * tensor * pipeline
-    n = param_count(cfg)
+    stages = pipeline_stage_layers(cfg.num_layers, pipeline)
+    n = stage_param_count(cfg, pipeline)
+    shard = fsdp * tensor  # of the stage's parameters
     param_bytes, moment_bytes = DTYPE_BYTES[param_dtype], DTYPE_BYTES[moments_dtype]
-    layers_here = cfg.num_layers / pipeline
     tokens = micro_batch_seqs * seq_len
-    in_flight = min(pipeline, microbatches)
     per_layer = activation_elements_per_token(cfg, remat, tensor)
-    activations = layers_here * per_layer * tokens * in_flight * COMPUTE_BYTES
-    if remat == "full":  # the layer being recomputed holds all of its activations once
-        activations += activation_elements_per_token(cfg, "none", tensor) * tokens * COMPUTE_BYTES
-    if fsdp > 1 and cfg.scanned:  # one gathered layer and its unreduced weight gradient
-        weights_compute = 2 * layer_matmul_params(cfg) / tensor * COMPUTE_BYTES
-    elif fsdp > 1 or param_bytes != COMPUTE_BYTES:  # the whole local model gathered, or cast for the matmuls
-        weights_compute = n / (tensor * pipeline) * COMPUTE_BYTES
+    # 1F1B: stage i holds the activations of up to (stages - i) micro-batches in flight for its layers.
+    saved = max(layers * min(pipeline - i, microbatches) for i, layers in enumerate(stages))
+    activations = (saved * per_layer + backward_working_elements_per_token(cfg, tensor)) * tokens * COMPUTE_BYTES
+    cast = n / shard * COMPUTE_BYTES if param_bytes != COMPUTE_BYTES else 0.0  # the local model, cast once
+    if fsdp > 1 and cfg.scanned:  # plus one gathered layer and its unreduced weight gradient
+        weights_compute = cast + 2 * layer_matmul_params(cfg) / tensor * COMPUTE_BYTES
+    elif fsdp > 1:  # unrolled: every layer gathered, and kept
+        weights_compute = n / tensor * COMPUTE_BYTES
     else:
-        weights_compute = 0.0
+        weights_compute = cast
     chunk = loss_chunk_tokens_per_device(cfg.vocab_size, max(1, round(tokens * data * fsdp)), data=data, fsdp=fsdp,
                                          chunk_tokens=loss_chunk_tokens)
     head = cfg.d_model * cfg.vocab_size / tensor * HEAD_BYTES
+    accumulate = microbatches > 1
     return MemoryEstimate(
         params=n / shard * param_bytes,
-        grads=n / shard * param_bytes,
+        grads=0.0 if accumulate else n / shard * param_bytes,  # with micro-batches the accumulator holds it
         optimizer=n / shard * 2 * moment_bytes / (data if shard_optimizer else 1),
-        accumulator=n / shard * ACCUM_BYTES_PER_PARAM if microbatches > 1 else 0.0,
+        accumulator=n / shard * ACCUM_BYTES_PER_PARAM if accumulate else 0.0,
         weights_compute=weights_compute,
         activations=activations,
         logits=chunk * cfg.vocab_size / tensor * LOGIT_BYTES + head,

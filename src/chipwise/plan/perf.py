@@ -15,9 +15,11 @@ from dataclasses import dataclass, field, replace
 from chipwise.catalog import Accelerator
 from chipwise.config import ModelConfig
 from chipwise.errors import ConfigError
-from chipwise.flops import forward_flops_per_token, param_count, training_flops_per_token
+from chipwise.flops import forward_flops_per_token, training_flops_per_token
 from chipwise.plan import assumptions as A
-from chipwise.plan.memory import DTYPE_BYTES, GIB, USABLE_HBM_FRACTION, MemoryEstimate, training_memory
+from chipwise.plan.memory import (DTYPE_BYTES, GIB, USABLE_HBM_FRACTION, MemoryEstimate, stage_param_count,
+                                  training_memory)
+from chipwise.sharding import pipeline_stage_layers
 
 MESH_ORDER = ("pipeline", "data", "fsdp", "tensor")  # outermost to innermost: tensor on neighbouring chips
 COMPUTE_PARTS = ("matmul", "attention", "elementwise", "loss", "dispatch")
@@ -200,8 +202,8 @@ def check_layout(cfg: ModelConfig, global_batch: int, layout: Layout) -> str | N
         return f"{global_batch // ranks} sequences per rank do not split into {layout.microbatches} micro-batches"
     if cfg.num_heads % layout.tensor:
         return f"{cfg.num_heads} heads do not split over tensor={layout.tensor}"
-    if cfg.num_layers % layout.pipeline:
-        return f"{cfg.num_layers} layers do not split over pipeline={layout.pipeline}"
+    if layout.pipeline > cfg.num_layers:
+        return f"pipeline={layout.pipeline} stages for {cfg.num_layers} layers leaves stages without a layer"
     return None
 
 
@@ -213,7 +215,7 @@ def estimate(cfg: ModelConfig, seq_len: int, global_batch: int, chip: ChipModel,
     pb, zero1 = DTYPE_BYTES[param_dtype], layout.shard_optimizer and d > 1
     seqs_per_rank = global_batch / (d * f)
     tokens_mb = seqs_per_rank / mb * seq_len  # tokens one chip's micro-batch carries
-    layers = cfg.num_layers / p
+    layers = max(pipeline_stage_layers(cfg.num_layers, p))  # the most loaded stage sets the pace
     recompute = A.REMAT_RECOMPUTE[layout.remat]
 
     # GEMMs: layers on this stage plus the LM head (on the last stage; spread evenly here).
@@ -247,7 +249,7 @@ def estimate(cfg: ModelConfig, seq_len: int, global_batch: int, chip: ChipModel,
     # The AdamW update reads the parameter, gradient and moments and writes them back (the assumption's fp32
     # figure, less what narrower stored dtypes save); under ZeRO-1 each chip updates its 1/data of them.
     update_bytes = A.OPTIMIZER_BYTES_PER_PARAM - 3 * (4 - pb) - 4 * (4 - DTYPE_BYTES[moments_dtype])
-    optimizer = param_count(cfg) / (f * t * p * (d if zero1 else 1)) * update_bytes / bw
+    optimizer = stage_param_count(cfg, p) / (f * t * (d if zero1 else 1)) * update_bytes / bw
     # Fixed cost of each layer's kernels (launch, dispatch), forward and backward, per micro-batch.
     dispatch = mb * layers * chip.layer_overhead_s
     matmul, attention = chip.matmul_scale * matmul, chip.attention_scale * attention
@@ -261,7 +263,7 @@ def estimate(cfg: ModelConfig, seq_len: int, global_batch: int, chip: ChipModel,
     # Megatron tensor parallelism: 2 all-reduces of activations per layer forward, 2 backward (+2 recomputed).
     tp_per_layer = (4 + 2 * recompute) * _collective_time(chip, t, st["tensor"], act_bytes, "ar")
     tp_comm = mb * layers * tp_per_layer
-    stage_params = param_count(cfg) / (t * p)
+    stage_params = stage_param_count(cfg, p) / t
     # FSDP: gather bf16 weights forward and again backward, reduce-scatter gradients (in the parameters' dtype),
     # per micro-batch.
     fsdp_comm = mb * (2 * _collective_time(chip, f, st["fsdp"], stage_params * 2, "ag")

@@ -55,7 +55,7 @@ def candidate_layouts(cfg: ModelConfig, global_batch: int, chips: int, chip: Chi
     """Every layout worth estimating under chipwise's tensor cap; pipelines need as many micro-batches as stages."""
     max_tp = max_tensor_chips(chip)
     for pipeline in _divisors(chips):
-        if cfg.num_layers % pipeline or pipeline > 64:
+        if pipeline > cfg.num_layers or pipeline > 64:  # uneven stages allowed (sharding.pipeline_stage_layers)
             continue
         for tensor in _divisors(chips // pipeline):
             if tensor > max_tp or cfg.num_heads % tensor:
