@@ -72,6 +72,35 @@ def fault(message):
             f.write(f"{message}\n")
 
 
+def losses_and_params(settings: list[str], mesh_cfg, steps: int):
+    """Train `steps` steps of the config `settings` on the devices `mesh_cfg` names (the first ones), through the
+    train step itself; returns (losses, final parameters as numpy). The batches are learnable sequences (each
+    token the one before plus 1, from a random start), so "it really trained" means the loss fell, not that one
+    random batch scored better than another; the same for every mesh, so meshes can be compared."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from chipwise.attention import reference
+    from chipwise.config import load_config
+    from chipwise.sharding import make_mesh, use_mesh
+    from chipwise.train.step import build_steps
+
+    cfg = load_config(None, settings)
+    t, vocab = cfg.train, cfg.model.vocab_size
+    size = mesh_cfg.data * mesh_cfg.fsdp * mesh_cfg.context * mesh_cfg.tensor
+    mesh = make_mesh(mesh_cfg, jax.devices()[:size])
+    starts = np.random.default_rng(0).integers(0, vocab, (steps, t.batch_size, 1))
+    batches = ((starts + np.arange(t.seq_len + 1)) % vocab).astype(np.int32)
+    with use_mesh(mesh):
+        train = build_steps(cfg, mesh, reference.attend, jnp.float32)
+        state, losses = train.init(), []
+        for tokens in batches:
+            state, metrics = train.train(state, jax.device_put(tokens, train.batch_sharding), 0.0)
+            losses.append(float(metrics["loss"]))
+    return np.array(losses), jax.tree.map(np.asarray, state["params"])
+
+
 @pytest.fixture
 def small_model_cfg() -> ModelConfig:
     return ModelConfig(num_layers=2, d_model=64, num_heads=4, num_kv_heads=2, d_ff=128, vocab_size=128,

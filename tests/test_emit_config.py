@@ -32,7 +32,7 @@ def test_the_emitted_config_trains_as_it_is(tmp_path, model_file, corpus, capsys
                           "--tokens", "2048")) == 0
     assert f"written to {out}" in capsys.readouterr().err
     values = yaml.safe_load(out.read_text())
-    assert values["mesh"] == {"data": 2, "fsdp": 4, "tensor": 1}
+    assert values["mesh"] == {"data": 2, "fsdp": 4, "context": 1, "tensor": 1}
     assert values["train"]["grad_accum"] == 2 and values["train"]["remat"] == "full"
     assert values["train"]["batch_size"] == 16 and values["train"]["seq_len"] == 32
     assert values["train"]["steps"] == 4  # 2,048 tokens at 16 x 32 a step
@@ -42,7 +42,7 @@ def test_the_emitted_config_trains_as_it_is(tmp_path, model_file, corpus, capsys
                  *set_args(f"data.sources=[{corpus}]", f"run_dir={run}", "train.eval_batches=1",
                            "train.warmup_steps=1")]) == 0
     info = yaml.safe_load((run / "config.yaml").read_text())
-    assert info["mesh"] == {"data": 2, "fsdp": 4, "tensor": 1} and info["train"]["grad_accum"] == 2
+    assert info["mesh"] == {"data": 2, "fsdp": 4, "context": 1, "tensor": 1} and info["train"]["grad_accum"] == 2
     assert (run / "metrics.jsonl").read_text().count('"step": 4') >= 1
 
 

@@ -199,6 +199,26 @@ def test_the_published_405b_layout_is_planned_and_a_stage_without_layers_is_refu
     assert "stages without a layer" in one_line_error(capsys)
 
 
+def test_context_parallelism_is_weighed_at_long_sequences(capsys):
+    """At 128k tokens a sequence's activations outgrow a chip: the search splits the sequence over context chips
+    (memory per chip divides by it, K/V gathers cost time); at 8k it does not bother."""
+    cfg, h100 = load_model("llama3-8b"), chip("h100-sxm")
+    long = search(cfg, 131072, 16, 64, h100).best
+    assert long.layout.context > 1 and long.fits and long.parts["context_comm"] > 0
+    assert search(cfg, 8192, 64, 64, h100).best.layout.context == 1
+    one = estimate(cfg, 32768, 4, h100, Layout(fsdp=4, remat="full"))  # a sequence a chip
+    four = estimate(cfg, 32768, 4, h100, Layout(fsdp=4, context=4, remat="full"))  # each split over 4 chips
+    assert four.memory.activations < 0.3 * one.memory.activations
+    assert four.parts["context_comm"] > 0 == one.parts["context_comm"]
+    bad = ["plan", "--model", "tiny", "--accelerator", "h100-sxm", "--chips", "8", "--seq-len", "100",
+           "--global-batch", "8", "--mesh", "data=2,context=4"]
+    assert main(bad) == 2
+    assert "does not split into 2 x context = 8 chunks" in one_line_error(capsys)
+    pinned = bad[:7] + ["--seq-len", "256", "--global-batch", "8", "--mesh", "data=2,context=4"]
+    assert main(pinned) == 0
+    assert "context=4: modelled with a flash-style attention" in " ".join(capsys.readouterr().out.split())
+
+
 def test_a_chip_without_a_published_peak_is_refused_not_guessed(tmp_path):
     with pytest.raises(Exception, match="chipwise bench"):
         chip_model(catalog.get("cpu"))
@@ -433,6 +453,22 @@ def test_aot_compiles_the_real_train_step_for_a_tpu_topology(capsys, tmp_path):
     assert aot["xla_memory_gib"] >= aot["xla_argument_gib"]
     assert any(w.startswith("memory") for w in aot["warnings"]) == (abs(ratio - 1) > 0.25)
     assert re.match(r"data=2,fsdp=2", aot["mesh"])
+
+
+def test_a_mesh_that_needs_split_torus_axes_is_laid_out():
+    """jax.make_mesh splits physical axes only on v5e: data=2 x fsdp=8 x tensor=4 on a v5p 4x4x4 slice (the
+    planner's llama3-70b pick) could not be laid out. chipwise keeps whole axes where it can and splits otherwise."""
+    require("libtpu")
+    from chipwise.config import MeshConfig
+    from chipwise.plan.aot import _require_libtpu
+    from chipwise.sharding import make_mesh
+
+    topo = _require_libtpu().get_topology_desc(platform="tpu", topology_name="v5p:4x4x4")
+    mesh = make_mesh(MeshConfig(data=2, fsdp=8, tensor=4), topo.devices)
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 8, "context": 1, "tensor": 4}
+    assert len({d.id for d in mesh.devices.flat}) == 64
+    whole = make_mesh(MeshConfig(data=4, fsdp=4, tensor=4), topo.devices)  # no split needed
+    assert dict(whole.shape) == {"data": 4, "fsdp": 4, "context": 1, "tensor": 4}
 
 
 def test_aot_out_of_memory_is_one_line_naming_both_estimates(monkeypatch, capsys):

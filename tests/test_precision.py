@@ -106,7 +106,7 @@ def test_bf16_params_are_stored_in_bf16_and_still_train():
 
 
 def test_add_axis_splits_the_first_dimension_it_can():
-    mesh = SimpleNamespace(shape={"data": 4, "fsdp": 2, "tensor": 1})
+    mesh = SimpleNamespace(shape={"data": 4, "fsdp": 2, "context": 1, "tensor": 1})
     assert add_axis(P(None, "fsdp", None), (2, 64, 128), mesh) == P(None, ("fsdp", "data"), None)
     assert add_axis(P(None, "fsdp"), (8, 64), mesh) == P("data", "fsdp")
     assert add_axis(P("fsdp"), (6,), mesh) == P("fsdp")  # nothing divides: left as it was

@@ -9,6 +9,7 @@ from chipwise.config import MeshConfig, load_config
 from chipwise.errors import ConfigError
 from chipwise.sharding import logical_to_spec, make_mesh, resolve_mesh_shape, use_mesh
 from chipwise.train.step import build_steps
+from conftest import losses_and_params
 
 
 def mesh_of(data, fsdp, tensor, n=None):
@@ -28,7 +29,8 @@ def test_rules_give_megatron_style_parameter_and_activation_specs():
 
 
 def test_mesh_shape_resolution_and_errors():
-    assert resolve_mesh_shape(MeshConfig(data=-1, fsdp=2, tensor=1), 8) == {"data": 4, "fsdp": 2, "tensor": 1}
+    assert resolve_mesh_shape(MeshConfig(data=-1, fsdp=2, tensor=1), 8) == {"data": 4, "fsdp": 2, "context": 1,
+                                                                            "tensor": 1}
     with pytest.raises(ConfigError, match="needs 4 devices but 8"):
         resolve_mesh_shape(MeshConfig(data=2, fsdp=2, tensor=1), 8)
     with pytest.raises(ConfigError, match="cannot fill 8 devices"):
@@ -44,20 +46,7 @@ SMALL = ["model.num_layers=2", "model.d_model=64", "model.num_heads=4", "model.n
 
 
 def five_step_losses(data, fsdp, tensor, extra=()):
-    cfg = load_config(None, SMALL + list(extra))
-    mesh = mesh_of(data, fsdp, tensor)
-    # Learnable sequences (each token the one before plus 1, from a random start): "it really trained" then
-    # means the loss fell, not that one random batch happened to score better than another.
-    starts = np.random.default_rng(0).integers(0, 128, (5, 8, 1))
-    batches = ((starts + np.arange(33)) % 128).astype(np.int32)
-    with use_mesh(mesh):
-        steps = build_steps(cfg, mesh, reference.attend, jnp.float32)
-        state, losses = steps.init(), []
-        for tokens in batches:
-            state, metrics = steps.train(state, jax.device_put(tokens, steps.batch_sharding), 0.0)
-            losses.append(float(metrics["loss"]))
-    params = jax.tree.map(np.asarray, state["params"])
-    return np.array(losses), params
+    return losses_and_params(SMALL + list(extra), MeshConfig(data=data, fsdp=fsdp, tensor=tensor), steps=5)
 
 
 def test_sharded_training_matches_one_device():

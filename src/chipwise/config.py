@@ -105,6 +105,7 @@ class TrainConfig:
 class MeshConfig:
     data: int = -1  # -1 takes whatever devices the other axes leave
     fsdp: int = 1
+    context: int = 1  # context parallelism: the sequence of activations split over this many devices
     tensor: int = 1
 
 
@@ -335,12 +336,15 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"train.batch_size ({t.batch_size}) must be divisible by train.grad_accum ({t.grad_accum})")
     if not 0 < cfg.data.val_fraction < 1:
         raise ConfigError(f"data.val_fraction must be between 0 and 1, got {cfg.data.val_fraction}")
-    for name in ("data", "fsdp", "tensor"):
+    for name in ("data", "fsdp", "context", "tensor"):
         v = getattr(cfg.mesh, name)
         if v == 0 or v < -1:
             raise ConfigError(f"mesh.{name} must be a positive size or -1 (fill), got {v}")
-    if [cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor].count(-1) > 1:
-        raise ConfigError("only one of mesh.data, mesh.fsdp, mesh.tensor may be -1")
+    if [cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.context, cfg.mesh.tensor].count(-1) > 1:
+        raise ConfigError("only one of mesh.data, mesh.fsdp, mesh.context, mesh.tensor may be -1")
+    if cfg.mesh.context > 1 and t.seq_len % (2 * cfg.mesh.context):
+        raise ConfigError(f"train.seq_len ({t.seq_len}) must divide into 2 x mesh.context = {2 * cfg.mesh.context} "
+                          "chunks (context parallelism gives each device two of them); change either")
     h = cfg.hardware
     for name in ("price_per_hour", "power_watts", "peak_tflops"):
         v = getattr(h, name)

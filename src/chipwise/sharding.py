@@ -19,7 +19,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 from chipwise.config import MeshConfig
 from chipwise.errors import ConfigError
 
-MESH_AXES = ("data", "fsdp", "tensor")
+MESH_AXES = ("data", "fsdp", "context", "tensor")  # outermost to innermost: tensor on neighbouring devices
 
 # logical axis -> mesh axes, tried in order (an axis may appear twice: the later rule is its fallback).
 DEFAULT_RULES: tuple[tuple[str, tuple[str, ...] | None], ...] = (
@@ -30,7 +30,7 @@ DEFAULT_RULES: tuple[tuple[str, tuple[str, ...] | None], ...] = (
     ("kv_heads", ("tensor",)),
     ("mlp", ("tensor",)),
     ("embed", ("fsdp",)),
-    ("seq", None),
+    ("seq", ("context",)),  # activations' sequence under context parallelism (train/context.py)
     ("head_dim", None),
     ("layers", None),  # the stacked layers of scan_layers: each device holds its share of every layer
 )

@@ -30,7 +30,7 @@ def train_config(req, row) -> dict:
         train["steps"] = math.ceil(req.tokens / (req.global_batch * req.seq_len))
     return {"model": asdict(req.model) | {"max_seq_len": max(req.model.max_seq_len, req.seq_len)},
             "train": train,
-            "mesh": {"data": layout.data, "fsdp": layout.fsdp, "tensor": layout.tensor}}
+            "mesh": {"data": layout.data, "fsdp": layout.fsdp, "context": layout.context, "tensor": layout.tensor}}
 
 
 def check_target(path: str) -> Path:

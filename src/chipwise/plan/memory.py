@@ -124,27 +124,31 @@ def loss_chunk_tokens_per_device(vocab_size: int, tokens: int, *, data: int, fsd
 
 
 def training_memory(cfg: ModelConfig, seq_len: int, micro_batch_seqs: float, *, fsdp: int, tensor: int,
-                    pipeline: int, microbatches: int, remat: str, data: int = 1, shard_optimizer: bool = False,
-                    param_dtype: str = "float32", moments_dtype: str = "float32",
+                    pipeline: int, microbatches: int, remat: str, data: int = 1, context: int = 1,
+                    shard_optimizer: bool = False, param_dtype: str = "float32", moments_dtype: str = "float32",
                     loss_chunk_tokens: int = 0) -> MemoryEstimate:
     """Peak bytes on one chip.
 
     micro_batch_seqs: sequences in one micro-batch of one data-parallel rank (all chips of a tensor group and a
-    pipeline see the same tokens). With pipeline parallelism the first stage holds the activations of up to
-    `pipeline` micro-batches in flight (1F1B schedule) for its share of the layers; layers that do not divide
-    the stages are spread as sharding.pipeline_stage_layers does (first and last stages lighter). `data` is the
-    data-parallel degree (ZeRO-1 splits the moments over it; the loss chunk is split over data x fsdp); the dtypes and
+    pipeline see the same tokens; `context` chips split each of its sequences, train/context.py). With pipeline
+    parallelism the first stage holds the activations of up to `pipeline` micro-batches in flight (1F1B schedule)
+    for its share of the layers; layers that do not divide the stages are spread as
+    sharding.pipeline_stage_layers does (first and last stages lighter). `data` is the data-parallel degree
+    (ZeRO-1 splits the moments over it; the loss chunk is split over data x fsdp); the dtypes and
     `loss_chunk_tokens` are the train config's (train.param_dtype, train.moments_dtype, train.loss_chunk_tokens).
     """
     stages = pipeline_stage_layers(cfg.num_layers, pipeline)
     n = stage_param_count(cfg, pipeline)
     shard = fsdp * tensor  # of the stage's parameters
     param_bytes, moment_bytes = DTYPE_BYTES[param_dtype], DTYPE_BYTES[moments_dtype]
-    tokens = micro_batch_seqs * seq_len
+    tokens = micro_batch_seqs * seq_len / context  # this chip's share of the micro-batch
     per_layer = activation_elements_per_token(cfg, remat, tensor)
     # 1F1B: stage i holds the activations of up to (stages - i) micro-batches in flight for its layers.
     saved = max(layers * min(pipeline - i, microbatches) for i, layers in enumerate(stages))
-    activations = (saved * per_layer + backward_working_elements_per_token(cfg, tensor)) * tokens * COMPUTE_BYTES
+    # Context parallelism: the layer being computed also holds K and V gathered from the other context chips.
+    gathered_kv = 2 * cfg.num_kv_heads * cfg.head_dim / min(tensor, cfg.num_kv_heads) * (context - 1)
+    activations = (saved * per_layer + backward_working_elements_per_token(cfg, tensor) + gathered_kv) \
+        * tokens * COMPUTE_BYTES
     cast = n / shard * COMPUTE_BYTES if param_bytes != COMPUTE_BYTES else 0.0  # the local model, cast once
     if fsdp > 1 and cfg.scanned:  # plus one gathered layer and its unreduced weight gradient
         weights_compute = cast + 2 * layer_matmul_params(cfg) / tensor * COMPUTE_BYTES
@@ -152,7 +156,8 @@ def training_memory(cfg: ModelConfig, seq_len: int, micro_batch_seqs: float, *, 
         weights_compute = n / tensor * COMPUTE_BYTES
     else:
         weights_compute = cast
-    chunk = loss_chunk_tokens_per_device(cfg.vocab_size, max(1, round(tokens * data * fsdp)), data=data, fsdp=fsdp,
+    chunk = loss_chunk_tokens_per_device(cfg.vocab_size, max(1, round(micro_batch_seqs * seq_len * data * fsdp)),
+                                         data=data, fsdp=fsdp,
                                          chunk_tokens=loss_chunk_tokens)
     head = cfg.d_model * cfg.vocab_size / tensor * HEAD_BYTES
     accumulate = microbatches > 1

@@ -21,7 +21,7 @@ from chipwise.plan.memory import (DTYPE_BYTES, GIB, USABLE_HBM_FRACTION, MemoryE
                                   training_memory)
 from chipwise.sharding import pipeline_stage_layers
 
-MESH_ORDER = ("pipeline", "data", "fsdp", "tensor")  # outermost to innermost: tensor on neighbouring chips
+MESH_ORDER = ("pipeline", "data", "fsdp", "context", "tensor")  # outermost to innermost: tensor on neighbouring chips
 COMPUTE_PARTS = ("matmul", "attention", "elementwise", "loss", "dispatch")
 
 
@@ -34,13 +34,15 @@ class Layout:
     microbatches: int = 1  # micro-batches per optimizer step (gradient accumulation, or the pipeline's)
     remat: str = "none"
     shard_optimizer: bool = False  # ZeRO-1: AdamW's moments split over data too (train.shard_optimizer)
+    context: int = 1  # context parallelism: each sequence split over this many chips (train/context.py)
 
     @property
     def chips(self) -> int:
-        return self.data * self.fsdp * self.tensor * self.pipeline
+        return self.data * self.fsdp * self.context * self.tensor * self.pipeline
 
     def mesh_text(self) -> str:
-        return f"data={self.data},fsdp={self.fsdp},tensor={self.tensor},pipeline={self.pipeline}"
+        context = f",context={self.context}" if self.context > 1 else ""
+        return f"data={self.data},fsdp={self.fsdp}{context},tensor={self.tensor},pipeline={self.pipeline}"
 
     def describe(self) -> str:
         zero1 = " zero1" if self.shard_optimizer else ""
@@ -191,8 +193,10 @@ def _strides(layout: Layout) -> dict[str, int]:
     return strides
 
 
-def check_layout(cfg: ModelConfig, global_batch: int, layout: Layout) -> str | None:
-    """Why this layout cannot run this model and batch at all (None if it can)."""
+def check_layout(cfg: ModelConfig, global_batch: int, layout: Layout, seq_len: int | None = None) -> str | None:
+    """Why this layout cannot run this model, batch (and sequence length, where given) at all (None if it can)."""
+    if seq_len is not None and layout.context > 1 and seq_len % (2 * layout.context):
+        return f"sequence {seq_len} does not split into 2 x context = {2 * layout.context} chunks"
     if layout.remat not in A.REMAT_RECOMPUTE:
         return f"remat {layout.remat!r} is not one of none, dots, full"
     ranks = layout.data * layout.fsdp
@@ -212,9 +216,10 @@ def estimate(cfg: ModelConfig, seq_len: int, global_batch: int, chip: ChipModel,
     """The step time and memory of `layout`; the dtypes and loss chunk are the train config's (train.param_dtype,
     train.moments_dtype, train.loss_chunk_tokens)."""
     t, f, d, p, mb = layout.tensor, layout.fsdp, layout.data, layout.pipeline, layout.microbatches
+    c = layout.context
     pb, zero1 = DTYPE_BYTES[param_dtype], layout.shard_optimizer and d > 1
     seqs_per_rank = global_batch / (d * f)
-    tokens_mb = seqs_per_rank / mb * seq_len  # tokens one chip's micro-batch carries
+    tokens_mb = seqs_per_rank / mb * seq_len / c  # tokens one chip's micro-batch carries (its 1/c of each sequence)
     layers = max(pipeline_stage_layers(cfg.num_layers, p))  # the most loaded stage sets the pace
     recompute = A.REMAT_RECOMPUTE[layout.remat]
 
@@ -263,14 +268,19 @@ def estimate(cfg: ModelConfig, seq_len: int, global_batch: int, chip: ChipModel,
     # Megatron tensor parallelism: 2 all-reduces of activations per layer forward, 2 backward (+2 recomputed).
     tp_per_layer = (4 + 2 * recompute) * _collective_time(chip, t, st["tensor"], act_bytes, "ar")
     tp_comm = mb * layers * tp_per_layer
+    # Context parallelism: all-gather K and V over the context chips forward (again when remat recomputes) and
+    # reduce-scatter their gradients backward; grouped-query K/V are small next to the layer's activations.
+    kv_bytes = 2 * cfg.num_kv_heads * hd / min(t, cfg.num_kv_heads) * tokens_mb * c * chip.compute_bytes
+    cp_comm = mb * layers * (2 + recompute) * _collective_time(chip, c, st["context"], kv_bytes, "ag")
     stage_params = stage_param_count(cfg, p) / t
     # FSDP: gather bf16 weights forward and again backward, reduce-scatter gradients (in the parameters' dtype),
     # per micro-batch.
     fsdp_comm = mb * (2 * _collective_time(chip, f, st["fsdp"], stage_params * 2, "ag")
                       + _collective_time(chip, f, st["fsdp"], stage_params * pb, "ag"))
-    # Data parallelism: all-reduce the (FSDP-sharded) gradients once per step. ZeRO-1 then all-gathers the updated
-    # parameters from the chips that updated them (as XLA compiles it: the all-reduce stays one, no reduce-scatter).
-    dp_comm = _collective_time(chip, d, st["data"], stage_params / f * pb, "ar")
+    # Data parallelism: all-reduce the (FSDP-sharded) gradients once per step, over the context chips too (they
+    # hold the same parameters). ZeRO-1 then all-gathers the updated parameters from the chips that updated them
+    # (as XLA compiles it: the all-reduce stays one, no reduce-scatter).
+    dp_comm = _collective_time(chip, d * c, st["context"] if c > 1 else st["data"], stage_params / f * pb, "ar")
     if zero1:
         dp_comm += _collective_time(chip, d, st["data"], stage_params / f * pb, "ag")
     # Pipeline: send activations forward and gradients back at each stage boundary.
@@ -278,10 +288,10 @@ def estimate(cfg: ModelConfig, seq_len: int, global_batch: int, chip: ChipModel,
     hidden = fsdp_comm + dp_comm
     exposed = max(0.0, hidden - compute) + hidden / max(layers, 1) if hidden else 0.0
     bubble = (p - 1) / mb * (compute + tp_comm) if p > 1 else 0.0
-    step = compute + tp_comm + exposed + pp_comm + bubble + chip.step_overhead_s
+    step = compute + tp_comm + cp_comm + exposed + pp_comm + bubble + chip.step_overhead_s
 
     mem = training_memory(cfg, seq_len, seqs_per_rank / mb, fsdp=f, tensor=t, pipeline=p, microbatches=mb,
-                          remat=layout.remat, data=d, shard_optimizer=zero1, param_dtype=param_dtype,
+                          remat=layout.remat, data=d, context=c, shard_optimizer=zero1, param_dtype=param_dtype,
                           moments_dtype=moments_dtype, loss_chunk_tokens=loss_chunk_tokens)
     usable = chip.hbm_gib * USABLE_HBM_FRACTION if chip.hbm_gib else None
     tokens = global_batch * seq_len
@@ -289,8 +299,8 @@ def estimate(cfg: ModelConfig, seq_len: int, global_batch: int, chip: ChipModel,
     model_flops = training_flops_per_token(cfg, seq_len).total * tokens
     tflops_per_chip = model_flops / chips / step / 1e12
     parts = {"matmul": matmul, "attention": attention, "elementwise": elementwise, "loss": loss, "dispatch": dispatch,
-             "tensor_comm": tp_comm,
-             "fsdp_dp_comm": hidden, "comm_exposed": tp_comm + exposed + pp_comm, "bubble": bubble,
+             "tensor_comm": tp_comm, "context_comm": cp_comm,
+             "fsdp_dp_comm": hidden, "comm_exposed": tp_comm + cp_comm + exposed + pp_comm, "bubble": bubble,
              "overhead": chip.step_overhead_s}
     return StepEstimate(layout, step, parts, mem, usable is None or mem.total / GIB <= usable, usable,
                         tflops_per_chip, tflops_per_chip / chip.peak_tflops, tokens / step / chips)

@@ -51,6 +51,7 @@ class PlanRow:
             "accelerator": acc.id,
             "chips": e.layout.chips,
             "mesh": e.layout.mesh_text(),
+            "context_parallel": e.layout.context,
             "microbatches": e.layout.microbatches,
             "remat": e.layout.remat,
             "shard_optimizer": e.layout.shard_optimizer,

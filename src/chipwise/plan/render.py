@@ -29,7 +29,7 @@ def _money(value) -> str:
 
 def short_mesh(mesh: str) -> str:
     """data=1,fsdp=512,tensor=2,pipeline=1 -> fsdp512 tp2 (axes of size 1 left out)."""
-    names = {"data": "dp", "fsdp": "fsdp", "tensor": "tp", "pipeline": "pp"}
+    names = {"data": "dp", "fsdp": "fsdp", "context": "cp", "tensor": "tp", "pipeline": "pp"}
     parts = [f"{names[k]}{v}" for k, v in (p.split("=") for p in mesh.split(",")) if v != "1"]
     return " ".join(parts) or "1 chip"
 
@@ -121,6 +121,10 @@ def print_table(rows: list[PlanRow], req: PlanRequest, console: Console | None =
             notes.append("zero1: AdamW's moments split over data too (train.shard_optimizer=true)")
         if r.estimate.layout.pipeline > 1:
             notes.append("pipeline parallelism is planned but chipwise's trainer does not run it yet")
+        if r.estimate.layout.context > 1:
+            notes.append(f"context={r.estimate.layout.context}: modelled with a flash-style attention; chipwise's "
+                         "trainer runs context parallelism with XLA's dense attention today, whose (seq/context) x seq "
+                         "scores per head this memory estimate leaves out")
         console.print(f"  {r.accelerator.id}: " + "; ".join(notes))
 
 

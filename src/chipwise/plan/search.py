@@ -50,9 +50,24 @@ def _zero1_choices(data: int, zero1s) -> tuple:
     return tuple(zero1s) if data > 1 else (False,)  # with one data rank there is nothing to split the moments over
 
 
+LONG_CONTEXT_TOKENS = 32768
+
+
+def _context_choices(chips: int, seq_len: int | None) -> list[int]:
+    """Context-parallel degrees worth weighing: at sequences of 32k tokens and more (where Llama 3 used it), up to 16
+    (its degree at 128k) where the sequence splits into 2 x context chunks of at least 1,024 tokens. Shorter
+    sequences are not split unless a pinned --mesh says so: chipwise's context-parallel attention is XLA's dense one
+    (train/context.py), which the search's flash-style attention model would flatter there."""
+    if seq_len is None or seq_len < LONG_CONTEXT_TOKENS:
+        return [1]
+    return [c for c in _divisors(chips) if c == 1 or (c <= 16 and seq_len % (2 * c) == 0
+                                                        and seq_len // (2 * c) >= 1024)]
+
+
 def candidate_layouts(cfg: ModelConfig, global_batch: int, chips: int, chip: ChipModel, remats=REMATS,
-                      microbatches: int | None = None, zero1s=ZERO1):
-    """Every layout worth estimating under chipwise's tensor cap; pipelines need as many micro-batches as stages."""
+                      microbatches: int | None = None, zero1s=ZERO1, seq_len: int | None = None):
+    """Every layout worth estimating under chipwise's tensor cap; pipelines need as many micro-batches as stages.
+    With `seq_len`, context parallelism is weighed too."""
     max_tp = max_tensor_chips(chip)
     for pipeline in _divisors(chips):
         if pipeline > cfg.num_layers or pipeline > 64:  # uneven stages allowed (sharding.pipeline_stage_layers)
@@ -60,18 +75,19 @@ def candidate_layouts(cfg: ModelConfig, global_batch: int, chips: int, chip: Chi
         for tensor in _divisors(chips // pipeline):
             if tensor > max_tp or cfg.num_heads % tensor:
                 continue
-            for fsdp in _divisors(chips // (pipeline * tensor)):
-                data = chips // (pipeline * tensor * fsdp)
-                ranks = data * fsdp
-                if global_batch % ranks:
-                    continue
-                per_rank = global_batch // ranks
-                for mb in _divisors(per_rank) if microbatches is None else [microbatches]:
-                    if pipeline > 1 and mb < pipeline:
+            for context in _context_choices(chips // (pipeline * tensor), seq_len):
+                for fsdp in _divisors(chips // (pipeline * tensor * context)):
+                    data = chips // (pipeline * tensor * context * fsdp)
+                    ranks = data * fsdp
+                    if global_batch % ranks:
                         continue
-                    for remat in remats:
-                        for zero1 in _zero1_choices(data, zero1s):
-                            yield Layout(data, fsdp, tensor, pipeline, mb, remat, zero1)
+                    per_rank = global_batch // ranks
+                    for mb in _divisors(per_rank) if microbatches is None else [microbatches]:
+                        if pipeline > 1 and mb < pipeline:
+                            continue
+                        for remat in remats:
+                            for zero1 in _zero1_choices(data, zero1s):
+                                yield Layout(data, fsdp, tensor, pipeline, mb, remat, zero1, context)
 
 
 def search(cfg: ModelConfig, seq_len: int, global_batch: int, chips: int, chip: ChipModel, keep: int = 5,
@@ -84,14 +100,14 @@ def search(cfg: ModelConfig, seq_len: int, global_batch: int, chips: int, chip: 
     """
     result = SearchResult(best=None, considered=0)
     fitting: list[StepEstimate] = []
-    layouts = candidate_layouts(cfg, global_batch, chips, chip, remats, microbatches, zero1s)
+    layouts = candidate_layouts(cfg, global_batch, chips, chip, remats, microbatches, zero1s, seq_len)
     if fixed is not None:
-        layouts = (Layout(fixed.data, fixed.fsdp, fixed.tensor, fixed.pipeline, mb, r, zero1)
+        layouts = (Layout(fixed.data, fixed.fsdp, fixed.tensor, fixed.pipeline, mb, r, zero1, fixed.context)
                    for mb in ([microbatches] if microbatches else
                               _divisors(max(1, global_batch // (fixed.data * fixed.fsdp))))
                    for r in remats for zero1 in _zero1_choices(fixed.data, zero1s))
     for layout in layouts:
-        if check_layout(cfg, global_batch, layout):
+        if check_layout(cfg, global_batch, layout, seq_len):
             continue
         est = estimate(cfg, seq_len, global_batch, chip, layout, **precision)
         result.considered += 1
@@ -103,7 +119,7 @@ def search(cfg: ModelConfig, seq_len: int, global_batch: int, chips: int, chip: 
         fitting.append(est)
     if not result.considered:
         if fixed is not None:
-            why = check_layout(cfg, global_batch, fixed) or "no valid micro-batching"
+            why = check_layout(cfg, global_batch, fixed, seq_len) or "no valid micro-batching"
             raise ConfigError(f"mesh {fixed.mesh_text()}: {why}; pick another mesh")
         raise ConfigError(f"no layout of {chips} chips can split a global batch of {global_batch} sequences and "
                           f"{cfg.num_heads} heads; use a global batch divisible by the chip count")

@@ -48,10 +48,14 @@ def check_batch_fits(t: TrainConfig, mesh) -> None:
                           f"{t.batch_size // t.grad_accum}) must be divisible by the data-parallel size {dp}")
 
 
-def select_attention(cfg: Config, platform: str, dtype) -> attention.AttentionChoice:
+def select_attention(cfg: Config, platform: str, dtype, mesh) -> attention.AttentionChoice:
+    """The platform's attention for this shape, or the context-parallel one where `mesh` splits the sequence."""
+    from chipwise.train.context import choice_for
+
     m = cfg.model
-    return attention.select(platform, seq_len=cfg.train.seq_len, head_dim=m.head_dim, num_heads=m.num_heads,
-                            num_kv_heads=m.num_kv_heads, dtype=dtype)
+    preferred = attention.select(platform, seq_len=cfg.train.seq_len, head_dim=m.head_dim, num_heads=m.num_heads,
+                                 num_kv_heads=m.num_kv_heads, dtype=dtype)
+    return choice_for(mesh.shape["context"], cfg.train.seq_len, preferred)
 
 
 @dataclass
@@ -88,7 +92,7 @@ def build_train_step(cfg: Config, mesh, platform: str, choice: attention.Attenti
     cfg = with_platform_defaults(cfg, platform)
     check_batch_fits(cfg.train, mesh)
     dtype = compute_dtype(cfg.train.dtype, platform)
-    choice = choice or select_attention(cfg, platform, dtype)
+    choice = choice or select_attention(cfg, platform, dtype, mesh)
     rules = platform_rules(platform)["rules"]
     steps = build_steps(cfg, mesh, choice.fn, dtype)  # outside the mesh context: it runs eager set-up code
     with use_mesh(mesh, rules):

@@ -36,7 +36,7 @@ def prepare_devices(cfg: Config) -> RunSetup:
     mesh = make_mesh(cfg.mesh, devices)
     check_batch_fits(cfg.train, mesh)
     dtype = compute_dtype(cfg.train.dtype, platform)
-    choice = select_attention(cfg, platform, dtype)
+    choice = select_attention(cfg, platform, dtype, mesh)
     check_memory_fits(cfg, mesh, devices)
     barrier("measure-peak")  # processes sharing a CPU measure it together, so each sees its share
     hardware = efficiency.resolve_hardware(devices, dtype, cfg.hardware)
@@ -64,7 +64,8 @@ def check_memory_fits(cfg: Config, mesh, devices) -> None:
     dp = data_parallel_size(mesh)
     per_device = training_memory(cfg.model, t.seq_len, t.batch_size / t.grad_accum / dp, fsdp=mesh.shape["fsdp"],
                                  tensor=mesh.shape["tensor"], pipeline=1, microbatches=t.grad_accum,
-                                 remat=t.remat, data=mesh.shape["data"], shard_optimizer=t.shard_optimizer,
+                                 remat=t.remat, data=mesh.shape["data"], context=mesh.shape["context"],
+                                 shard_optimizer=t.shard_optimizer,
                                  param_dtype=t.param_dtype, moments_dtype=t.moments_dtype,
                                  loss_chunk_tokens=t.loss_chunk_tokens).total
     if devices[0].platform == "cpu":  # every CPU device of this process shares the host's memory

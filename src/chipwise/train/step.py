@@ -30,6 +30,7 @@ from chipwise import prng
 from chipwise.config import Config, ModelConfig, TrainConfig
 from chipwise.model import Transformer, param_axes
 from chipwise.sharding import add_axis, batch_sharding, tree_shardings
+from chipwise.train.context import context_attention, zigzag_order
 from chipwise.train.loss import default_chunk_tokens
 from chipwise.train.loss import next_token_loss as chunked_loss
 from chipwise.train.optimizer import learning_rate_schedule, make_optimizer
@@ -105,12 +106,21 @@ def build_steps(cfg: Config, mesh: Mesh, attend: Callable, compute_dtype) -> Ste
     tokens_sharding = batch_sharding(mesh, 2, batch_size=t.batch_size)
 
     chunk = t.loss_chunk_tokens or default_chunk_tokens(m.vocab_size)
+    # Context parallelism lays each sequence out zig-zag so every device gets as much causal work (train/context.py;
+    # `attend` is then the position-masked attention for the same order).
+    order = zigzag_order(t.seq_len, mesh.shape["context"]) if mesh.shape["context"] > 1 else None
+    if order is not None:  # the only attention that is right for that order (the step's choice names it)
+        attend = context_attention(order)
 
     def forward(params, tokens):
         model = nnx.merge(graphdef, params)
-        hidden = model.hidden(tokens[:, :-1], dtype=compute_dtype, attend=attend, remat=t.remat)
+        inputs, targets, positions = tokens[:, :-1], tokens[:, 1:], None
+        if order is not None:
+            inputs, targets = inputs[:, order], targets[:, order]
+            positions = jnp.broadcast_to(jnp.asarray(order, jnp.int32), inputs.shape)
+        hidden = model.hidden(inputs, dtype=compute_dtype, attend=attend, remat=t.remat, positions=positions)
         # The LM head and the loss a chunk of tokens at a time: the full logits never exist (train/loss.py).
-        return chunked_loss(hidden, model.head(), tokens[:, 1:], chunk_tokens=chunk, compute_dtype=compute_dtype)
+        return chunked_loss(hidden, model.head(), targets, chunk_tokens=chunk, compute_dtype=compute_dtype)
 
     init = make_init(m, t, tx)
 
