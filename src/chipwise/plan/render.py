@@ -123,8 +123,8 @@ def print_table(rows: list[PlanRow], req: PlanRequest, console: Console | None =
             notes.append("pipeline parallelism is planned but chipwise's trainer does not run it yet")
         if r.estimate.layout.context > 1:
             notes.append(f"context={r.estimate.layout.context}: modelled with a flash-style attention; chipwise's "
-                         "trainer runs context parallelism with XLA's dense attention today, whose (seq/context) x seq "
-                         "scores per head this memory estimate leaves out")
+                         "trainer's context-parallel attention is blockwise XLA (a block of queries at a time, "
+                         "recomputed backward) and also computes the masked half of the scores")
         console.print(f"  {r.accelerator.id}: " + "; ".join(notes))
 
 

@@ -56,8 +56,8 @@ LONG_CONTEXT_TOKENS = 32768
 def _context_choices(chips: int, seq_len: int | None) -> list[int]:
     """Context-parallel degrees worth weighing: at sequences of 32k tokens and more (where Llama 3 used it), up to 16
     (its degree at 128k) where the sequence splits into 2 x context chunks of at least 1,024 tokens. Shorter
-    sequences are not split unless a pinned --mesh says so: chipwise's context-parallel attention is XLA's dense one
-    (train/context.py), which the search's flash-style attention model would flatter there."""
+    sequences are not split unless a pinned --mesh says so: chipwise's context-parallel attention also computes the
+    masked half of the scores (train/context.py), which the search's flash-style attention model would flatter."""
     if seq_len is None or seq_len < LONG_CONTEXT_TOKENS:
         return [1]
     return [c for c in _divisors(chips) if c == 1 or (c <= 16 and seq_len % (2 * c) == 0

@@ -3,7 +3,8 @@
 Every activation carries the logical axis `seq`, which the sharding rules map onto `context` (sharding.py), so
 each device holds 1/context of every sequence through the embedding, the layers and the loss. Attention needs
 every key before a query, so it gathers K and V over `context` (an all-gather of the kv heads only: grouped-query
-K/V are a small share of a layer's activations) and attends its own queries to all of them.
+K/V are a small share of a layer's activations) and attends its own queries to all of them, a block of queries
+at a time so that the scores never exist whole.
 
 Causal load balancing: under a causal mask, contiguous shards would give the last device most of the work (its
 queries see every key) and the first almost none. So the step reorders each sequence before the model
@@ -16,12 +17,16 @@ positions, and the loss is a mean over tokens, so the reordering changes nothing
 
 from __future__ import annotations
 
+import functools
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec
 
 from chipwise.attention import AttentionChoice
-from chipwise.sharding import constrain
+from chipwise.sharding import active_mesh, logical_to_spec
 
 
 def zigzag_order(seq_len: int, context: int) -> np.ndarray:
@@ -34,21 +39,53 @@ def zigzag_order(seq_len: int, context: int) -> np.ndarray:
     return np.concatenate([np.arange(c * chunk, (c + 1) * chunk) for c in chunks])
 
 
+QUERY_BLOCK = 512  # at most this many queries' scores exist at once: [batch, heads, block, seq] per device
+SCORE_ELEMENTS = 2**26  # and at most this many scores (256 MiB in fp32): at 128k tokens a block is 16 queries
+
+
 def context_attention(order: np.ndarray):
-    """Attention over a sequence laid out in `order`: K and V gathered whole, the causal mask taken from the tokens'
-    true positions. XLA's dot-product attention (the reference's), which takes any mask; the per-backend kernels
-    assume positions in index order and would mask the wrong pairs."""
+    """Attention over a sequence laid out in `order`: each device attends its own queries to K and V gathered
+    whole, with the causal mask taken from the tokens' true positions (the per-backend kernels assume positions in
+    index order and would mask the wrong pairs). Runs per device (shard_map: batch and heads split as the rules
+    say, queries by `context`), a block of queries at a time (QUERY_BLOCK, fewer where SCORE_ELEMENTS asks), each
+    block rematerialised in the backward pass: the scores of one block exist at a time, never the
+    [seq/context, seq] square. Dense within a block: the masked half of the scores is computed too."""
     positions = jnp.asarray(order, jnp.int32)
 
     def attend(q, k, v, *, is_causal: bool, kv_lengths=None):
         if kv_lengths is not None:
             raise ValueError("context-parallel attention is for training; the KV-cache decode runs without it")
-        k = constrain(k, ("batch", None, "kv_heads", "head_dim"))  # the all-gather over `context`
-        v = constrain(v, ("batch", None, "kv_heads", "head_dim"))
-        mask = (positions[:, None] >= positions[None, :])[None, None] if is_causal else None
-        return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla")
+        mesh, rules = active_mesh()
+        local = functools.partial(_attend_local, kv_positions=positions, is_causal=is_causal)
+        if mesh is None or mesh.size == 1:
+            return local(q, k, v, positions)
+        q_spec = logical_to_spec(("batch", "seq", "heads", "head_dim"), q.shape, mesh, rules)
+        kv_spec = logical_to_spec(("batch", None, "kv_heads", "head_dim"), k.shape, mesh, rules)  # gathered
+        if q_spec[2] != kv_spec[2]:  # KV heads too few to split like the query heads: one per query head
+            group = q.shape[2] // k.shape[2]
+            k, v = jnp.repeat(k, group, axis=2), jnp.repeat(v, group, axis=2)
+            kv_spec = PartitionSpec(q_spec[0], None, q_spec[2], q_spec[3])
+        return jax.shard_map(local, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, PartitionSpec(q_spec[1])),
+                             out_specs=q_spec, check_vma=False)(q, k, v, positions)
 
     return attend
+
+
+def _attend_local(q, k, v, q_positions, *, kv_positions, is_causal: bool):
+    """This device's queries [b, t, h, d] (at `q_positions`) against all keys, QUERY_BLOCK queries at a time."""
+    b, t, h, d = q.shape
+    fits = max(1, SCORE_ELEMENTS // (b * h * k.shape[1]))  # queries whose scores fit the budget
+    block = math.gcd(t, min(QUERY_BLOCK, 1 << (fits.bit_length() - 1)))  # a power of two dividing t
+
+    @jax.checkpoint  # the backward pass recomputes one block's scores instead of keeping every block's
+    def one_block(args):
+        q_block, pos_block = args
+        mask = (pos_block[:, None] >= kv_positions[None, :])[None, None] if is_causal else None
+        return jax.nn.dot_product_attention(q_block, k, v, mask=mask, implementation="xla")
+
+    blocks = q.reshape(b, t // block, block, h, d).swapaxes(0, 1)
+    out = jax.lax.map(one_block, (blocks, q_positions.reshape(t // block, block)))
+    return out.swapaxes(0, 1).reshape(b, t, h, d)
 
 
 def choice_for(context: int, seq_len: int, preferred: AttentionChoice) -> AttentionChoice:
