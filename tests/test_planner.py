@@ -400,6 +400,7 @@ def test_topology_names():
     assert topology_name("tpu-v5e", 16) == "v5e:4x4"
     assert topology_name("tpu-v5e", 8) == "v5e:2x4"
     assert topology_name("tpu-v5p", 16) == "v5p:2x2x4"
+    assert topology_name("tpu-v5p", 4) == "v5p:2x2x1"  # libtpu refuses 1x2x2: not divisible by a host's 2x2x1
     with pytest.raises(Exception, match="power-of-two"):
         topology_name("tpu-v5e", 12)
 

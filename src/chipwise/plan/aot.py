@@ -19,7 +19,8 @@ DISAGREEMENT = 0.25  # relative gap between model and XLA shown as a warning
 
 
 def topology_name(acc: catalog.Accelerator | str, chips: int) -> str:
-    """The slice name for `chips` chips: v5e:4x4 for 16, v5p:2x2x4 for 16 (as square as the chip count allows).
+    """The slice name for `chips` chips: v5e:4x4 for 16, v5p:2x2x4 for 16, v5p:2x2x1 for 4 (as square as the chip
+    count allows).
 
     acc: the chip, or its id in the shipped catalog; its catalog entry's libtpu_topology gives the name's parts.
     """
@@ -34,7 +35,9 @@ def topology_name(acc: catalog.Accelerator | str, chips: int) -> str:
     exps = [0] * dims
     for i in range(int(math.log2(chips))):  # deal the factors of two out round-robin, last dimension first
         exps[dims - 1 - i % dims] += 1
-    return f"{prefix}:" + "x".join(str(2**e) for e in sorted(exps))
+    # Ascending, with the unused dimensions last: libtpu takes v5p:2x2x1 for 4 chips (a host's bounds), not 1x2x2.
+    sizes = sorted(2**e for e in exps)
+    return f"{prefix}:" + "x".join(str(s) for s in [s for s in sizes if s > 1] + [s for s in sizes if s == 1])
 
 
 @dataclass
