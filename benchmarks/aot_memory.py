@@ -43,23 +43,20 @@ CASES = [
 
 CHILD = """
 import json, sys, time
-from dataclasses import asdict, replace
+from dataclasses import replace
 from chipwise import process
 process.setup()
 from chipwise.config import from_dict
 from chipwise.plan.aot import compile_for_topology, topology_name, xla_peak_bytes
+from chipwise.plan.emit import layout_config
+from chipwise.plan.perf import Layout
 from chipwise.plan.spec import load_model
 case = json.loads(sys.argv[1])
 m = load_model(case["model"])
-if case["layers"]:
-    m = replace(m, num_layers=case["layers"])
-lay = case["layout"]
-cfg = from_dict({"model": asdict(m) | {"max_seq_len": max(m.max_seq_len, case["seq"]), "scan_layers": True},
-                 "train": {"batch_size": case["batch"], "seq_len": case["seq"], "dtype": "bfloat16",
-                           "remat": lay["remat"], "grad_accum": lay["microbatches"],
-                           "shard_optimizer": lay["shard_optimizer"]}})
+m = replace(m, num_layers=case["layers"] or m.num_layers, scan_layers=True)
+values = layout_config(m, case["seq"], case["batch"], Layout(**case["layout"]))  # what `plan --aot` compiles
 compiled, attention, compile_s = compile_for_topology(
-    cfg, topology_name(case["accelerator"], case["chips"]), {a: lay[a] for a in ("data", "fsdp", "tensor")})
+    from_dict(values), topology_name(case["accelerator"], case["chips"]), values["mesh"])
 mem = compiled.memory_analysis()
 print(json.dumps({"attention": attention, "compile_s": round(compile_s, 1), "xla_peak_gib": xla_peak_bytes(mem) / 2**30,
                   "xla_argument_gib": mem.argument_size_in_bytes / 2**30}))

@@ -306,6 +306,12 @@ def _validate_optimizer(t: TrainConfig) -> None:
             raise ConfigError(f"train.{name} must be {valid}, got {value}")
 
 
+def context_splits(seq_len: int, context: int) -> bool:
+    """Whether a sequence splits for context parallelism: into 2 x context equal chunks, two per device (the
+    zig-zag layout of train/context.py). The trainer's config check and the planner's layout check both ask."""
+    return context == 1 or seq_len % (2 * context) == 0
+
+
 def validate(cfg: Config) -> None:
     validate_model(cfg.model)
     t = cfg.train
@@ -342,7 +348,7 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"mesh.{name} must be a positive size or -1 (fill), got {v}")
     if [cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.context, cfg.mesh.tensor].count(-1) > 1:
         raise ConfigError("only one of mesh.data, mesh.fsdp, mesh.context, mesh.tensor may be -1")
-    if cfg.mesh.context > 1 and t.seq_len % (2 * cfg.mesh.context):
+    if not context_splits(t.seq_len, cfg.mesh.context):
         raise ConfigError(f"train.seq_len ({t.seq_len}) must divide into 2 x mesh.context = {2 * cfg.mesh.context} "
                           "chunks (context parallelism gives each device two of them); change either")
     h = cfg.hardware

@@ -36,11 +36,15 @@ def matmul_params(cfg: ModelConfig) -> int:
     return cfg.num_layers * layer_matmul_params(cfg) + cfg.d_model * cfg.vocab_size
 
 
+def layer_param_count(cfg: ModelConfig) -> int:
+    """Every parameter one block stores: its matmuls and its two norms."""
+    return layer_matmul_params(cfg) + 2 * cfg.d_model
+
+
 def param_count(cfg: ModelConfig) -> int:
     """Every parameter the model stores (embeddings and norms included, a tied head once)."""
-    norms = (2 * cfg.num_layers + 1) * cfg.d_model
     head = 0 if cfg.tie_embeddings else cfg.d_model * cfg.vocab_size
-    return cfg.num_layers * layer_matmul_params(cfg) + cfg.vocab_size * cfg.d_model + head + norms
+    return cfg.num_layers * layer_param_count(cfg) + cfg.vocab_size * cfg.d_model + head + cfg.d_model  # final norm
 
 
 @dataclass(frozen=True)

@@ -14,23 +14,32 @@ import yaml
 from chipwise.errors import ChipwiseError
 
 
-def train_config(req, row) -> dict:
-    """The config (as `chipwise.config.from_dict` reads it) that trains `req`'s model with `row`'s layout.
-
-    req: a PlanRequest; row: one of its PlanRows. The compute dtype is left to the platform (`train.dtype: auto`:
-    bf16 on accelerators), which is what the planner models; `train.steps` follows from `--tokens` when given."""
-    layout = row.estimate.layout
+def layout_config(model, seq_len: int, global_batch: int, layout, *, param_dtype: str = "float32",
+                  moments_dtype: str = "float32", loss_chunk_tokens: int = 0, tokens: float | None = None) -> dict:
+    """The config (as `chipwise.config.from_dict` reads it) that trains `model` (a ModelConfig) with `layout` (a
+    perf.Layout). The compute dtype is left to the platform (`train.dtype: auto`: bf16 on accelerators), which is
+    what the planner models; `train.steps` follows from `tokens` when given."""
     if layout.pipeline > 1:
-        raise ChipwiseError(f"the plan for {row.accelerator.id} uses pipeline={layout.pipeline}, which chipwise's "
-                            "trainer does not run yet; pin a mesh without pipeline (--mesh ...,pipeline=1)")
-    train = {"batch_size": req.global_batch, "seq_len": req.seq_len, "grad_accum": layout.microbatches,
-             "remat": layout.remat, "shard_optimizer": layout.shard_optimizer, "param_dtype": req.param_dtype,
-             "moments_dtype": req.moments_dtype, "loss_chunk_tokens": req.loss_chunk_tokens}
-    if req.tokens:
-        train["steps"] = math.ceil(req.tokens / (req.global_batch * req.seq_len))
-    return {"model": asdict(req.model) | {"max_seq_len": max(req.model.max_seq_len, req.seq_len)},
+        raise ChipwiseError(f"the plan uses pipeline={layout.pipeline}, which chipwise's trainer does not run yet; "
+                            "pin a mesh without pipeline (--mesh ...,pipeline=1)")
+    train = {"batch_size": global_batch, "seq_len": seq_len, "grad_accum": layout.microbatches,
+             "remat": layout.remat, "shard_optimizer": layout.shard_optimizer, "param_dtype": param_dtype,
+             "moments_dtype": moments_dtype, "loss_chunk_tokens": loss_chunk_tokens}
+    if tokens:
+        train["steps"] = math.ceil(tokens / (global_batch * seq_len))
+    return {"model": asdict(model) | {"max_seq_len": max(model.max_seq_len, seq_len)},
             "train": train,
             "mesh": {"data": layout.data, "fsdp": layout.fsdp, "context": layout.context, "tensor": layout.tensor}}
+
+
+def train_config(req, row) -> dict:
+    """The config that trains `req`'s model (a PlanRequest) with the layout of `row` (one of its PlanRows)."""
+    return layout_config(req.model, req.seq_len, req.global_batch, row.estimate.layout, param_dtype=req.param_dtype,
+                         moments_dtype=req.moments_dtype, loss_chunk_tokens=req.loss_chunk_tokens, tokens=req.tokens)
+
+
+def _exists(path: str) -> ChipwiseError:
+    return ChipwiseError(f"--emit-config {path} already exists; give a new file name or remove it first")
 
 
 def check_target(path: str) -> Path:
@@ -38,7 +47,7 @@ def check_target(path: str) -> Path:
     does not."""
     target = Path(path)
     if target.exists():
-        raise ChipwiseError(f"--emit-config {path} already exists; give a new file name or remove it first")
+        raise _exists(path)
     if not target.parent.is_dir():
         raise ChipwiseError(f"--emit-config {path}: the folder {target.parent} does not exist; create it first")
     return target
@@ -74,8 +83,7 @@ def write_new_file(path: str, text: str) -> Path:
         try:
             os.link(tmp, target)  # fails if the file appeared meanwhile
         except FileExistsError:
-            raise ChipwiseError(f"--emit-config {path} already exists; give a new file name or remove it "
-                                "first") from None
+            raise _exists(path) from None
     finally:
         os.unlink(tmp)
     return target

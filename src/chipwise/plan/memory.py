@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from types import SimpleNamespace
 
 from chipwise.config import ModelConfig
-from chipwise.flops import layer_matmul_params, param_count
+from chipwise.flops import layer_matmul_params, layer_param_count, param_count
 from chipwise.sharding import logical_to_spec, pipeline_stage_layers
 from chipwise.train.loss import chunk_size, default_chunk_tokens
 
@@ -45,6 +45,12 @@ HEAD_BYTES = COMPUTE_BYTES + 4  # the LM head gathered whole in the compute dtyp
 # Share of HBM a run may fill: the runtime (CUDA context, XLA's reserved and scratch buffers) and
 # fragmentation take the rest. MaxText and torchtitan users report OOMs above ~90-95% of nominal HBM.
 USABLE_HBM_FRACTION = 0.9
+
+
+def kv_elements_per_token(cfg: ModelConfig, tensor: int) -> float:
+    """Elements of K (or of V) per token on one chip of a tensor group of `tensor`: KV heads replicate past their
+    count."""
+    return cfg.num_kv_heads * cfg.head_dim / min(tensor, cfg.num_kv_heads)
 
 
 def activation_elements_per_token(cfg: ModelConfig, remat: str, tensor: int) -> float:
@@ -63,7 +69,7 @@ def activation_elements_per_token(cfg: ModelConfig, remat: str, tensor: int) -> 
     """
     d, f = cfg.d_model, cfg.d_ff
     heads = cfg.num_heads * cfg.head_dim / tensor
-    kv = cfg.num_kv_heads * cfg.head_dim / min(tensor, cfg.num_kv_heads)  # kv heads replicate past their count
+    kv = kv_elements_per_token(cfg, tensor)
     swiglu = cfg.ffn == "swiglu"
     if remat == "none":
         return 5 * d + 8 * heads + 3 * kv + 2 * cfg.num_heads / tensor + (6 if swiglu else 4) * f / tensor
@@ -84,9 +90,8 @@ def backward_working_elements_per_token(cfg: ModelConfig, tensor: int) -> float:
 def stage_param_count(cfg: ModelConfig, pipeline: int) -> float:
     """Parameters of the most loaded pipeline stage: its layers, and an even share of the embedding and the head
     (with uneven stages the middle ones carry a layer more than the average). All of them when pipeline is 1."""
-    layer_params = layer_matmul_params(cfg) + 2 * cfg.d_model  # its matmuls and its two norms
     layers = max(pipeline_stage_layers(cfg.num_layers, pipeline))
-    return layers * layer_params + (param_count(cfg) - cfg.num_layers * layer_params) / pipeline
+    return layers * layer_param_count(cfg) + (param_count(cfg) - cfg.num_layers * layer_param_count(cfg)) / pipeline
 
 
 @dataclass(frozen=True)
@@ -146,7 +151,7 @@ def training_memory(cfg: ModelConfig, seq_len: int, micro_batch_seqs: float, *, 
     # 1F1B: stage i holds the activations of up to (stages - i) micro-batches in flight for its layers.
     saved = max(layers * min(pipeline - i, microbatches) for i, layers in enumerate(stages))
     # Context parallelism: the layer being computed also holds K and V gathered from the other context chips.
-    gathered_kv = 2 * cfg.num_kv_heads * cfg.head_dim / min(tensor, cfg.num_kv_heads) * (context - 1)
+    gathered_kv = 2 * kv_elements_per_token(cfg, tensor) * (context - 1)
     activations = (saved * per_layer + backward_working_elements_per_token(cfg, tensor) + gathered_kv) \
         * tokens * COMPUTE_BYTES
     cast = n / shard * COMPUTE_BYTES if param_bytes != COMPUTE_BYTES else 0.0  # the local model, cast once

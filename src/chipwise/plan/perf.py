@@ -13,15 +13,15 @@ import math
 from dataclasses import dataclass, field, replace
 
 from chipwise.catalog import Accelerator
-from chipwise.config import ModelConfig
+from chipwise.config import ModelConfig, context_splits
 from chipwise.errors import ConfigError
 from chipwise.flops import forward_flops_per_token, training_flops_per_token
 from chipwise.plan import assumptions as A
-from chipwise.plan.memory import (DTYPE_BYTES, GIB, USABLE_HBM_FRACTION, MemoryEstimate, stage_param_count,
-                                  training_memory)
-from chipwise.sharding import pipeline_stage_layers
+from chipwise.plan.memory import (DTYPE_BYTES, GIB, USABLE_HBM_FRACTION, MemoryEstimate, kv_elements_per_token,
+                                  stage_param_count, training_memory)
+from chipwise.sharding import MESH_AXES, pipeline_stage_layers
 
-MESH_ORDER = ("pipeline", "data", "fsdp", "context", "tensor")  # outermost to innermost: tensor on neighbouring chips
+MESH_ORDER = ("pipeline", *MESH_AXES)  # outermost to innermost (the trainer's axes): tensor on neighbouring chips
 COMPUTE_PARTS = ("matmul", "attention", "elementwise", "loss", "dispatch")
 
 
@@ -195,7 +195,7 @@ def _strides(layout: Layout) -> dict[str, int]:
 
 def check_layout(cfg: ModelConfig, global_batch: int, layout: Layout, seq_len: int | None = None) -> str | None:
     """Why this layout cannot run this model, batch (and sequence length, where given) at all (None if it can)."""
-    if seq_len is not None and layout.context > 1 and seq_len % (2 * layout.context):
+    if seq_len is not None and not context_splits(seq_len, layout.context):
         return f"sequence {seq_len} does not split into 2 x context = {2 * layout.context} chunks"
     if layout.remat not in A.REMAT_RECOMPUTE:
         return f"remat {layout.remat!r} is not one of none, dots, full"
@@ -270,7 +270,7 @@ def estimate(cfg: ModelConfig, seq_len: int, global_batch: int, chip: ChipModel,
     tp_comm = mb * layers * tp_per_layer
     # Context parallelism: all-gather K and V over the context chips forward (again when remat recomputes) and
     # reduce-scatter their gradients backward; grouped-query K/V are small next to the layer's activations.
-    kv_bytes = 2 * cfg.num_kv_heads * hd / min(t, cfg.num_kv_heads) * tokens_mb * c * chip.compute_bytes
+    kv_bytes = 2 * kv_elements_per_token(cfg, t) * tokens_mb * c * chip.compute_bytes
     cp_comm = mb * layers * (2 + recompute) * _collective_time(chip, c, st["context"], kv_bytes, "ag")
     stage_params = stage_param_count(cfg, p) / t
     # FSDP: gather bf16 weights forward and again backward, reduce-scatter gradients (in the parameters' dtype),

@@ -68,6 +68,7 @@ def context_attention(order: np.ndarray):
         return jax.shard_map(local, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, PartitionSpec(q_spec[1])),
                              out_specs=q_spec, check_vma=False)(q, k, v, positions)
 
+    attend.order = order  # which layout it masks for (train/step.py checks it matches the step's)
     return attend
 
 

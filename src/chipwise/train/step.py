@@ -22,6 +22,7 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -109,8 +110,8 @@ def build_steps(cfg: Config, mesh: Mesh, attend: Callable, compute_dtype) -> Ste
     # Context parallelism lays each sequence out zig-zag so every device gets as much causal work (train/context.py;
     # `attend` is then the position-masked attention for the same order).
     order = zigzag_order(t.seq_len, mesh.shape["context"]) if mesh.shape["context"] > 1 else None
-    if order is not None:  # the only attention that is right for that order (the step's choice names it)
-        attend = context_attention(order)
+    if order is not None and not np.array_equal(getattr(attend, "order", ()), order):
+        attend = context_attention(order)  # any other attention would mask the wrong pairs in that order
 
     def forward(params, tokens):
         model = nnx.merge(graphdef, params)
