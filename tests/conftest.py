@@ -88,7 +88,7 @@ def losses_and_params(settings: list[str], mesh_cfg, steps: int):
 
     cfg = load_config(None, settings)
     t, vocab = cfg.train, cfg.model.vocab_size
-    size = mesh_cfg.data * mesh_cfg.fsdp * mesh_cfg.context * mesh_cfg.tensor
+    size = mesh_cfg.pipeline * mesh_cfg.data * mesh_cfg.fsdp * mesh_cfg.context * mesh_cfg.tensor
     mesh = make_mesh(mesh_cfg, jax.devices()[:size])
     starts = np.random.default_rng(0).integers(0, vocab, (steps, t.batch_size, 1))
     batches = ((starts + np.arange(t.seq_len + 1)) % vocab).astype(np.int32)

@@ -6,7 +6,6 @@ Every problem is reported as one line (ConfigError) naming the key and how to fi
 from __future__ import annotations
 
 import dataclasses
-import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -14,6 +13,7 @@ from pathlib import Path
 
 import yaml
 
+from chipwise.config_checks import validate, validate_model
 from chipwise.errors import ConfigError
 from chipwise.presets import PRESETS
 
@@ -62,6 +62,9 @@ class TrainConfig:
     batch_size: int = 16  # global sequences per optimizer step
     seq_len: int = 256
     grad_accum: int = 1  # micro-batches per step; batch_size must divide by it
+    # Micro-batches each accumulation step is cut into for the pipeline (train/pipeline.py); 0: as many as stages.
+    # More shrink the bubble ((stages - 1) / (micro-batches + stages - 1) of the step) and hold more activations.
+    pipeline_microbatches: int = 0
     seed: int = 0
     lr: float = 3e-3
     min_lr_ratio: float = 0.1  # final learning rate as a share of lr
@@ -103,6 +106,7 @@ class TrainConfig:
 
 @dataclass
 class MeshConfig:
+    pipeline: int = 1  # pipeline stages over the stacked layers (train/pipeline.py); a count, never -1
     data: int = -1  # -1 takes whatever devices the other axes leave
     fsdp: int = 1
     context: int = 1  # context parallelism: the sequence of activations split over this many devices
@@ -125,16 +129,6 @@ class Config:
     mesh: MeshConfig = field(default_factory=MeshConfig)
     hardware: HardwareConfig = field(default_factory=HardwareConfig)
     run_dir: str = "runs/default"
-
-
-CHOICES = {
-    "model.ffn": ("swiglu", "gelu"),
-    "train.schedule": ("cosine", "wsd"),
-    "train.dtype": ("auto", "bfloat16", "float32"),
-    "train.remat": ("none", "full", "dots"),
-    "train.param_dtype": ("float32", "bfloat16"),
-    "train.moments_dtype": ("float32", "bfloat16"),
-}
 
 
 def _type_name(tp) -> str:
@@ -263,99 +257,6 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
             raw["model"] = {"preset": raw["model"]}
         _set_nested(raw, keys, value)
     return raw
-
-
-def validate_model(m: ModelConfig, where: str = "model") -> None:
-    for name in ("num_layers", "d_model", "num_heads", "num_kv_heads", "d_ff", "vocab_size", "max_seq_len"):
-        if getattr(m, name) <= 0:
-            raise ConfigError(f"{where}.{name} must be positive, got {getattr(m, name)}")
-    if m.d_model % m.num_heads:
-        raise ConfigError(f"{where}.num_heads ({m.num_heads}) must divide {where}.d_model ({m.d_model})")
-    if m.num_heads % m.num_kv_heads:
-        raise ConfigError(f"{where}.num_kv_heads ({m.num_kv_heads}) must divide {where}.num_heads ({m.num_heads})")
-    if m.head_dim % 2:
-        raise ConfigError(f"head size d_model/num_heads = {m.head_dim} must be even for rotary embeddings")
-    if m.ffn not in CHOICES["model.ffn"]:
-        raise ConfigError(f"model.ffn must be one of {', '.join(CHOICES['model.ffn'])}, got {m.ffn!r}")
-    if m.norm_eps <= 0 or m.rope_theta <= 0:
-        raise ConfigError(f"{where}.norm_eps and {where}.rope_theta must be positive")
-
-
-# The optimizer's numbers and their valid ranges. Each test is written so that NaN fails it (every comparison
-# with NaN is False): a NaN or an out-of-range value here trains without error and quietly ruins the run (a
-# negative min_lr_ratio drives the learning rate below zero, and the loss climbs). optax's
-# clip_by_global_norm scales every update to zero at a bound of 0, so 0 cannot mean "no clipping"; infinities
-# are refused too, as the config is also stored as JSON (checkpoint metadata), which has no infinity.
-_OPTIMIZER_RANGES = (
-    ("lr", lambda v: 0 < v < math.inf, "a positive finite number (the peak learning rate, e.g. 3e-4)"),
-    ("min_lr_ratio", lambda v: 0 <= v <= 1, "in [0, 1] (the final learning rate as a share of train.lr)"),
-    ("decay_fraction", lambda v: 0 < v <= 1, "in (0, 1] (the share of steps the wsd schedule spends decaying)"),
-    ("beta1", lambda v: 0 <= v < 1, "in [0, 1) (Adam's first-moment decay, e.g. 0.9)"),
-    ("beta2", lambda v: 0 <= v < 1, "in [0, 1) (Adam's second-moment decay, e.g. 0.95)"),
-    ("adam_eps", lambda v: 0 < v < math.inf, "a positive finite number (e.g. 1e-8)"),
-    ("weight_decay", lambda v: 0 <= v < math.inf, "zero or a positive finite number (e.g. 0.1; 0 turns it off)"),
-    ("grad_clip", lambda v: 0 < v < math.inf,
-     "a positive finite number (the largest global gradient norm allowed, e.g. 1.0; 1e9 leaves gradients as they are)"),
-)
-
-
-def _validate_optimizer(t: TrainConfig) -> None:
-    for name, ok, valid in _OPTIMIZER_RANGES:
-        value = getattr(t, name)
-        if not ok(value):
-            raise ConfigError(f"train.{name} must be {valid}, got {value}")
-
-
-def context_splits(seq_len: int, context: int) -> bool:
-    """Whether a sequence splits for context parallelism: into 2 x context equal chunks, two per device (the
-    zig-zag layout of train/context.py). The trainer's config check and the planner's layout check both ask."""
-    return context == 1 or seq_len % (2 * context) == 0
-
-
-def validate(cfg: Config) -> None:
-    validate_model(cfg.model)
-    t = cfg.train
-    for key, choices in CHOICES.items():
-        section, name = key.split(".")
-        value = getattr(getattr(cfg, section), name)
-        if value not in choices:
-            raise ConfigError(f"{key} must be one of {', '.join(choices)}, got {value!r}")
-    for name in ("steps", "batch_size", "seq_len", "grad_accum", "log_every", "eval_every", "eval_batches",
-                 "checkpoint_every", "keep_checkpoints"):
-        if getattr(t, name) <= 0:
-            raise ConfigError(f"train.{name} must be positive, got {getattr(t, name)}")
-    for name in ("keep_every", "max_rollbacks", "loss_chunk_tokens"):
-        if getattr(t, name) < 0:
-            raise ConfigError(f"train.{name} must be zero or more, got {getattr(t, name)}")
-    if t.max_bad_steps <= 0:
-        raise ConfigError(f"train.max_bad_steps must be positive, got {t.max_bad_steps}")
-    if any(i < 0 for i in t.inject_nan_batches):
-        raise ConfigError(f"train.inject_nan_batches holds data positions, which start at 0; "
-                          f"got {t.inject_nan_batches}")
-    if t.warmup_steps < 0:
-        raise ConfigError(f"train.warmup_steps must be zero or more, got {t.warmup_steps}")
-    _validate_optimizer(t)
-    if t.seq_len > cfg.model.max_seq_len:
-        raise ConfigError(f"train.seq_len ({t.seq_len}) exceeds model.max_seq_len ({cfg.model.max_seq_len}); "
-                          f"lower train.seq_len or raise model.max_seq_len")
-    if t.batch_size % t.grad_accum:
-        raise ConfigError(f"train.batch_size ({t.batch_size}) must be divisible by train.grad_accum ({t.grad_accum})")
-    if not 0 < cfg.data.val_fraction < 1:
-        raise ConfigError(f"data.val_fraction must be between 0 and 1, got {cfg.data.val_fraction}")
-    for name in ("data", "fsdp", "context", "tensor"):
-        v = getattr(cfg.mesh, name)
-        if v == 0 or v < -1:
-            raise ConfigError(f"mesh.{name} must be a positive size or -1 (fill), got {v}")
-    if [cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.context, cfg.mesh.tensor].count(-1) > 1:
-        raise ConfigError("only one of mesh.data, mesh.fsdp, mesh.context, mesh.tensor may be -1")
-    if not context_splits(t.seq_len, cfg.mesh.context):
-        raise ConfigError(f"train.seq_len ({t.seq_len}) must divide into 2 x mesh.context = {2 * cfg.mesh.context} "
-                          "chunks (context parallelism gives each device two of them); change either")
-    h = cfg.hardware
-    for name in ("price_per_hour", "power_watts", "peak_tflops"):
-        v = getattr(h, name)
-        if v is not None and not 0 < v < math.inf:  # so NaN fails too
-            raise ConfigError(f"hardware.{name} must be positive and finite, got {v}")
 
 
 def to_dict(cfg) -> dict:

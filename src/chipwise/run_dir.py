@@ -268,11 +268,18 @@ class RunDir:
         follows any change to what a checkpoint holds."""
         import jax
 
+        from chipwise.train.pipeline import map_stacked
+        from chipwise.train.resume import saved_stage_layout
         from chipwise.train.step import abstract_state
 
-        state, graphdef = abstract_state(cfg)
         device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), state)
+        layouts = []
+
+        def target(meta):  # the layer order of the pipeline degree the checkpoint was saved under
+            layouts.append(saved_stage_layout(meta, cfg))
+            state, _ = abstract_state(cfg, layouts[-1])
+            return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), state)
+
         ckpt = self.checkpoints(keep=cfg.train.keep_checkpoints, log=log)
         try:
             # verified against its checksums; damaged ones are skipped (and left for `train --resume` to set aside)
@@ -283,7 +290,8 @@ class RunDir:
             raise ChipwiseError(f"{self} has no checkpoint yet; train it first (chipwise train ...)")
         _, restored, meta = found
         self._check_tokenizer(meta)
-        return restored["params"], graphdef
+        _, graphdef = abstract_state(cfg)
+        return map_stacked(restored["params"], layouts[-1].from_slots), graphdef  # the plain layer order
 
     def _check_tokenizer(self, meta: dict) -> None:
         """Token ids mean what the run's tokenizer says only if it is the one the checkpoint was trained with."""

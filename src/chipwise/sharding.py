@@ -19,7 +19,9 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 from chipwise.config import MeshConfig
 from chipwise.errors import ConfigError
 
-MESH_AXES = ("data", "fsdp", "context", "tensor")  # outermost to innermost: tensor on neighbouring devices
+# Outermost to innermost: pipeline stages across the slowest links (they pass one activation per micro-batch), tensor
+# on neighbouring devices (two all-reduces per layer).
+MESH_AXES = ("pipeline", "data", "fsdp", "context", "tensor")
 
 # logical axis -> mesh axes, tried in order (an axis may appear twice: the later rule is its fallback).
 DEFAULT_RULES: tuple[tuple[str, tuple[str, ...] | None], ...] = (
@@ -32,7 +34,10 @@ DEFAULT_RULES: tuple[tuple[str, tuple[str, ...] | None], ...] = (
     ("embed", ("fsdp",)),
     ("seq", ("context",)),  # activations' sequence under context parallelism (train/context.py)
     ("head_dim", None),
-    ("layers", None),  # the stacked layers of scan_layers: each device holds its share of every layer
+    # The stacked layers of scan_layers: split into pipeline stages (train/pipeline.py); without a pipeline each
+    # device holds its share of every layer.
+    ("layers", ("pipeline",)),
+    ("stages", ("pipeline",)),  # the pipeline's per-stage activations
 )
 
 # Per-platform defaults, as data (AXLearn-style). `max_tensor` caps tensor parallelism to the fast domain;

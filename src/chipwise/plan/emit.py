@@ -19,17 +19,18 @@ def layout_config(model, seq_len: int, global_batch: int, layout, *, param_dtype
     """The config (as `chipwise.config.from_dict` reads it) that trains `model` (a ModelConfig) with `layout` (a
     perf.Layout). The compute dtype is left to the platform (`train.dtype: auto`: bf16 on accelerators), which is
     what the planner models; `train.steps` follows from `tokens` when given."""
-    if layout.pipeline > 1:
-        raise ChipwiseError(f"the plan uses pipeline={layout.pipeline}, which chipwise's trainer does not run yet; "
-                            "pin a mesh without pipeline (--mesh ...,pipeline=1)")
-    train = {"batch_size": global_batch, "seq_len": seq_len, "grad_accum": layout.microbatches,
+    # The planner's micro-batches are the pipeline's when there is one (train/pipeline.py), else accumulation's.
+    piped = layout.pipeline > 1
+    train = {"batch_size": global_batch, "seq_len": seq_len, "grad_accum": 1 if piped else layout.microbatches,
+             "pipeline_microbatches": layout.microbatches if piped else 0,
              "remat": layout.remat, "shard_optimizer": layout.shard_optimizer, "param_dtype": param_dtype,
              "moments_dtype": moments_dtype, "loss_chunk_tokens": loss_chunk_tokens}
     if tokens:
         train["steps"] = math.ceil(tokens / (global_batch * seq_len))
     return {"model": asdict(model) | {"max_seq_len": max(model.max_seq_len, seq_len)},
             "train": train,
-            "mesh": {"data": layout.data, "fsdp": layout.fsdp, "context": layout.context, "tensor": layout.tensor}}
+            "mesh": {"pipeline": layout.pipeline, "data": layout.data, "fsdp": layout.fsdp, "context": layout.context,
+                     "tensor": layout.tensor}}
 
 
 def train_config(req, row) -> dict:

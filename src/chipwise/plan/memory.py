@@ -88,10 +88,11 @@ def backward_working_elements_per_token(cfg: ModelConfig, tensor: int) -> float:
 
 
 def stage_param_count(cfg: ModelConfig, pipeline: int) -> float:
-    """Parameters of the most loaded pipeline stage: its layers, and an even share of the embedding and the head
-    (with uneven stages the middle ones carry a layer more than the average). All of them when pipeline is 1."""
+    """Parameters one pipeline stage holds: the layer slots of the most loaded stage (train/pipeline.py gives every
+    stage as many), and the embedding, the final norm and the head whole (every stage's chips hold them: the
+    trainer runs them outside the pipeline). All of them when pipeline is 1."""
     layers = max(pipeline_stage_layers(cfg.num_layers, pipeline))
-    return layers * layer_param_count(cfg) + (param_count(cfg) - cfg.num_layers * layer_param_count(cfg)) / pipeline
+    return layers * layer_param_count(cfg) + (param_count(cfg) - cfg.num_layers * layer_param_count(cfg))
 
 
 @dataclass(frozen=True)
@@ -136,9 +137,10 @@ def training_memory(cfg: ModelConfig, seq_len: int, micro_batch_seqs: float, *, 
 
     micro_batch_seqs: sequences in one micro-batch of one data-parallel rank (all chips of a tensor group and a
     pipeline see the same tokens; `context` chips split each of its sequences, train/context.py). With pipeline
-    parallelism the first stage holds the activations of up to `pipeline` micro-batches in flight (1F1B schedule)
-    for its share of the layers; layers that do not divide the stages are spread as
-    sharding.pipeline_stage_layers does (first and last stages lighter). `data` is the data-parallel degree
+    parallelism (`microbatches` are then the pipeline's, with no accumulation) every stage keeps its layers'
+    activations for each of the microbatches + pipeline - 1 ticks of the GPipe schedule (train/pipeline.py); every
+    stage has as many layer slots as the most loaded one (sharding.pipeline_stage_layers: first and last lighter),
+    empty slots held as zeros. `data` is the data-parallel degree
     (ZeRO-1 splits the moments over it; the loss chunk is split over data x fsdp); the dtypes and
     `loss_chunk_tokens` are the train config's (train.param_dtype, train.moments_dtype, train.loss_chunk_tokens).
     """
@@ -148,8 +150,8 @@ def training_memory(cfg: ModelConfig, seq_len: int, micro_batch_seqs: float, *, 
     param_bytes, moment_bytes = DTYPE_BYTES[param_dtype], DTYPE_BYTES[moments_dtype]
     tokens = micro_batch_seqs * seq_len / context  # this chip's share of the micro-batch
     per_layer = activation_elements_per_token(cfg, remat, tensor)
-    # 1F1B: stage i holds the activations of up to (stages - i) micro-batches in flight for its layers.
-    saved = max(layers * min(pipeline - i, microbatches) for i, layers in enumerate(stages))
+    # GPipe as train/pipeline.py runs it: a stage's residuals for every tick, its slots padded to the largest stage.
+    saved = (microbatches + pipeline - 1) * max(stages) if pipeline > 1 else cfg.num_layers
     # Context parallelism: the layer being computed also holds K and V gathered from the other context chips.
     gathered_kv = 2 * kv_elements_per_token(cfg, tensor) * (context - 1)
     activations = (saved * per_layer + backward_working_elements_per_token(cfg, tensor) + gathered_kv) \
@@ -165,7 +167,7 @@ def training_memory(cfg: ModelConfig, seq_len: int, micro_batch_seqs: float, *, 
                                          data=data, fsdp=fsdp,
                                          chunk_tokens=loss_chunk_tokens)
     head = cfg.d_model * cfg.vocab_size / tensor * HEAD_BYTES
-    accumulate = microbatches > 1
+    accumulate = microbatches > 1 and pipeline == 1  # a pipeline's micro-batches share one backward pass
     return MemoryEstimate(
         params=n / shard * param_bytes,
         grads=0.0 if accumulate else n / shard * param_bytes,  # with micro-batches the accumulator holds it

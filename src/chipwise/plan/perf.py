@@ -13,7 +13,8 @@ import math
 from dataclasses import dataclass, field, replace
 
 from chipwise.catalog import Accelerator
-from chipwise.config import ModelConfig, context_splits
+from chipwise.config import ModelConfig
+from chipwise.config_checks import context_splits
 from chipwise.errors import ConfigError
 from chipwise.flops import forward_flops_per_token, training_flops_per_token
 from chipwise.plan import assumptions as A
@@ -21,7 +22,6 @@ from chipwise.plan.memory import (DTYPE_BYTES, GIB, USABLE_HBM_FRACTION, MemoryE
                                   stage_param_count, training_memory)
 from chipwise.sharding import MESH_AXES, pipeline_stage_layers
 
-MESH_ORDER = ("pipeline", *MESH_AXES)  # outermost to innermost (the trainer's axes): tensor on neighbouring chips
 COMPUTE_PARTS = ("matmul", "attention", "elementwise", "loss", "dispatch")
 
 
@@ -187,7 +187,7 @@ def _fabric_efficiency(kind: str | None) -> float:
 
 def _strides(layout: Layout) -> dict[str, int]:
     strides, s = {}, 1
-    for axis in reversed(MESH_ORDER):
+    for axis in reversed(MESH_AXES):
         strides[axis] = s
         s *= getattr(layout, axis)
     return strides
@@ -223,11 +223,13 @@ def estimate(cfg: ModelConfig, seq_len: int, global_batch: int, chip: ChipModel,
     layers = max(pipeline_stage_layers(cfg.num_layers, p))  # the most loaded stage sets the pace
     recompute = A.REMAT_RECOMPUTE[layout.remat]
 
-    # GEMMs: layers on this stage plus the LM head (on the last stage; spread evenly here).
+    # GEMMs: layers on this stage plus the LM head, which every stage's chips compute for their data shard (the
+    # trainer runs it outside the pipeline, train/pipeline.py).
     gemms = _layer_gemms(cfg, tokens_mb, t)
     layer_gemm = _train_gemm_time(chip, gemms) + recompute * sum(gemm_time(chip, *g) for g in gemms)
-    head_gemm = _train_gemm_time(chip, [(tokens_mb, cfg.d_model, cfg.vocab_size / t)]) / p
-    matmul = mb * (layers * layer_gemm + head_gemm)
+    head_gemm = _train_gemm_time(chip, [(tokens_mb, cfg.d_model, cfg.vocab_size / t)])
+    layer_matmul = mb * layers * layer_gemm
+    matmul = layer_matmul + mb * head_gemm
 
     # Attention (scores and weighted values).
     hd = cfg.head_dim
@@ -249,8 +251,8 @@ def estimate(cfg: ModelConfig, seq_len: int, global_batch: int, chip: ChipModel,
     fwd_elems = (4 * cfg.d_model + 2 * (cfg.num_heads + cfg.num_kv_heads) * hd / t + 6 * cfg.d_model
                  + 3 * cfg.d_ff / t)
     ew_factor = 1 + A.BACKWARD_ELEMENTWISE_FACTOR + A.REMAT_ELEMENTWISE_RECOMPUTE[layout.remat]
-    elementwise = mb * layers * tokens_mb * fwd_elems * chip.compute_bytes * ew_factor / bw
-    loss = mb * tokens_mb * cfg.vocab_size / t * 4 * A.LOSS_PASSES / bw / p
+    layer_elementwise = mb * layers * tokens_mb * fwd_elems * chip.compute_bytes * ew_factor / bw
+    loss = mb * tokens_mb * cfg.vocab_size / t * 4 * A.LOSS_PASSES / bw
     # The AdamW update reads the parameter, gradient and moments and writes them back (the assumption's fp32
     # figure, less what narrower stored dtypes save); under ZeRO-1 each chip updates its 1/data of them.
     update_bytes = A.OPTIMIZER_BYTES_PER_PARAM - 3 * (4 - pb) - 4 * (4 - DTYPE_BYTES[moments_dtype])
@@ -258,7 +260,9 @@ def estimate(cfg: ModelConfig, seq_len: int, global_batch: int, chip: ChipModel,
     # Fixed cost of each layer's kernels (launch, dispatch), forward and backward, per micro-batch.
     dispatch = mb * layers * chip.layer_overhead_s
     matmul, attention = chip.matmul_scale * matmul, chip.attention_scale * attention
-    elementwise = chip.elementwise_scale * (elementwise + optimizer)
+    elementwise = chip.elementwise_scale * (layer_elementwise + optimizer)
+    # What the layers alone take (each pipeline tick repeats it for one micro-batch)
+    layer_work = chip.matmul_scale * layer_matmul + attention + chip.elementwise_scale * layer_elementwise + dispatch
     loss = chip.loss_scale * loss
     compute = matmul + attention + elementwise + loss + dispatch
 
@@ -283,11 +287,16 @@ def estimate(cfg: ModelConfig, seq_len: int, global_batch: int, chip: ChipModel,
     dp_comm = _collective_time(chip, d * c, st["context"] if c > 1 else st["data"], stage_params / f * pb, "ar")
     if zero1:
         dp_comm += _collective_time(chip, d, st["data"], stage_params / f * pb, "ag")
-    # Pipeline: send activations forward and gradients back at each stage boundary.
-    pp_comm = (2 * mb * _collective_time(chip, 2, st["pipeline"], act_bytes, "ag")) if p > 1 else 0.0
+    # Pipeline, at each of the mb + p - 1 ticks forward and again backward: activations (gradients) move one stage
+    # on, and the last stage's finished micro-batch reaches every stage (train/pipeline.py).
+    ticks = mb + p - 1
+    pp_comm = 2 * ticks * (_collective_time(chip, 2, st["pipeline"], act_bytes, "ag")
+                           + _collective_time(chip, p, st["pipeline"], act_bytes, "ar")) if p > 1 else 0.0
     hidden = fsdp_comm + dp_comm
     exposed = max(0.0, hidden - compute) + hidden / max(layers, 1) if hidden else 0.0
-    bubble = (p - 1) / mb * (compute + tp_comm) if p > 1 else 0.0
+    # GPipe: each stage runs its layers for mb + p - 1 ticks, mb of them useful (train/pipeline.py); the head, the
+    # loss and the optimizer update run once.
+    bubble = (p - 1) / mb * (layer_work + tp_comm + cp_comm) if p > 1 else 0.0
     step = compute + tp_comm + cp_comm + exposed + pp_comm + bubble + chip.step_overhead_s
 
     mem = training_memory(cfg, seq_len, seqs_per_rank / mb, fsdp=f, tensor=t, pipeline=p, microbatches=mb,

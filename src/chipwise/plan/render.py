@@ -13,6 +13,7 @@ from chipwise.errors import ConfigError
 from chipwise.flops import CONVENTION
 from chipwise.plan.planner import PlanRequest, PlanRow
 from chipwise.plan.search import trainer_tensor_cap
+from chipwise.sharding import pipeline_stage_layers
 
 
 def _fmt(value, spec: str, unknown: str = "n/a") -> str:
@@ -119,8 +120,12 @@ def print_table(rows: list[PlanRow], req: PlanRequest, console: Console | None =
                          f"{r.accelerator.platform} ({cap} chip): the trainer would refuse this mesh")
         if r.estimate.layout.shard_optimizer:
             notes.append("zero1: AdamW's moments split over data too (train.shard_optimizer=true)")
-        if r.estimate.layout.pipeline > 1:
-            notes.append("pipeline parallelism is planned but chipwise's trainer does not run it yet")
+        lay = r.estimate.layout
+        if lay.pipeline > 1:
+            counts = pipeline_stage_layers(req.model.num_layers, lay.pipeline)
+            notes.append(f"pipeline={lay.pipeline}: GPipe over {lay.microbatches} micro-batches (bubble "
+                         f"{(lay.pipeline - 1) / (lay.microbatches + lay.pipeline - 1):.0%} of the step), layers per "
+                         f"stage {', '.join(map(str, counts))}")
         if r.estimate.layout.context > 1:
             notes.append(f"context={r.estimate.layout.context}: modelled with a flash-style attention; chipwise's "
                          "trainer's context-parallel attention is blockwise XLA (a block of queries at a time, "

@@ -7,8 +7,9 @@ from pathlib import Path
 import yaml
 
 from chipwise.config import ConfigError, ModelConfig, model_from_spec
-from chipwise.plan.perf import MESH_ORDER, Layout
+from chipwise.plan.perf import Layout
 from chipwise.presets import PRESETS
+from chipwise.sharding import MESH_AXES
 
 
 def load_model(spec) -> ModelConfig:
@@ -34,8 +35,8 @@ def parse_mesh(text: str, chips: int, microbatches: int = 1, remat: str = "none"
     for part in text.split(","):
         key, sep, value = part.partition("=")
         key = key.strip()
-        if not sep or key not in MESH_ORDER:
-            raise ConfigError(f"--mesh {text!r}: write axis=size pairs over {', '.join(MESH_ORDER)}, "
+        if not sep or key not in MESH_AXES:
+            raise ConfigError(f"--mesh {text!r}: write axis=size pairs over {', '.join(MESH_AXES)}, "
                               "e.g. data=8,fsdp=16,tensor=8")
         try:
             sizes[key] = int(value)

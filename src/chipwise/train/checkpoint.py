@@ -233,6 +233,8 @@ class Checkpoints:
     def restore_latest(self, abstract_state, check: Callable[[dict], None] = lambda meta: None,
                        move_damaged: bool = True):
         """(step, state, meta) of the newest checkpoint that verifies, or None if there is none at all.
+        `abstract_state` is the restore target, or a function of the checkpoint's meta that gives it (a checkpoint
+        saved under another pipeline degree holds its layers in another order, train/pipeline.py).
 
         Damaged checkpoints met on the way are reported and (if `move_damaged`) moved aside. `check(meta)`
         raises a one-line ChipwiseError if the checkpoint belongs to an incompatible config; that is the
@@ -249,7 +251,8 @@ class Checkpoints:
             if problem is None:
                 check(meta)
                 try:
-                    return step, self.restore(step, abstract_state), meta
+                    target = abstract_state(meta) if callable(abstract_state) else abstract_state
+                    return step, self.restore(step, target), meta
                 except Exception as e:  # noqa: BLE001
                     # files that match their checksums are intact: the config, not the checkpoint, is wrong
                     if (self.directory / str(step) / CHECKSUMS).is_file():

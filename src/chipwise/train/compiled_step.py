@@ -18,6 +18,7 @@ import jax.numpy as jnp
 
 from chipwise import attention
 from chipwise.config import Config, TrainConfig
+from chipwise.config_checks import pipeline_microbatches
 from chipwise.errors import ConfigError
 from chipwise.sharding import data_parallel_size, platform_rules, use_mesh
 from chipwise.train.step import Steps, build_steps
@@ -30,10 +31,12 @@ def compute_dtype(dtype: str, platform: str):
 
 
 def with_platform_defaults(cfg: Config, platform: str) -> Config:
-    """`cfg` with what it leaves to the platform decided (sharding.PLATFORM_RULES): today model.scan_layers."""
+    """`cfg` with what it leaves to the platform decided (sharding.PLATFORM_RULES): today model.scan_layers (always
+    stacked under a pipeline, which splits the stack into stages)."""
     if cfg.model.scan_layers is not None:
         return cfg
-    model = dataclasses.replace(cfg.model, scan_layers=platform_rules(platform)["scan_layers"])
+    scan = cfg.mesh.pipeline > 1 or platform_rules(platform)["scan_layers"]
+    model = dataclasses.replace(cfg.model, scan_layers=scan)
     return dataclasses.replace(cfg, model=model)
 
 
@@ -46,6 +49,12 @@ def check_batch_fits(t: TrainConfig, mesh) -> None:
     if (t.batch_size // t.grad_accum) % dp:
         raise ConfigError(f"each micro-batch (train.batch_size / train.grad_accum = "
                           f"{t.batch_size // t.grad_accum}) must be divisible by the data-parallel size {dp}")
+    if mesh.shape["pipeline"] > 1:
+        micro = pipeline_microbatches(t, mesh.shape["pipeline"])
+        if (t.batch_size // t.grad_accum // micro) % dp:
+            raise ConfigError(f"each pipeline micro-batch (train.batch_size / train.grad_accum / "
+                              f"train.pipeline_microbatches = {t.batch_size // t.grad_accum // micro}) must be "
+                              f"divisible by the data-parallel size {dp}; use fewer pipeline micro-batches")
 
 
 def select_attention(cfg: Config, platform: str, dtype, mesh) -> attention.AttentionChoice:

@@ -24,7 +24,7 @@ from chipwise.train.accounting import Cadence, Totals, Window
 from chipwise.train.compiled_step import build_train_step, with_platform_defaults
 from chipwise.train.guard import EXIT_DIVERGED, Guard, Verdict  # noqa: F401 - EXIT_DIVERGED: the exit codes' home
 from chipwise.train.metrics import open_writer
-from chipwise.train.resume import checkpoint_meta, initial_state
+from chipwise.train.resume import checkpoint_meta, initial_state, restore_step
 from chipwise.train.setup import describe, header_lines, prepare_data_everywhere, prepare_devices
 from chipwise.train.signals import StopSignals
 
@@ -129,7 +129,8 @@ class Trainer:
             ckpt.set_aside(s, "rolled-back")
         target = plan.target_step
         if target:
-            state, target_pos = ckpt.restore(target, abstract_state), ckpt.read_meta(target)["data_iterator"]["step"]
+            state, meta = restore_step(ckpt, target, self.cfg, steps, abstract_state)
+            target_pos = meta["data_iterator"]["step"]
         else:  # no checkpoint before the trouble: the initial state is the last good one
             state, target_pos = steps.init(), 0
         writer.write({"step": target, "event": "rollback", "from_step": step, "bad_streak": guard.streak,

@@ -3,6 +3,7 @@ fresh initial state; and what a checkpoint records beside the state, so that a r
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable
 
 import jax
@@ -12,6 +13,8 @@ from chipwise.config import Config, to_dict
 from chipwise.errors import ChipwiseError
 from chipwise.train.accounting import Totals
 from chipwise.train.guard import Guard
+from chipwise.train.pipeline import StageLayout, relayout, restore_target
+from chipwise.train.step import stage_layout
 
 # The data settings that decide which documents and tokens a run trains on: a resume that changes one of them would
 # continue the data stream at a position that now means other tokens.
@@ -64,6 +67,34 @@ def checkpoint_meta(cfg: Config, step: int, iterator, prepared: data.PreparedDat
             "param_layout": PARAM_LAYOUT[cfg.model.scanned]}
 
 
+def saved_stage_layout(meta: dict, cfg: Config) -> StageLayout:
+    """How a checkpoint holds its stacked layers: by the pipeline degree it was saved under (its config; 1 for
+    checkpoints older than pipelines). The model itself must be `cfg`'s (incompatibility() checks)."""
+    saved = (meta.get("config") or {}).get("mesh") or {}
+    return stage_layout(dataclasses.replace(cfg, mesh=dataclasses.replace(cfg.mesh,
+                                                                           pipeline=saved.get("pipeline", 1))))
+
+
+def _target(meta: dict, cfg: Config, abstract_state):
+    """The restore target for a checkpoint with `meta`: this run's state, its layers in the checkpoint's order."""
+    saved = saved_stage_layout(meta, cfg)
+    return abstract_state if saved == stage_layout(cfg) else restore_target(abstract_state, saved)
+
+
+def in_this_layout(state, meta: dict, cfg: Config, steps):
+    """A restored state with its stacked layers moved from the checkpoint's pipeline stages to this run's."""
+    saved, current = saved_stage_layout(meta, cfg), stage_layout(cfg)
+    if saved == current:
+        return state
+    return jax.jit(lambda s: relayout(s, saved, current), out_shardings=steps.state_shardings)(state)
+
+
+def restore_step(ckpt, step: int, cfg: Config, steps, abstract_state):
+    """(state, meta) of checkpoint `step`, in this run's layout (a rollback may reach one saved under another)."""
+    meta = ckpt.read_meta(step)
+    return in_this_layout(ckpt.restore(step, _target(meta, cfg, abstract_state)), meta, cfg, steps), meta
+
+
 def initial_state(cfg: Config, run_dir, prepared: data.PreparedData, steps, ckpt, abstract_state, resume: bool,
                   log: Callable[[str], None]):
     """(state, start step, data iterator, guard, totals so far) to train from."""
@@ -83,7 +114,10 @@ def initial_state(cfg: Config, run_dir, prepared: data.PreparedData, steps, ckpt
                                     f"{meta['step']})")
             iterator.set_state(meta["data_iterator"])  # refuses a changed seq_len, batch size or seed
 
-        found = ckpt.restore_latest(abstract_state, check)
+        found = ckpt.restore_latest(lambda meta: _target(meta, cfg, abstract_state), check)
+        if found is not None:
+            step, state, meta = found
+            found = step, in_this_layout(state, meta, cfg, steps), meta
     if found is None:
         damaged = run_dir.has_damaged_checkpoints() if resume else []
         if damaged:  # a run that has trained never silently starts again from step 0

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 
 from chipwise import data, efficiency, flops, provenance
 from chipwise.config import Config
+from chipwise.config_checks import pipeline_microbatches
 from chipwise.distributed import agree, barrier, is_leader
 from chipwise.errors import ConfigError
 from chipwise.sharding import data_parallel_size, make_mesh, platform_rules
@@ -61,13 +62,15 @@ def check_memory_fits(cfg: Config, mesh, devices) -> None:
     from chipwise.plan.memory import training_memory
 
     t, local = cfg.train, [d for d in devices if d.process_index == jax.process_index()]
-    dp = data_parallel_size(mesh)
-    per_device = training_memory(cfg.model, t.seq_len, t.batch_size / t.grad_accum / dp, fsdp=mesh.shape["fsdp"],
-                                 tensor=mesh.shape["tensor"], pipeline=1, microbatches=t.grad_accum,
-                                 remat=t.remat, data=mesh.shape["data"], context=mesh.shape["context"],
-                                 shard_optimizer=t.shard_optimizer,
-                                 param_dtype=t.param_dtype, moments_dtype=t.moments_dtype,
-                                 loss_chunk_tokens=t.loss_chunk_tokens).total
+    dp, stages = data_parallel_size(mesh), mesh.shape["pipeline"]
+    # What the planner calls micro-batches: the pipeline's (each accumulation step's), or accumulation's.
+    micro = pipeline_microbatches(t, stages) if stages > 1 else t.grad_accum
+    micro_seqs = t.batch_size / t.grad_accum / (micro if stages > 1 else 1) / dp
+    per_device = training_memory(cfg.model, t.seq_len, micro_seqs, fsdp=mesh.shape["fsdp"],
+                                 tensor=mesh.shape["tensor"], pipeline=stages, microbatches=micro, remat=t.remat,
+                                 data=mesh.shape["data"], context=mesh.shape["context"],
+                                 shard_optimizer=t.shard_optimizer, param_dtype=t.param_dtype,
+                                 moments_dtype=t.moments_dtype, loss_chunk_tokens=t.loss_chunk_tokens).total
     if devices[0].platform == "cpu":  # every CPU device of this process shares the host's memory
         need, have, where = per_device * len(local), _host_memory_available(), "host memory available"
     else:

@@ -29,12 +29,15 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from chipwise import prng
 from chipwise.config import Config, ModelConfig, TrainConfig
+from chipwise.config_checks import pipeline_microbatches
+from chipwise.errors import ConfigError
 from chipwise.model import Transformer, param_axes
 from chipwise.sharding import add_axis, batch_sharding, tree_shardings
 from chipwise.train.context import context_attention, zigzag_order
 from chipwise.train.loss import default_chunk_tokens
 from chipwise.train.loss import next_token_loss as chunked_loss
 from chipwise.train.optimizer import learning_rate_schedule, make_optimizer
+from chipwise.train.pipeline import StageLayout, map_stacked, pipelined_blocks
 
 
 def next_token_loss(logits, targets):
@@ -58,14 +61,17 @@ def abstract_model(m: ModelConfig):
     return nnx.eval_shape(lambda: Transformer(m, nnx.Rngs(params=prng.key(0))))
 
 
-def make_init(m: ModelConfig, t: TrainConfig, tx=None) -> Callable:
-    """The function that makes a run's initial train state; its structure is what every checkpoint holds."""
+def make_init(m: ModelConfig, t: TrainConfig, tx=None, layout: StageLayout | None = None) -> Callable:
+    """The function that makes a run's initial train state; its structure is what every checkpoint holds. Stacked
+    layers are stored in `layout`'s slotted order (train/pipeline.py; the plain order without a pipeline)."""
     tx = tx or make_optimizer(t)
+    layout = layout or StageLayout((m.num_layers,))
 
     def init():
-        model = Transformer(m, nnx.Rngs(params=prng.key(t.seed)))
+        model = Transformer(m, nnx.Rngs(params=prng.key(t.seed)))  # the same weights whatever the layout
         # Created in fp32 (model.py), stored in train.param_dtype.
         params = jax.tree.map(lambda p: p.astype(t.param_dtype), nnx.to_pure_dict(nnx.state(model)))
+        params = map_stacked(params, layout.to_slots)
         # The run's PRNG state, stored as raw key data (Orbax saves plain arrays). The model draws no random
         # numbers today (no dropout); the key still advances every step and is checkpointed, so anything
         # stochastic added to the step resumes exactly.
@@ -75,10 +81,17 @@ def make_init(m: ModelConfig, t: TrainConfig, tx=None) -> Callable:
     return init
 
 
-def abstract_state(cfg: Config):
-    """(the train state as ShapeDtypeStructs, the model's graph definition): a restore target for checkpoints."""
+def stage_layout(cfg: Config) -> StageLayout:
+    """How `cfg`'s train state lays out its stacked layers (a checkpoint's own config says how it was saved)."""
+    return StageLayout.of(cfg.model.num_layers, cfg.mesh.pipeline) if cfg.model.scanned else \
+        StageLayout((cfg.model.num_layers,))
+
+
+def abstract_state(cfg: Config, layout: StageLayout | None = None):
+    """(the train state as ShapeDtypeStructs, the model's graph definition): a restore target for checkpoints, its
+    stacked layers in `layout`'s order (by default `cfg`'s)."""
     graphdef, _ = nnx.split(abstract_model(cfg.model))
-    return jax.eval_shape(make_init(cfg.model, cfg.train)), graphdef
+    return jax.eval_shape(make_init(cfg.model, cfg.train, layout=layout or stage_layout(cfg))), graphdef
 
 
 def build_steps(cfg: Config, mesh: Mesh, attend: Callable, compute_dtype) -> Steps:
@@ -86,7 +99,14 @@ def build_steps(cfg: Config, mesh: Mesh, attend: Callable, compute_dtype) -> Ste
     abstract = abstract_model(m)
     graphdef, abstract_params = nnx.split(abstract)
     axes = nnx.to_pure_dict(param_axes(abstract))
+    stages = mesh.shape["pipeline"]
+    if stages > 1 and not m.scanned:
+        raise ConfigError("mesh.pipeline > 1 splits the stacked layers into stages; set model.scan_layers=true")
+    layout = StageLayout.of(m.num_layers, stages) if stages > 1 else StageLayout((m.num_layers,))
     shapes = jax.tree.map(lambda x: x.shape, nnx.to_pure_dict(abstract_params))
+    if not layout.plain:
+        shapes = jax.tree.map(lambda x: x.shape, map_stacked(
+            nnx.to_pure_dict(abstract_params), lambda a: jax.ShapeDtypeStruct((layout.slots, *a.shape[1:]), a.dtype)))
     param_shardings = tree_shardings(axes, shapes, mesh)
     tx = make_optimizer(t)
     schedule = learning_rate_schedule(t)
@@ -112,6 +132,7 @@ def build_steps(cfg: Config, mesh: Mesh, attend: Callable, compute_dtype) -> Ste
     order = zigzag_order(t.seq_len, mesh.shape["context"]) if mesh.shape["context"] > 1 else None
     if order is not None and not np.array_equal(getattr(attend, "order", ()), order):
         attend = context_attention(order)  # any other attention would mask the wrong pairs in that order
+    run_blocks = pipelined_blocks(layout, pipeline_microbatches(t, stages), attend, t.remat) if stages > 1 else None
 
     def forward(params, tokens):
         model = nnx.merge(graphdef, params)
@@ -119,11 +140,12 @@ def build_steps(cfg: Config, mesh: Mesh, attend: Callable, compute_dtype) -> Ste
         if order is not None:
             inputs, targets = inputs[:, order], targets[:, order]
             positions = jnp.broadcast_to(jnp.asarray(order, jnp.int32), inputs.shape)
-        hidden = model.hidden(inputs, dtype=compute_dtype, attend=attend, remat=t.remat, positions=positions)
+        hidden = model.hidden(inputs, dtype=compute_dtype, attend=attend, remat=t.remat, positions=positions,
+                              run_blocks=run_blocks)
         # The LM head and the loss a chunk of tokens at a time: the full logits never exist (train/loss.py).
         return chunked_loss(hidden, model.head(), targets, chunk_tokens=chunk, compute_dtype=compute_dtype)
 
-    init = make_init(m, t, tx)
+    init = make_init(m, t, tx, layout)
 
     def fp32(tree):
         return optax.tree.cast(tree, jnp.float32)

@@ -1,0 +1,142 @@
+"""The checks a run configuration must pass (config.py loads it): sizes, choices, ranges and the layout rules the
+trainer and the planner share (context_splits, pipeline_microbatches). Every problem is one ConfigError line naming
+the key and how to fix it."""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+from chipwise.errors import ConfigError
+
+if TYPE_CHECKING:
+    from chipwise.config import Config, ModelConfig, TrainConfig
+
+CHOICES = {
+    "model.ffn": ("swiglu", "gelu"),
+    "train.schedule": ("cosine", "wsd"),
+    "train.dtype": ("auto", "bfloat16", "float32"),
+    "train.remat": ("none", "full", "dots"),
+    "train.param_dtype": ("float32", "bfloat16"),
+    "train.moments_dtype": ("float32", "bfloat16"),
+}
+
+
+def validate_model(m: ModelConfig, where: str = "model") -> None:
+    for name in ("num_layers", "d_model", "num_heads", "num_kv_heads", "d_ff", "vocab_size", "max_seq_len"):
+        if getattr(m, name) <= 0:
+            raise ConfigError(f"{where}.{name} must be positive, got {getattr(m, name)}")
+    if m.d_model % m.num_heads:
+        raise ConfigError(f"{where}.num_heads ({m.num_heads}) must divide {where}.d_model ({m.d_model})")
+    if m.num_heads % m.num_kv_heads:
+        raise ConfigError(f"{where}.num_kv_heads ({m.num_kv_heads}) must divide {where}.num_heads ({m.num_heads})")
+    if m.head_dim % 2:
+        raise ConfigError(f"head size d_model/num_heads = {m.head_dim} must be even for rotary embeddings")
+    if m.ffn not in CHOICES["model.ffn"]:
+        raise ConfigError(f"model.ffn must be one of {', '.join(CHOICES['model.ffn'])}, got {m.ffn!r}")
+    if m.norm_eps <= 0 or m.rope_theta <= 0:
+        raise ConfigError(f"{where}.norm_eps and {where}.rope_theta must be positive")
+
+
+# The optimizer's numbers and their valid ranges. Each test is written so that NaN fails it (every comparison
+# with NaN is False): a NaN or an out-of-range value here trains without error and quietly ruins the run (a
+# negative min_lr_ratio drives the learning rate below zero, and the loss climbs). optax's
+# clip_by_global_norm scales every update to zero at a bound of 0, so 0 cannot mean "no clipping"; infinities
+# are refused too, as the config is also stored as JSON (checkpoint metadata), which has no infinity.
+_OPTIMIZER_RANGES = (
+    ("lr", lambda v: 0 < v < math.inf, "a positive finite number (the peak learning rate, e.g. 3e-4)"),
+    ("min_lr_ratio", lambda v: 0 <= v <= 1, "in [0, 1] (the final learning rate as a share of train.lr)"),
+    ("decay_fraction", lambda v: 0 < v <= 1, "in (0, 1] (the share of steps the wsd schedule spends decaying)"),
+    ("beta1", lambda v: 0 <= v < 1, "in [0, 1) (Adam's first-moment decay, e.g. 0.9)"),
+    ("beta2", lambda v: 0 <= v < 1, "in [0, 1) (Adam's second-moment decay, e.g. 0.95)"),
+    ("adam_eps", lambda v: 0 < v < math.inf, "a positive finite number (e.g. 1e-8)"),
+    ("weight_decay", lambda v: 0 <= v < math.inf, "zero or a positive finite number (e.g. 0.1; 0 turns it off)"),
+    ("grad_clip", lambda v: 0 < v < math.inf,
+     "a positive finite number (the largest global gradient norm allowed, e.g. 1.0; 1e9 leaves gradients as they are)"),
+)
+
+
+def _validate_optimizer(t: TrainConfig) -> None:
+    for name, ok, valid in _OPTIMIZER_RANGES:
+        value = getattr(t, name)
+        if not ok(value):
+            raise ConfigError(f"train.{name} must be {valid}, got {value}")
+
+
+def context_splits(seq_len: int, context: int) -> bool:
+    """Whether a sequence splits for context parallelism: into 2 x context equal chunks, two per device (the
+    zig-zag layout of train/context.py). The trainer's config check and the planner's layout check both ask."""
+    return context == 1 or seq_len % (2 * context) == 0
+
+
+def pipeline_microbatches(t: TrainConfig, stages: int) -> int:
+    """Micro-batches per accumulation step in the pipeline: train.pipeline_microbatches, or one per stage."""
+    return t.pipeline_microbatches or stages
+
+
+def _validate_pipeline(cfg: Config) -> None:
+    t, stages = cfg.train, cfg.mesh.pipeline
+    if t.pipeline_microbatches < 0:
+        raise ConfigError(f"train.pipeline_microbatches must be zero (one per stage) or more, got "
+                          f"{t.pipeline_microbatches}")
+    if stages == 1:
+        return
+    if stages > cfg.model.num_layers:
+        raise ConfigError(f"mesh.pipeline={stages} stages for {cfg.model.num_layers} layers: each stage needs at "
+                          f"least one layer; use at most {cfg.model.num_layers} stages")
+    if cfg.model.scan_layers is False:
+        raise ConfigError("mesh.pipeline > 1 splits the stacked layers into stages; set model.scan_layers=true")
+    micro = pipeline_microbatches(t, stages)
+    if (t.batch_size // t.grad_accum) % micro:
+        raise ConfigError(f"each accumulation step's {t.batch_size // t.grad_accum} sequences (train.batch_size / "
+                          f"train.grad_accum) must split into train.pipeline_microbatches = {micro} micro-batches; "
+                          "change either")
+
+
+def validate(cfg: Config) -> None:
+    validate_model(cfg.model)
+    t = cfg.train
+    for key, choices in CHOICES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value not in choices:
+            raise ConfigError(f"{key} must be one of {', '.join(choices)}, got {value!r}")
+    for name in ("steps", "batch_size", "seq_len", "grad_accum", "log_every", "eval_every", "eval_batches",
+                 "checkpoint_every", "keep_checkpoints"):
+        if getattr(t, name) <= 0:
+            raise ConfigError(f"train.{name} must be positive, got {getattr(t, name)}")
+    for name in ("keep_every", "max_rollbacks", "loss_chunk_tokens"):
+        if getattr(t, name) < 0:
+            raise ConfigError(f"train.{name} must be zero or more, got {getattr(t, name)}")
+    if t.max_bad_steps <= 0:
+        raise ConfigError(f"train.max_bad_steps must be positive, got {t.max_bad_steps}")
+    if any(i < 0 for i in t.inject_nan_batches):
+        raise ConfigError(f"train.inject_nan_batches holds data positions, which start at 0; "
+                          f"got {t.inject_nan_batches}")
+    if t.warmup_steps < 0:
+        raise ConfigError(f"train.warmup_steps must be zero or more, got {t.warmup_steps}")
+    _validate_optimizer(t)
+    if t.seq_len > cfg.model.max_seq_len:
+        raise ConfigError(f"train.seq_len ({t.seq_len}) exceeds model.max_seq_len ({cfg.model.max_seq_len}); "
+                          f"lower train.seq_len or raise model.max_seq_len")
+    if t.batch_size % t.grad_accum:
+        raise ConfigError(f"train.batch_size ({t.batch_size}) must be divisible by train.grad_accum ({t.grad_accum})")
+    if not 0 < cfg.data.val_fraction < 1:
+        raise ConfigError(f"data.val_fraction must be between 0 and 1, got {cfg.data.val_fraction}")
+    if cfg.mesh.pipeline < 1:
+        raise ConfigError(f"mesh.pipeline must be a positive number of stages, got {cfg.mesh.pipeline}")
+    _validate_pipeline(cfg)
+    for name in ("data", "fsdp", "context", "tensor"):
+        v = getattr(cfg.mesh, name)
+        if v == 0 or v < -1:
+            raise ConfigError(f"mesh.{name} must be a positive size or -1 (fill), got {v}")
+    if [cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.context, cfg.mesh.tensor].count(-1) > 1:
+        raise ConfigError("only one of mesh.data, mesh.fsdp, mesh.context, mesh.tensor may be -1")
+    if not context_splits(t.seq_len, cfg.mesh.context):
+        raise ConfigError(f"train.seq_len ({t.seq_len}) must divide into 2 x mesh.context = {2 * cfg.mesh.context} "
+                          "chunks (context parallelism gives each device two of them); change either")
+    h = cfg.hardware
+    for name in ("price_per_hour", "power_watts", "peak_tflops"):
+        v = getattr(h, name)
+        if v is not None and not 0 < v < math.inf:  # so NaN fails too
+            raise ConfigError(f"hardware.{name} must be positive and finite, got {v}")
