@@ -39,6 +39,11 @@ CASES = [
      dict(data=2, fsdp=4, remat="dots", microbatches=2, shard_optimizer=True)),
     ("8b-planner", "llama3-8b", 0, "tpu-v5p", 8, 8192, 16, None),
     ("70b-planner", "llama3-70b", 0, "tpu-v5p", 64, 8192, 64, None),
+    # Pipelined (train/pipeline.py, GPipe): a stage's residuals for every tick of micro-batches + stages - 1.
+    ("8b-4L-pp2", "llama3-8b", 4, "tpu-v5p", 8, 8192, 16,
+     dict(pipeline=2, fsdp=4, remat="full", microbatches=4)),
+    ("70b-pp4", "llama3-70b", 0, "tpu-v5p", 64, 8192, 64,
+     dict(pipeline=4, fsdp=8, tensor=2, remat="full", microbatches=4)),
 ]
 
 CHILD = """

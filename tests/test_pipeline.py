@@ -2,6 +2,7 @@
 and gradients of one device, with even and uneven stages, and checkpoints move between pipeline degrees."""
 
 import json
+import math
 
 import jax
 import jax.numpy as jnp
@@ -13,7 +14,7 @@ from chipwise.cli import main
 from chipwise.config import MeshConfig, load_config
 from chipwise.sharding import make_mesh, use_mesh
 from chipwise.train.pipeline import StageLayout, map_stacked
-from chipwise.train.step import build_steps
+from chipwise.train.step import build_steps, stage_layout
 from conftest import TINY_MODEL, one_line_error, set_args
 
 SIX_LAYERS = ["model.num_layers=6", "model.d_model=32", "model.num_heads=4", "model.num_kv_heads=2", "model.d_ff=64",
@@ -31,15 +32,19 @@ def test_uneven_stages_put_fewer_layers_first_and_last_and_pad_the_rest():
     np.testing.assert_array_equal(layout.from_slots(slotted), stacked)
     assert StageLayout.of(126, 16).counts == (7,) + (8,) * 14 + (7,)  # Llama 3.1 405B's published split
     assert StageLayout.of(8, 4).plain and StageLayout.of(8, 4).to_slots(stacked) is stacked
+    # Circular: 8 layers as 4 groups over 2 stages; stage 0 holds groups 0 and 2, one block of the stack.
+    circular = StageLayout.of(8, 2, repeats=2)
+    assert circular.slot_layers().tolist() == [0, 1, 4, 5, 2, 3, 6, 7] and not circular.plain
+    eight = np.arange(8.0)
+    np.testing.assert_array_equal(circular.from_slots(circular.to_slots(eight)), eight)
 
 
 def run_layout(settings, mesh_cfg, steps=2):
     """(losses of `steps` train steps, gradients of the first batch at the initial parameters), parameters and
     gradients in the plain layer order, on the devices `mesh_cfg` names."""
-    cfg = load_config(None, settings)
-    size = mesh_cfg.pipeline * mesh_cfg.data * mesh_cfg.fsdp * mesh_cfg.context * mesh_cfg.tensor
-    mesh = make_mesh(mesh_cfg, jax.devices()[:size])
-    layout = StageLayout.of(cfg.model.num_layers, mesh_cfg.pipeline)
+    cfg = load_config(None, [*settings, *(f"mesh.{k}={v}" for k, v in vars(mesh_cfg).items())])
+    mesh = make_mesh(mesh_cfg, jax.devices()[:math.prod(vars(mesh_cfg).values())])
+    layout = stage_layout(cfg)
     vocab, t = cfg.model.vocab_size, cfg.train
     starts = np.random.default_rng(0).integers(0, vocab, (steps, t.batch_size, 1))
     batches = ((starts + np.arange(t.seq_len + 1)) % vocab).astype(np.int32)
@@ -64,10 +69,12 @@ def one_device():
 @pytest.mark.parametrize("mesh_cfg,extra", [
     (MeshConfig(pipeline=2, data=1, fsdp=4), []),  # micro-batches = stages
     (MeshConfig(pipeline=4, data=2), ["train.pipeline_microbatches=8"]),  # uneven (1, 2, 2, 1), twice the stages
-    # twice the stages, with tensor parallelism, full remat, gradient accumulation and the loss in 64-token chunks
+    # circular (three passes), twice the stages, with tensor parallelism, full remat, gradient accumulation and
+    # the loss in 64-token chunks
     (MeshConfig(pipeline=2, data=1, fsdp=2, tensor=2),
-     ["train.pipeline_microbatches=4", "train.remat=full", "train.grad_accum=2", "train.loss_chunk_tokens=64"]),
-], ids=["pp2-fsdp4-m2", "pp4-dp2-uneven-m8", "pp2-fsdp2-tp2-m4-remat-accum"])
+     ["train.pipeline_repeats=3", "train.pipeline_microbatches=4", "train.remat=full", "train.grad_accum=2",
+      "train.loss_chunk_tokens=64"]),
+], ids=["pp2-fsdp4-m2", "pp4-dp2-uneven-m8", "pp2x3-fsdp2-tp2-m4-remat-accum"])
 def test_pipelined_training_matches_one_device(one_device, mesh_cfg, extra):
     base_losses, base_grads = one_device
     assert base_losses[-1] < base_losses[0]
@@ -142,6 +149,11 @@ def test_resume_across_pipeline_degrees_continues_with_the_same_losses(tmp_path,
     (["model.num_layers=2", "mesh.pipeline=2", "mesh.data=4", "train.pipeline_microbatches=4"],
      "divisible by the data-parallel size 4"),
     (["mesh.pipeline=-1"], "mesh.pipeline must be a positive number of stages"),
+    (["model.num_layers=4", "mesh.pipeline=2", "mesh.data=4", "train.pipeline_repeats=3"],
+     "6 groups of layers for 4 layers"),
+    (["model.num_layers=4", "mesh.pipeline=2", "mesh.data=2", "mesh.fsdp=2", "train.pipeline_repeats=2",
+      "train.pipeline_microbatches=1"], "set train.pipeline_microbatches >= 2"),
+    (["train.pipeline_repeats=2"], "needs a pipeline"),
 ])
 def test_bad_pipeline_layouts_are_refused_in_one_line(tmp_path, corpus, capsys, settings, message):
     run = tmp_path / "run"

@@ -65,6 +65,9 @@ class TrainConfig:
     # Micro-batches each accumulation step is cut into for the pipeline (train/pipeline.py); 0: as many as stages.
     # More shrink the bubble ((stages - 1) / (micro-batches + stages - 1) of the step) and hold more activations.
     pipeline_microbatches: int = 0
+    # Passes of every micro-batch through the stages (the circular schedule): each device holds this many groups of
+    # layers, and the bubble shrinks as many times. 1 is GPipe. Needs pipeline_microbatches >= mesh.pipeline.
+    pipeline_repeats: int = 1
     seed: int = 0
     lr: float = 3e-3
     min_lr_ratio: float = 0.1  # final learning rate as a share of lr

@@ -79,14 +79,23 @@ def _validate_pipeline(cfg: Config) -> None:
     if t.pipeline_microbatches < 0:
         raise ConfigError(f"train.pipeline_microbatches must be zero (one per stage) or more, got "
                           f"{t.pipeline_microbatches}")
+    if t.pipeline_repeats < 1:
+        raise ConfigError(f"train.pipeline_repeats must be 1 (GPipe) or more (circular), got {t.pipeline_repeats}")
     if stages == 1:
+        if t.pipeline_repeats > 1:
+            raise ConfigError("train.pipeline_repeats > 1 needs a pipeline; set mesh.pipeline > 1 or leave it at 1")
         return
-    if stages > cfg.model.num_layers:
-        raise ConfigError(f"mesh.pipeline={stages} stages for {cfg.model.num_layers} layers: each stage needs at "
-                          f"least one layer; use at most {cfg.model.num_layers} stages")
+    virtual = stages * t.pipeline_repeats
+    if virtual > cfg.model.num_layers:
+        raise ConfigError(f"mesh.pipeline={stages} stages x train.pipeline_repeats={t.pipeline_repeats} passes = "
+                          f"{virtual} groups of layers for {cfg.model.num_layers} layers: each stage needs at least "
+                          f"one layer; use at most {cfg.model.num_layers} groups")
     if cfg.model.scan_layers is False:
         raise ConfigError("mesh.pipeline > 1 splits the stacked layers into stages; set model.scan_layers=true")
     micro = pipeline_microbatches(t, stages)
+    if t.pipeline_repeats > 1 and micro < stages:
+        raise ConfigError(f"a circular pipeline (train.pipeline_repeats={t.pipeline_repeats}) needs at least as many "
+                          f"micro-batches as stages: set train.pipeline_microbatches >= {stages}")
     if (t.batch_size // t.grad_accum) % micro:
         raise ConfigError(f"each accumulation step's {t.batch_size // t.grad_accum} sequences (train.batch_size / "
                           f"train.grad_accum) must split into train.pipeline_microbatches = {micro} micro-batches; "

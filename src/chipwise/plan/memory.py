@@ -137,10 +137,11 @@ def training_memory(cfg: ModelConfig, seq_len: int, micro_batch_seqs: float, *, 
 
     micro_batch_seqs: sequences in one micro-batch of one data-parallel rank (all chips of a tensor group and a
     pipeline see the same tokens; `context` chips split each of its sequences, train/context.py). With pipeline
-    parallelism (`microbatches` are then the pipeline's, with no accumulation) every stage keeps its layers'
-    activations for each of the microbatches + pipeline - 1 ticks of the GPipe schedule (train/pipeline.py); every
-    stage has as many layer slots as the most loaded one (sharding.pipeline_stage_layers: first and last lighter),
-    empty slots held as zeros. `data` is the data-parallel degree
+    parallelism (`microbatches` are then the pipeline's, with no accumulation) the GPipe schedule of
+    train/pipeline.py keeps one stage input per tick (microbatches + pipeline - 1 of them), the micro-batches going
+    in and coming out, and the activations of one stage for one micro-batch while its backward pass recomputes it;
+    every stage has as many layer slots as the most loaded one (sharding.pipeline_stage_layers: first and last
+    lighter), empty slots held as zeros. `data` is the data-parallel degree
     (ZeRO-1 splits the moments over it; the loss chunk is split over data x fsdp); the dtypes and
     `loss_chunk_tokens` are the train config's (train.param_dtype, train.moments_dtype, train.loss_chunk_tokens).
     """
@@ -150,11 +151,14 @@ def training_memory(cfg: ModelConfig, seq_len: int, micro_batch_seqs: float, *, 
     param_bytes, moment_bytes = DTYPE_BYTES[param_dtype], DTYPE_BYTES[moments_dtype]
     tokens = micro_batch_seqs * seq_len / context  # this chip's share of the micro-batch
     per_layer = activation_elements_per_token(cfg, remat, tensor)
-    # GPipe as train/pipeline.py runs it: a stage's residuals for every tick, its slots padded to the largest stage.
-    saved = (microbatches + pipeline - 1) * max(stages) if pipeline > 1 else cfg.num_layers
+    if pipeline > 1:  # GPipe with re-materialisation: d-wide inputs per tick, micro-batches in and out, one stage
+        held = (microbatches + pipeline - 1 + 2 * microbatches) * cfg.d_model
+        saved = max(stages)  # the slots of the stage being recomputed
+    else:
+        held, saved = 0, cfg.num_layers
     # Context parallelism: the layer being computed also holds K and V gathered from the other context chips.
     gathered_kv = 2 * kv_elements_per_token(cfg, tensor) * (context - 1)
-    activations = (saved * per_layer + backward_working_elements_per_token(cfg, tensor) + gathered_kv) \
+    activations = (held + saved * per_layer + backward_working_elements_per_token(cfg, tensor) + gathered_kv) \
         * tokens * COMPUTE_BYTES
     cast = n / shard * COMPUTE_BYTES if param_bytes != COMPUTE_BYTES else 0.0  # the local model, cast once
     if fsdp > 1 and cfg.scanned:  # plus one gathered layer and its unreduced weight gradient

@@ -221,7 +221,10 @@ def estimate(cfg: ModelConfig, seq_len: int, global_batch: int, chip: ChipModel,
     seqs_per_rank = global_batch / (d * f)
     tokens_mb = seqs_per_rank / mb * seq_len / c  # tokens one chip's micro-batch carries (its 1/c of each sequence)
     layers = max(pipeline_stage_layers(cfg.num_layers, p))  # the most loaded stage sets the pace
-    recompute = A.REMAT_RECOMPUTE[layout.remat]
+    # Forward passes recomputed in the backward one: remat's, plus the pipeline's own (train/pipeline.py keeps only
+    # each stage's input per tick and runs the stage forward again before its gradient, as GPipe does).
+    stage_remat = 1.0 if p > 1 else 0.0
+    recompute = A.REMAT_RECOMPUTE[layout.remat] + stage_remat
 
     # GEMMs: layers on this stage plus the LM head, which every stage's chips compute for their data shard (the
     # trainer runs it outside the pipeline, train/pipeline.py).
@@ -250,7 +253,7 @@ def estimate(cfg: ModelConfig, seq_len: int, global_batch: int, chip: ChipModel,
     # Element-wise work, the loss and the optimizer update: memory-bound.
     fwd_elems = (4 * cfg.d_model + 2 * (cfg.num_heads + cfg.num_kv_heads) * hd / t + 6 * cfg.d_model
                  + 3 * cfg.d_ff / t)
-    ew_factor = 1 + A.BACKWARD_ELEMENTWISE_FACTOR + A.REMAT_ELEMENTWISE_RECOMPUTE[layout.remat]
+    ew_factor = 1 + A.BACKWARD_ELEMENTWISE_FACTOR + A.REMAT_ELEMENTWISE_RECOMPUTE[layout.remat] + stage_remat
     layer_elementwise = mb * layers * tokens_mb * fwd_elems * chip.compute_bytes * ew_factor / bw
     loss = mb * tokens_mb * cfg.vocab_size / t * 4 * A.LOSS_PASSES / bw
     # The AdamW update reads the parameter, gradient and moments and writes them back (the assumption's fp32

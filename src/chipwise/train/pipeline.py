@@ -6,8 +6,9 @@ sharded over `pipeline`, so each device computes only its own stage. Then the ac
 over that sharded axis, which XLA compiles to a collective-permute between neighbouring stages. Stage 0 takes
 micro-batch t at tick t, and the last stage finishes micro-batch t - (S - 1). After S - 1 ticks of warm-up every
 stage is busy; the bubble is (S - 1) / (M + S - 1) of the ticks. The backward pass is the scan's transpose: the same
-schedule in reverse. Each device keeps its layers' residuals (what `train.remat` saves) for all M + S - 1 ticks, as
-GPipe does; 1F1B would hold fewer but needs a hand-written backward pass.
+schedule in reverse. As in the GPipe paper, each tick keeps only its stage's input micro-batch, and the backward
+pass recomputes the stage's forward (keeping what `train.remat` saves, for that one micro-batch) before taking its
+gradient: M + S - 1 stage inputs live per device, not M + S - 1 stages' activations, for one extra forward pass.
 
 Uneven splits (sharding.pipeline_stage_layers: the first and last stages hold fewer layers). Shapes are static, so
 every stage gets as many layer slots as the most loaded one. A slot without a layer holds zero parameters and passes
@@ -34,16 +35,25 @@ from chipwise.sharding import constrain, pipeline_stage_layers
 
 @dataclass(frozen=True)
 class StageLayout:
-    """Where each stacked layer sits: `counts[s]` layers on stage s, each stage padded to `per_stage` slots."""
+    """Where each stacked layer sits. The layers are cut into `stages` x `repeats` virtual stages, `counts[v]`
+    layers in virtual stage v (sharding.pipeline_stage_layers), which device v % stages runs on pass v // stages
+    (the circular schedule; one pass is GPipe). Each virtual stage is padded to `per_stage` slots, and slots are
+    stored device-major (stage, pass, slot), so that a device's layers are one contiguous block of the stack."""
     counts: tuple[int, ...]
+    repeats: int = 1
 
     @classmethod
-    def of(cls, num_layers: int, stages: int) -> "StageLayout":
-        return cls(pipeline_stage_layers(num_layers, stages))
+    def of(cls, num_layers: int, stages: int, repeats: int = 1) -> "StageLayout":
+        return cls(pipeline_stage_layers(num_layers, stages * repeats), repeats)
+
+    @classmethod
+    def none(cls, num_layers: int) -> "StageLayout":
+        """No pipeline: one stage holding every layer, in order."""
+        return cls((num_layers,))
 
     @property
     def stages(self) -> int:
-        return len(self.counts)
+        return len(self.counts) // self.repeats
 
     @property
     def per_stage(self) -> int:
@@ -51,19 +61,20 @@ class StageLayout:
 
     @property
     def slots(self) -> int:
-        return self.stages * self.per_stage
+        return len(self.counts) * self.per_stage
 
     @property
     def plain(self) -> bool:
-        """Whether the slotted order is the plain layer order (the layers divide the stages)."""
-        return self.slots == sum(self.counts)
+        """Whether the slotted order is the plain layer order."""
+        return self.slots == sum(self.counts) and bool((self.slot_layers() == np.arange(self.slots)).all())
 
     def slot_layers(self) -> np.ndarray:
-        """[slots]: the layer in each slot, stage-major; -1 for an empty slot."""
-        out = np.full((self.stages, self.per_stage), -1)
-        for s, start in enumerate(np.cumsum((0,) + self.counts[:-1])):
-            out[s, : self.counts[s]] = np.arange(start, start + self.counts[s])
-        return out.reshape(-1)
+        """[slots]: the layer in each slot, in storage order (stage, pass, slot); -1 for an empty slot."""
+        out = np.full((self.repeats, self.stages, self.per_stage), -1)  # (pass, stage, slot): virtual stage order
+        starts = np.cumsum((0,) + self.counts[:-1])
+        for v, (start, n) in enumerate(zip(starts, self.counts)):
+            out[v // self.stages, v % self.stages, :n] = np.arange(start, start + n)
+        return out.transpose(1, 0, 2).reshape(-1)
 
     def to_slots(self, stacked):
         """A stacked-layers array [layers, ...] in slotted order [slots, ...], empty slots zero."""
@@ -79,7 +90,7 @@ class StageLayout:
         if self.plain:
             return slotted
         index = self.slot_layers()
-        return slotted[np.flatnonzero(index >= 0)]
+        return slotted[np.argsort(np.where(index >= 0, index, index.size))[: sum(self.counts)]]
 
 
 def map_stacked(tree, fn: Callable):
@@ -112,22 +123,26 @@ def restore_target(abstract_state, layout: StageLayout):
 
 
 def pipelined_blocks(layout: StageLayout, microbatches: int, attend: Callable, remat: str) -> Callable:
-    """`run_blocks(blocks, x, positions) -> x` for Transformer.hidden: the blocks' slotted layers as a GPipe
-    pipeline over `layout.stages` stages, each batch cut into `microbatches` micro-batches."""
-    stages, per_stage, ticks = layout.stages, layout.per_stage, microbatches + layout.stages - 1
-    filled = jnp.asarray(layout.slot_layers().reshape(stages, per_stage) >= 0)
+    """`run_blocks(blocks, x, positions) -> x` for Transformer.hidden: the blocks' slotted layers as a pipeline over
+    `layout.stages` stages and `layout.repeats` passes, each batch cut into `microbatches` micro-batches."""
+    stages, repeats, per_stage = layout.stages, layout.repeats, layout.per_stage
+    ticks = repeats * microbatches + stages - 1
+    if repeats > 1 and microbatches < stages:
+        raise ValueError(f"a circular pipeline needs at least as many micro-batches ({microbatches}) as stages "
+                         f"({stages})")
+    filled = jnp.asarray(layout.slot_layers().reshape(stages, repeats, per_stage) >= 0)
     first_stage = jnp.arange(stages) == 0
 
     def run_blocks(blocks, x, positions):
         graphdef, stacked = nnx.split(blocks)
-        staged = jax.tree.map(lambda a: a.reshape(stages, per_stage, *a.shape[1:]), stacked)
+        staged = jax.tree.map(lambda a: a.reshape(stages, repeats, per_stage, *a.shape[1:]), stacked)
         batch = x.shape[0]
         if batch % microbatches:
             raise ValueError(f"a batch of {batch} does not split into {microbatches} pipeline micro-batches")
         xs = x.reshape(microbatches, batch // microbatches, *x.shape[1:])
         ps = positions.reshape(microbatches, batch // microbatches, *positions.shape[1:])
 
-        def stage(params, has_layer, h, pos):  # one stage: its slots in turn
+        def stage(params, has_layer, repeat, h, pos):  # one stage on pass `repeat`: its slots in turn
             def layer(h, slot):
                 p, present = slot
                 out, _ = nnx.merge(graphdef, p)(h, pos, attend)
@@ -135,27 +150,34 @@ def pipelined_blocks(layout: StageLayout, microbatches: int, attend: Callable, r
 
             if remat != "none":
                 layer = jax.checkpoint(layer, policy=remat_policy(remat), prevent_cse=False)
-            return jax.lax.scan(layer, h, (params, has_layer))[0]
+            this_pass = jax.tree.map(lambda a: a[repeat], (params, has_layer))
+            return jax.lax.scan(layer, h, this_pass)[0]
 
-        all_stages = jax.vmap(stage, spmd_axis_name="pipeline")
+        # GPipe's re-materialisation: a tick keeps only its stage's input; the backward pass runs the stage forward
+        # again (saving what `train.remat` says, for this one micro-batch) just before its gradient.
+        all_stages = jax.vmap(jax.checkpoint(stage, prevent_cse=False), spmd_axis_name="pipeline")
 
-        def enter(held, fresh):  # every stage takes its predecessor's micro-batch; stage 0 a fresh one
+        def enter(held, fresh):  # every stage takes its predecessor's micro-batch; stage 0 a new one
             mask = first_stage.reshape((stages,) + (1,) * fresh.ndim)
             return jnp.where(mask, fresh[None], jnp.roll(held, 1, axis=0))
 
         def tick(carry, t):
-            held, held_pos, done = carry
-            fresh = jnp.minimum(t, microbatches - 1)  # past the last one, stage 0 recomputes it (bubble)
-            held = constrain(enter(held, xs[fresh]), ("stages", "batch", "seq", "embed"))
-            held_pos = enter(held_pos, ps[fresh])
-            held = constrain(all_stages(staged, filled, held, held_pos), ("stages", "batch", "seq", "embed"))
-            # The last stage finishes micro-batch t - (S - 1); before that its output is overwritten later.
-            done = jax.lax.dynamic_update_index_in_dim(done, held[-1], jnp.maximum(t - (stages - 1), 0), axis=0)
-            return (held, held_pos, done), None
+            held, held_pos, circulating = carry
+            # Stage 0 runs iteration t: micro-batch t % M on pass t // M, read from the circulating buffer, which
+            # holds the inputs at first and then each micro-batch as the last stage finished its previous pass (at
+            # tick t - M + S - 1 < t, as M >= S). Past the last iteration it recomputes something (the bubble).
+            held = constrain(enter(held, circulating[t % microbatches]), ("stages", "batch", "seq", "embed"))
+            held_pos = enter(held_pos, ps[t % microbatches])
+            repeat = jnp.clip((t - jnp.arange(stages)) // microbatches, 0, repeats - 1)  # each stage's pass
+            held = all_stages(staged, filled, repeat, held, held_pos)
+            held = constrain(held, ("stages", "batch", "seq", "embed"))
+            # The last stage finished iteration t - (S - 1); before the first, what it writes is overwritten later.
+            done = jnp.maximum(t - (stages - 1), 0) % microbatches
+            circulating = jax.lax.dynamic_update_index_in_dim(circulating, held[-1], done, axis=0)
+            return (held, held_pos, circulating), None
 
-        start = (jnp.zeros((stages, *xs.shape[1:]), x.dtype), jnp.zeros((stages, *ps.shape[1:]), ps.dtype),
-                 jnp.zeros_like(xs))
-        (_, _, done), _ = jax.lax.scan(tick, start, jnp.arange(ticks))
-        return constrain(done.reshape(x.shape), ("batch", "seq", "embed"))
+        start = (jnp.zeros((stages, *xs.shape[1:]), x.dtype), jnp.zeros((stages, *ps.shape[1:]), ps.dtype), xs)
+        (_, _, out), _ = jax.lax.scan(tick, start, jnp.arange(ticks))
+        return constrain(out.reshape(x.shape), ("batch", "seq", "embed"))
 
     return run_blocks

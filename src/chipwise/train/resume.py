@@ -68,11 +68,12 @@ def checkpoint_meta(cfg: Config, step: int, iterator, prepared: data.PreparedDat
 
 
 def saved_stage_layout(meta: dict, cfg: Config) -> StageLayout:
-    """How a checkpoint holds its stacked layers: by the pipeline degree it was saved under (its config; 1 for
+    """How a checkpoint holds its stacked layers: by the pipeline it was saved under (its config; none for
     checkpoints older than pipelines). The model itself must be `cfg`'s (incompatibility() checks)."""
-    saved = (meta.get("config") or {}).get("mesh") or {}
-    return stage_layout(dataclasses.replace(cfg, mesh=dataclasses.replace(cfg.mesh,
-                                                                           pipeline=saved.get("pipeline", 1))))
+    saved = meta.get("config") or {}
+    mesh = dataclasses.replace(cfg.mesh, pipeline=(saved.get("mesh") or {}).get("pipeline", 1))
+    train = dataclasses.replace(cfg.train, pipeline_repeats=(saved.get("train") or {}).get("pipeline_repeats", 1))
+    return stage_layout(dataclasses.replace(cfg, mesh=mesh, train=train))
 
 
 def _target(meta: dict, cfg: Config, abstract_state):

@@ -65,7 +65,7 @@ def make_init(m: ModelConfig, t: TrainConfig, tx=None, layout: StageLayout | Non
     """The function that makes a run's initial train state; its structure is what every checkpoint holds. Stacked
     layers are stored in `layout`'s slotted order (train/pipeline.py; the plain order without a pipeline)."""
     tx = tx or make_optimizer(t)
-    layout = layout or StageLayout((m.num_layers,))
+    layout = layout or StageLayout.none(m.num_layers)
 
     def init():
         model = Transformer(m, nnx.Rngs(params=prng.key(t.seed)))  # the same weights whatever the layout
@@ -83,8 +83,9 @@ def make_init(m: ModelConfig, t: TrainConfig, tx=None, layout: StageLayout | Non
 
 def stage_layout(cfg: Config) -> StageLayout:
     """How `cfg`'s train state lays out its stacked layers (a checkpoint's own config says how it was saved)."""
-    return StageLayout.of(cfg.model.num_layers, cfg.mesh.pipeline) if cfg.model.scanned else \
-        StageLayout((cfg.model.num_layers,))
+    if cfg.model.scanned and cfg.mesh.pipeline > 1:
+        return StageLayout.of(cfg.model.num_layers, cfg.mesh.pipeline, cfg.train.pipeline_repeats)
+    return StageLayout.none(cfg.model.num_layers)
 
 
 def abstract_state(cfg: Config, layout: StageLayout | None = None):
@@ -102,7 +103,7 @@ def build_steps(cfg: Config, mesh: Mesh, attend: Callable, compute_dtype) -> Ste
     stages = mesh.shape["pipeline"]
     if stages > 1 and not m.scanned:
         raise ConfigError("mesh.pipeline > 1 splits the stacked layers into stages; set model.scan_layers=true")
-    layout = StageLayout.of(m.num_layers, stages) if stages > 1 else StageLayout((m.num_layers,))
+    layout = StageLayout.of(m.num_layers, stages, t.pipeline_repeats) if stages > 1 else StageLayout.none(m.num_layers)
     shapes = jax.tree.map(lambda x: x.shape, nnx.to_pure_dict(abstract_params))
     if not layout.plain:
         shapes = jax.tree.map(lambda x: x.shape, map_stacked(
