@@ -76,7 +76,7 @@ def planner_layout(model: str, accelerator: str, chips: int, seq: int, batch: in
 
     lay = search(load_model(model), seq, batch, chips, chip_model(catalog.get(accelerator))).best.layout
     return dict(data=lay.data, fsdp=lay.fsdp, tensor=lay.tensor, pipeline=lay.pipeline, remat=lay.remat,
-                microbatches=lay.microbatches, shard_optimizer=lay.shard_optimizer)
+                microbatches=lay.microbatches, shard_optimizer=lay.shard_optimizer, repeats=lay.repeats)
 
 
 def measure(case: dict) -> dict:
@@ -125,7 +125,7 @@ def main() -> int:
     for name, model, layers, acc, chips, seq, batch, layout in CASES:
         if args.table or (wanted and name not in wanted):
             continue
-        base = dict(data=1, fsdp=1, tensor=1, pipeline=1, microbatches=1, shard_optimizer=False)
+        base = dict(data=1, fsdp=1, tensor=1, pipeline=1, microbatches=1, shard_optimizer=False, repeats=1)
         case = dict(name=name, model=model, layers=layers, accelerator=acc, chips=chips, seq=seq, batch=batch,
                     layout=base | (layout or planner_layout(model, acc, chips, seq, batch)),
                     picked_by_planner=layout is None)
@@ -146,7 +146,8 @@ def main() -> int:
         print("|---|---:|---|---|---:|---:|---:|")
         for r in records:
             lay = r["layout"]
-            text = (f"data={lay['data']},fsdp={lay['fsdp']},tensor={lay['tensor']} mb={lay['microbatches']} "
+            piped = f"pipeline={lay['pipeline']}," if lay["pipeline"] > 1 else ""
+            text = (f"{piped}data={lay['data']},fsdp={lay['fsdp']},tensor={lay['tensor']} mb={lay['microbatches']} "
                     f"remat={lay['remat']}" + (" zero1" if lay["shard_optimizer"] else "")
                     + (" (planner's pick)" if r["picked_by_planner"] else ""))
             print(f"| {r['name']} | {r['layers'] or 'all'} | {r['accelerator']} x{r['chips']} | {text} | "

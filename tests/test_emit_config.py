@@ -25,15 +25,20 @@ def model_file(tmp_path):
     return path
 
 
-def test_the_emitted_config_trains_as_it_is(tmp_path, model_file, corpus, capsys):
+@pytest.mark.parametrize("mesh, train", [
+    ("data=2,fsdp=4", {"grad_accum": 2, "pipeline_microbatches": 0}),  # the micro-batches accumulate gradients
+    ("pipeline=2,data=2,fsdp=2", {"grad_accum": 1, "pipeline_microbatches": 2}),  # ...or fill the pipeline
+])
+def test_the_emitted_config_trains_as_it_is(tmp_path, model_file, corpus, capsys, mesh, train):
     assert len(jax.devices()) == 8
     out = tmp_path / "planned.yaml"
-    assert main(plan_args(model_file, out, "--mesh", "data=2,fsdp=4", "--microbatches", "2", "--remat", "full",
+    assert main(plan_args(model_file, out, "--mesh", mesh, "--microbatches", "2", "--remat", "full",
                           "--tokens", "2048")) == 0
     assert f"written to {out}" in capsys.readouterr().err
     values = yaml.safe_load(out.read_text())
-    assert values["mesh"] == {"data": 2, "fsdp": 4, "context": 1, "tensor": 1}
-    assert values["train"]["grad_accum"] == 2 and values["train"]["remat"] == "full"
+    sizes = dict(item.split("=") for item in mesh.split(","))
+    assert values["mesh"] == {"pipeline": 1, "context": 1, "tensor": 1} | {k: int(v) for k, v in sizes.items()}
+    assert values["train"] | train == values["train"] and values["train"]["remat"] == "full"
     assert values["train"]["batch_size"] == 16 and values["train"]["seq_len"] == 32
     assert values["train"]["steps"] == 4  # 2,048 tokens at 16 x 32 a step
     assert values["model"]["num_layers"] == 2 and values["model"]["d_model"] == 32
@@ -42,7 +47,7 @@ def test_the_emitted_config_trains_as_it_is(tmp_path, model_file, corpus, capsys
                  *set_args(f"data.sources=[{corpus}]", f"run_dir={run}", "train.eval_batches=1",
                            "train.warmup_steps=1")]) == 0
     info = yaml.safe_load((run / "config.yaml").read_text())
-    assert info["mesh"] == {"data": 2, "fsdp": 4, "context": 1, "tensor": 1} and info["train"]["grad_accum"] == 2
+    assert info["mesh"] == values["mesh"] and info["train"] | train == info["train"]
     assert (run / "metrics.jsonl").read_text().count('"step": 4') >= 1
 
 
@@ -55,7 +60,6 @@ def test_an_existing_file_is_never_overwritten(tmp_path, model_file, capsys):
 
 
 @pytest.mark.parametrize("case, extra, message", [
-    ("pipeline", ["--mesh", "data=4,pipeline=2", "--microbatches", "2"], "pipeline=2, which chipwise's trainer"),
     ("no folder", [], "does not exist; create it first"),
 ])
 def test_a_plan_the_trainer_cannot_run_writes_nothing(tmp_path, model_file, capsys, case, extra, message):

@@ -137,8 +137,25 @@ def test_resume_across_pipeline_degrees_continues_with_the_same_losses(tmp_path,
     a, b = losses(straight), losses(split)
     assert set(b) >= {3, 4}
     np.testing.assert_allclose([b[3], b[4]], [a[3], a[4]], rtol=1e-5)
-    # Sampling reads a pipelined run's checkpoint (four slots) in the plain layer order.
+    # Sampling and export read a pipelined run's checkpoint (four slots) in the plain layer order...
     assert main(["sample", "--run", str(straight), "--prompt", "def ", "--max-new-tokens", "4"]) == 0
+    exported = tmp_path / "hf"
+    assert main(["export", "--run", str(straight), "--out", str(exported)]) == 0
+    # ...and a pipelined run started from those weights (--init-from) gets them in its slotted order.
+    from chipwise.hf import initial_params
+    from chipwise.hf.checkpoint import read_checkpoint
+
+    cfg = load_config(None, [*TINY_MODEL, "model.num_layers=3", "mesh.pipeline=2", "mesh.data=4",
+                             f"train.init_from={exported}"])
+    mesh = make_mesh(cfg.mesh)
+    with use_mesh(mesh):
+        shardings = build_steps(cfg, mesh, reference.attend, jnp.float32).state_shardings["params"]
+        slotted = initial_params(cfg, shardings)
+    assert slotted["blocks"]["mlp"]["w_up"].shape[0] == 4 and not np.asarray(slotted["blocks"]["mlp"]["w_up"][1]).any()
+    _, plain = read_checkpoint(exported, cfg.model.max_seq_len, True)
+    back = map_stacked(jax.tree.map(np.asarray, slotted), StageLayout.of(3, 2).from_slots)
+    for got, want in zip(jax.tree.leaves(back), jax.tree.leaves(plain)):
+        np.testing.assert_array_equal(got, want)
 
 
 @pytest.mark.parametrize("settings,message", [

@@ -466,10 +466,10 @@ def test_a_mesh_that_needs_split_torus_axes_is_laid_out():
 
     topo = _require_libtpu().get_topology_desc(platform="tpu", topology_name="v5p:4x4x4")
     mesh = make_mesh(MeshConfig(data=2, fsdp=8, tensor=4), topo.devices)
-    assert dict(mesh.shape) == {"data": 2, "fsdp": 8, "context": 1, "tensor": 4}
+    assert dict(mesh.shape) == {"pipeline": 1, "data": 2, "fsdp": 8, "context": 1, "tensor": 4}
     assert len({d.id for d in mesh.devices.flat}) == 64
     whole = make_mesh(MeshConfig(data=4, fsdp=4, tensor=4), topo.devices)  # no split needed
-    assert dict(whole.shape) == {"data": 4, "fsdp": 4, "context": 1, "tensor": 4}
+    assert dict(whole.shape) == {"pipeline": 1, "data": 4, "fsdp": 4, "context": 1, "tensor": 4}
 
 
 def test_xla_memory_is_its_peak_not_arguments_plus_temporaries():

@@ -68,7 +68,11 @@ def initial_params(cfg, shardings) -> dict:
     """The params of cfg.train.init_from, checked against cfg.model and placed with `shardings`."""
     import jax
 
+    from chipwise.train.pipeline import map_stacked
+    from chipwise.train.step import stage_layout
+
     check_model(cfg)
     _, params = read_checkpoint(Path(cfg.train.init_from), cfg.model.max_seq_len, cfg.model.scanned)
+    params = map_stacked(params, stage_layout(cfg).to_slots)  # a pipeline's slotted layer order (numpy)
     # make_array_from_callback builds each process's shards from host memory, so this works on many hosts.
     return jax.tree.map(lambda x, s: jax.make_array_from_callback(x.shape, s, lambda idx: x[idx]), params, shardings)

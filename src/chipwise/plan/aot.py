@@ -115,6 +115,7 @@ def record_memory(record: dict):
     seqs = record["batch"] / (lay["data"] * lay["fsdp"]) / lay["microbatches"]  # one micro-batch of one rank
     return training_memory(model, record["seq"], seqs, data=lay["data"], fsdp=lay["fsdp"], tensor=lay["tensor"],
                            pipeline=lay["pipeline"], microbatches=lay["microbatches"], remat=lay["remat"],
+                           repeats=lay.get("repeats", 1),
                            shard_optimizer=lay["shard_optimizer"])
 
 

@@ -87,3 +87,15 @@ OPTIMIZER_BYTES_PER_PARAM = 7 * 4 + 2
 REMAT_RECOMPUTE = {"none": 0.0, "dots": 0.0, "full": 1.0}
 # `dots` saves matmul outputs but recomputes the element-wise work.
 REMAT_ELEMENTWISE_RECOMPUTE = {"none": 0.0, "dots": 1.0, "full": 1.0}
+
+# Pipeline schedules the model knows. `chipwise` is what train/pipeline.py runs: GPipe or circular (repeats > 1),
+# each tick keeping only its stage's input and recomputing the stage forward before its gradient; the embedding, the
+# head and the loss run outside the pipeline on every stage's chips. `1f1b` is Megatron's and Meta's (the published
+# runs): one forward one backward, activations of up to `pipeline` micro-batches in flight, no stage recompute,
+# the embedding on the first stage and the head with the loss on the last (balanced by lighter first and last
+# stages, so their cost is spread here). Both leave a bubble of (pipeline - 1) / (repeats x micro-batches) of the
+# layers' work.
+PIPELINE_SCHEDULES = {
+    "chipwise": dict(stage_recompute=1.0, head_on_every_stage=True, in_flight="all"),
+    "1f1b": dict(stage_recompute=0.0, head_on_every_stage=False, in_flight="pipeline"),
+}

@@ -22,7 +22,7 @@ def layout_config(model, seq_len: int, global_batch: int, layout, *, param_dtype
     # The planner's micro-batches are the pipeline's when there is one (train/pipeline.py), else accumulation's.
     piped = layout.pipeline > 1
     train = {"batch_size": global_batch, "seq_len": seq_len, "grad_accum": 1 if piped else layout.microbatches,
-             "pipeline_microbatches": layout.microbatches if piped else 0,
+             "pipeline_microbatches": layout.microbatches if piped else 0, "pipeline_repeats": layout.repeats,
              "remat": layout.remat, "shard_optimizer": layout.shard_optimizer, "param_dtype": param_dtype,
              "moments_dtype": moments_dtype, "loss_chunk_tokens": loss_chunk_tokens}
     if tokens:

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from types import SimpleNamespace
 
 from chipwise.config import ModelConfig
+from chipwise.plan import assumptions as A
 from chipwise.flops import layer_matmul_params, layer_param_count, param_count
 from chipwise.sharding import logical_to_spec, pipeline_stage_layers
 from chipwise.train.loss import chunk_size, default_chunk_tokens
@@ -87,12 +88,15 @@ def backward_working_elements_per_token(cfg: ModelConfig, tensor: int) -> float:
     return 2 * cfg.d_ff / tensor + cfg.d_model
 
 
-def stage_param_count(cfg: ModelConfig, pipeline: int) -> float:
+def stage_param_count(cfg: ModelConfig, pipeline: int, repeats: int = 1, schedule: str = "chipwise") -> float:
     """Parameters one pipeline stage holds: the layer slots of the most loaded stage (train/pipeline.py gives every
-    stage as many), and the embedding, the final norm and the head whole (every stage's chips hold them: the
-    trainer runs them outside the pipeline). All of them when pipeline is 1."""
-    layers = max(pipeline_stage_layers(cfg.num_layers, pipeline))
-    return layers * layer_param_count(cfg) + (param_count(cfg) - cfg.num_layers * layer_param_count(cfg))
+    stage as many: `repeats` groups of the largest group's size), plus the embedding, the final norm and the head,
+    whole where the schedule runs them on every stage (chipwise's) or an even share where the first and last
+    stages hold them (1f1b). All of them when pipeline is 1."""
+    slots = repeats * max(pipeline_stage_layers(cfg.num_layers, pipeline * repeats))
+    rest = param_count(cfg) - cfg.num_layers * layer_param_count(cfg)
+    return slots * layer_param_count(cfg) + (rest if A.PIPELINE_SCHEDULES[schedule]["head_on_every_stage"]
+                                             else rest / pipeline)
 
 
 @dataclass(frozen=True)
@@ -130,30 +134,35 @@ def loss_chunk_tokens_per_device(vocab_size: int, tokens: int, *, data: int, fsd
 
 
 def training_memory(cfg: ModelConfig, seq_len: int, micro_batch_seqs: float, *, fsdp: int, tensor: int,
-                    pipeline: int, microbatches: int, remat: str, data: int = 1, context: int = 1,
+                    pipeline: int, microbatches: int, remat: str, data: int = 1, context: int = 1, repeats: int = 1,
+                    schedule: str = "chipwise",
                     shard_optimizer: bool = False, param_dtype: str = "float32", moments_dtype: str = "float32",
                     loss_chunk_tokens: int = 0) -> MemoryEstimate:
     """Peak bytes on one chip.
 
     micro_batch_seqs: sequences in one micro-batch of one data-parallel rank (all chips of a tensor group and a
     pipeline see the same tokens; `context` chips split each of its sequences, train/context.py). With pipeline
-    parallelism (`microbatches` are then the pipeline's, with no accumulation) the GPipe schedule of
-    train/pipeline.py keeps one stage input per tick (microbatches + pipeline - 1 of them), the micro-batches going
-    in and coming out, and the activations of one stage for one micro-batch while its backward pass recomputes it;
-    every stage has as many layer slots as the most loaded one (sharding.pipeline_stage_layers: first and last
-    lighter), empty slots held as zeros. `data` is the data-parallel degree
+    parallelism (`microbatches` are then the pipeline's, with no accumulation) chipwise's schedule
+    (train/pipeline.py, `repeats` passes) keeps one stage input per tick (repeats x microbatches + pipeline - 1),
+    the micro-batches circulating, and the activations of one group of layers for one micro-batch while its
+    backward pass recomputes it; every group has as many layer slots as the largest (sharding.pipeline_stage_layers:
+    first and last lighter), empty slots held as zeros. The `1f1b` schedule (published runs) holds up to `pipeline`
+    micro-batches' activations instead (assumptions.PIPELINE_SCHEDULES). `data` is the data-parallel degree
     (ZeRO-1 splits the moments over it; the loss chunk is split over data x fsdp); the dtypes and
     `loss_chunk_tokens` are the train config's (train.param_dtype, train.moments_dtype, train.loss_chunk_tokens).
     """
-    stages = pipeline_stage_layers(cfg.num_layers, pipeline)
-    n = stage_param_count(cfg, pipeline)
+    stages = pipeline_stage_layers(cfg.num_layers, pipeline * repeats)
+    n = stage_param_count(cfg, pipeline, repeats, schedule)
     shard = fsdp * tensor  # of the stage's parameters
     param_bytes, moment_bytes = DTYPE_BYTES[param_dtype], DTYPE_BYTES[moments_dtype]
     tokens = micro_batch_seqs * seq_len / context  # this chip's share of the micro-batch
     per_layer = activation_elements_per_token(cfg, remat, tensor)
-    if pipeline > 1:  # GPipe with re-materialisation: d-wide inputs per tick, micro-batches in and out, one stage
-        held = (microbatches + pipeline - 1 + 2 * microbatches) * cfg.d_model
-        saved = max(stages)  # the slots of the stage being recomputed
+    if pipeline > 1 and A.PIPELINE_SCHEDULES[schedule]["in_flight"] == "all":
+        # chipwise's: a d-wide stage input per tick, the micro-batches circulating, one group being recomputed
+        held = (repeats * microbatches + pipeline - 1 + 2 * microbatches) * cfg.d_model
+        saved = max(stages)
+    elif pipeline > 1:  # 1F1B: stage i holds the activations of up to (pipeline - i) micro-batches in flight
+        held, saved = 0, max(layers * min(pipeline - i, microbatches) for i, layers in enumerate(stages))
     else:
         held, saved = 0, cfg.num_layers
     # Context parallelism: the layer being computed also holds K and V gathered from the other context chips.

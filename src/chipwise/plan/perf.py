@@ -35,6 +35,7 @@ class Layout:
     remat: str = "none"
     shard_optimizer: bool = False  # ZeRO-1: AdamW's moments split over data too (train.shard_optimizer)
     context: int = 1  # context parallelism: each sequence split over this many chips (train/context.py)
+    repeats: int = 1  # passes through the pipeline (train.pipeline_repeats: 1 is GPipe, more circular)
 
     @property
     def chips(self) -> int:
@@ -46,7 +47,8 @@ class Layout:
 
     def describe(self) -> str:
         zero1 = " zero1" if self.shard_optimizer else ""
-        return f"{self.mesh_text()} mb={self.microbatches} remat={self.remat}{zero1}"
+        passes = f" passes={self.repeats}" if self.repeats > 1 else ""
+        return f"{self.mesh_text()} mb={self.microbatches}{passes} remat={self.remat}{zero1}"
 
 
 @dataclass(frozen=True)
@@ -206,31 +208,38 @@ def check_layout(cfg: ModelConfig, global_batch: int, layout: Layout, seq_len: i
         return f"{global_batch // ranks} sequences per rank do not split into {layout.microbatches} micro-batches"
     if cfg.num_heads % layout.tensor:
         return f"{cfg.num_heads} heads do not split over tensor={layout.tensor}"
-    if layout.pipeline > cfg.num_layers:
-        return f"pipeline={layout.pipeline} stages for {cfg.num_layers} layers leaves stages without a layer"
+    if layout.pipeline * layout.repeats > cfg.num_layers:
+        return (f"pipeline={layout.pipeline} stages x {layout.repeats} passes for {cfg.num_layers} layers leaves "
+                "stages without a layer")
+    if layout.repeats > 1 and layout.microbatches < layout.pipeline:
+        return f"a circular pipeline needs micro-batches >= stages ({layout.pipeline})"
     return None
 
 
 def estimate(cfg: ModelConfig, seq_len: int, global_batch: int, chip: ChipModel, layout: Layout, *,
-             param_dtype: str = "float32", moments_dtype: str = "float32", loss_chunk_tokens: int = 0) -> StepEstimate:
+             param_dtype: str = "float32", moments_dtype: str = "float32", loss_chunk_tokens: int = 0,
+             schedule: str = "chipwise") -> StepEstimate:
     """The step time and memory of `layout`; the dtypes and loss chunk are the train config's (train.param_dtype,
-    train.moments_dtype, train.loss_chunk_tokens)."""
+    train.moments_dtype, train.loss_chunk_tokens); `schedule` the pipeline's (assumptions.PIPELINE_SCHEDULES:
+    chipwise's trainer, or the 1F1B of published runs)."""
     t, f, d, p, mb = layout.tensor, layout.fsdp, layout.data, layout.pipeline, layout.microbatches
     c = layout.context
     pb, zero1 = DTYPE_BYTES[param_dtype], layout.shard_optimizer and d > 1
     seqs_per_rank = global_batch / (d * f)
     tokens_mb = seqs_per_rank / mb * seq_len / c  # tokens one chip's micro-batch carries (its 1/c of each sequence)
-    layers = max(pipeline_stage_layers(cfg.num_layers, p))  # the most loaded stage sets the pace
+    r, sched = layout.repeats, A.PIPELINE_SCHEDULES[schedule]
+    layers = r * max(pipeline_stage_layers(cfg.num_layers, p * r))  # the most loaded stage sets the pace
     # Forward passes recomputed in the backward one: remat's, plus the pipeline's own (train/pipeline.py keeps only
     # each stage's input per tick and runs the stage forward again before its gradient, as GPipe does).
-    stage_remat = 1.0 if p > 1 else 0.0
+    stage_remat = sched["stage_recompute"] if p > 1 else 0.0
     recompute = A.REMAT_RECOMPUTE[layout.remat] + stage_remat
 
-    # GEMMs: layers on this stage plus the LM head, which every stage's chips compute for their data shard (the
-    # trainer runs it outside the pipeline, train/pipeline.py).
+    # GEMMs: layers on this stage plus the LM head, which every stage's chips compute for their data shard where the
+    # schedule runs it outside the pipeline (chipwise's), or the last stage does (spread evenly here).
+    head_share = 1 if sched["head_on_every_stage"] else 1 / p
     gemms = _layer_gemms(cfg, tokens_mb, t)
     layer_gemm = _train_gemm_time(chip, gemms) + recompute * sum(gemm_time(chip, *g) for g in gemms)
-    head_gemm = _train_gemm_time(chip, [(tokens_mb, cfg.d_model, cfg.vocab_size / t)])
+    head_gemm = _train_gemm_time(chip, [(tokens_mb, cfg.d_model, cfg.vocab_size / t)]) * head_share
     layer_matmul = mb * layers * layer_gemm
     matmul = layer_matmul + mb * head_gemm
 
@@ -255,11 +264,12 @@ def estimate(cfg: ModelConfig, seq_len: int, global_batch: int, chip: ChipModel,
                  + 3 * cfg.d_ff / t)
     ew_factor = 1 + A.BACKWARD_ELEMENTWISE_FACTOR + A.REMAT_ELEMENTWISE_RECOMPUTE[layout.remat] + stage_remat
     layer_elementwise = mb * layers * tokens_mb * fwd_elems * chip.compute_bytes * ew_factor / bw
-    loss = mb * tokens_mb * cfg.vocab_size / t * 4 * A.LOSS_PASSES / bw
+    loss = mb * tokens_mb * cfg.vocab_size / t * 4 * A.LOSS_PASSES / bw * head_share
     # The AdamW update reads the parameter, gradient and moments and writes them back (the assumption's fp32
     # figure, less what narrower stored dtypes save); under ZeRO-1 each chip updates its 1/data of them.
     update_bytes = A.OPTIMIZER_BYTES_PER_PARAM - 3 * (4 - pb) - 4 * (4 - DTYPE_BYTES[moments_dtype])
-    optimizer = stage_param_count(cfg, p) / (f * t * (d if zero1 else 1)) * update_bytes / bw
+    stage_params = stage_param_count(cfg, p, r, schedule) / t
+    optimizer = stage_params / (f * (d if zero1 else 1)) * update_bytes / bw
     # Fixed cost of each layer's kernels (launch, dispatch), forward and backward, per micro-batch.
     dispatch = mb * layers * chip.layer_overhead_s
     matmul, attention = chip.matmul_scale * matmul, chip.attention_scale * attention
@@ -279,7 +289,6 @@ def estimate(cfg: ModelConfig, seq_len: int, global_batch: int, chip: ChipModel,
     # reduce-scatter their gradients backward; grouped-query K/V are small next to the layer's activations.
     kv_bytes = 2 * kv_elements_per_token(cfg, t) * tokens_mb * c * chip.compute_bytes
     cp_comm = mb * layers * (2 + recompute) * _collective_time(chip, c, st["context"], kv_bytes, "ag")
-    stage_params = stage_param_count(cfg, p) / t
     # FSDP: gather bf16 weights forward and again backward, reduce-scatter gradients (in the parameters' dtype),
     # per micro-batch.
     fsdp_comm = mb * (2 * _collective_time(chip, f, st["fsdp"], stage_params * 2, "ag")
@@ -290,19 +299,20 @@ def estimate(cfg: ModelConfig, seq_len: int, global_batch: int, chip: ChipModel,
     dp_comm = _collective_time(chip, d * c, st["context"] if c > 1 else st["data"], stage_params / f * pb, "ar")
     if zero1:
         dp_comm += _collective_time(chip, d, st["data"], stage_params / f * pb, "ag")
-    # Pipeline, at each of the mb + p - 1 ticks forward and again backward: activations (gradients) move one stage
-    # on, and the last stage's finished micro-batch reaches every stage (train/pipeline.py).
-    ticks = mb + p - 1
-    pp_comm = 2 * ticks * (_collective_time(chip, 2, st["pipeline"], act_bytes, "ag")
-                           + _collective_time(chip, p, st["pipeline"], act_bytes, "ar")) if p > 1 else 0.0
+    # Pipeline, at each of the r x mb + p - 1 ticks forward and again backward: activations (gradients) move one
+    # stage on, and under chipwise's schedule the last stage's output reaches every stage (train/pipeline.py).
+    ticks = r * mb + p - 1
+    spread = _collective_time(chip, p, st["pipeline"], act_bytes, "ar") if sched["head_on_every_stage"] else 0.0
+    pp_comm = 2 * ticks * (_collective_time(chip, 2, st["pipeline"], act_bytes, "ag") + spread) if p > 1 else 0.0
     hidden = fsdp_comm + dp_comm
     exposed = max(0.0, hidden - compute) + hidden / max(layers, 1) if hidden else 0.0
-    # GPipe: each stage runs its layers for mb + p - 1 ticks, mb of them useful (train/pipeline.py); the head, the
-    # loss and the optimizer update run once.
-    bubble = (p - 1) / mb * (layer_work + tp_comm + cp_comm) if p > 1 else 0.0
+    # Each stage runs a group of its layers for r x mb + p - 1 ticks, r x mb of them useful (train/pipeline.py); the
+    # head, the loss and the optimizer update run once.
+    bubble = (p - 1) / (r * mb) * (layer_work + tp_comm + cp_comm) if p > 1 else 0.0
     step = compute + tp_comm + cp_comm + exposed + pp_comm + bubble + chip.step_overhead_s
 
-    mem = training_memory(cfg, seq_len, seqs_per_rank / mb, fsdp=f, tensor=t, pipeline=p, microbatches=mb,
+    mem = training_memory(cfg, seq_len, seqs_per_rank / mb, fsdp=f, tensor=t, pipeline=p, microbatches=mb, repeats=r,
+                          schedule=schedule,
                           remat=layout.remat, data=d, context=c, shard_optimizer=zero1, param_dtype=param_dtype,
                           moments_dtype=moments_dtype, loss_chunk_tokens=loss_chunk_tokens)
     usable = chip.hbm_gib * USABLE_HBM_FRACTION if chip.hbm_gib else None

@@ -53,6 +53,7 @@ class PlanRow:
             "mesh": e.layout.mesh_text(),
             "context_parallel": e.layout.context,
             "microbatches": e.layout.microbatches,
+            "pipeline_repeats": e.layout.repeats,
             "remat": e.layout.remat,
             "shard_optimizer": e.layout.shard_optimizer,
             "step_time_s": e.step_time_s,

@@ -75,7 +75,8 @@ def print_table(rows: list[PlanRow], req: PlanRequest, console: Console | None =
         perf.add_column(c, justify="left" if c in ("accelerator", "mesh", "remat") else "right", no_wrap=True)
     for i, r in enumerate(data, 1):
         fits = "yes" if r["fits"] else f"NO (> {r['usable_memory_per_chip_gib']:.0f})"
-        mesh = short_mesh(r["mesh"]) + (" zero1" if r["shard_optimizer"] else "")
+        passes = f" x{r['pipeline_repeats']} passes" if r["pipeline_repeats"] > 1 else ""
+        mesh = short_mesh(r["mesh"]) + passes + (" zero1" if r["shard_optimizer"] else "")
         perf.add_row(str(i), r["accelerator"], str(r["chips"]), mesh, str(r["microbatches"]),
                      r["remat"], f"{r['step_time_s']:.3g}", f"{r['tokens_per_s_per_chip']:,.0f}",
                      f"{r['model_tflops_per_chip']:.3g}", f"{r['mfu']:.1%}", f"{r['memory_per_chip_gib']:.1f}", fits)
@@ -122,15 +123,25 @@ def print_table(rows: list[PlanRow], req: PlanRequest, console: Console | None =
             notes.append("zero1: AdamW's moments split over data too (train.shard_optimizer=true)")
         lay = r.estimate.layout
         if lay.pipeline > 1:
-            counts = pipeline_stage_layers(req.model.num_layers, lay.pipeline)
-            notes.append(f"pipeline={lay.pipeline}: GPipe over {lay.microbatches} micro-batches (bubble "
-                         f"{(lay.pipeline - 1) / (lay.microbatches + lay.pipeline - 1):.0%} of the step), layers per "
-                         f"stage {', '.join(map(str, counts))}")
+            counts = pipeline_stage_layers(req.model.num_layers, lay.pipeline * lay.repeats)
+            kind = f"circular, {lay.repeats} passes" if lay.repeats > 1 else "GPipe"
+            ticks = lay.repeats * lay.microbatches + lay.pipeline - 1
+            notes.append(f"pipeline={lay.pipeline}: {kind} over {lay.microbatches} micro-batches (bubble "
+                         f"{(lay.pipeline - 1) / ticks:.0%} of the layers' ticks), layers per group "
+                         f"{_runs(counts)}")
         if r.estimate.layout.context > 1:
             notes.append(f"context={r.estimate.layout.context}: modelled with a flash-style attention; chipwise's "
                          "trainer's context-parallel attention is blockwise XLA (a block of queries at a time, "
                          "recomputed backward) and also computes the masked half of the scores")
         console.print(f"  {r.accelerator.id}: " + "; ".join(notes))
+
+
+def _runs(counts) -> str:
+    """(7, 8, 8, 8, 7) -> "7, 8 x3, 7"."""
+    import itertools
+
+    runs = [(k, len(list(g))) for k, g in itertools.groupby(counts)]
+    return ", ".join(f"{k}" if n == 1 else f"{k} x{n}" for k, n in runs)
 
 
 def _ratio(value) -> str:

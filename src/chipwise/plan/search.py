@@ -64,6 +64,14 @@ def _context_choices(chips: int, seq_len: int | None) -> list[int]:
                                                         and seq_len // (2 * c) >= 1024)]
 
 
+def _repeat_choices(cfg: ModelConfig, pipeline: int, microbatches: int) -> list[int]:
+    """Passes through the pipeline worth weighing (train.pipeline_repeats): GPipe, and circular schedules with 2, 4
+    or 8 passes where every group keeps a layer and the micro-batches are at least the stages."""
+    if pipeline == 1:
+        return [1]
+    return [r for r in (1, 2, 4, 8) if r == 1 or (pipeline * r <= cfg.num_layers and microbatches >= pipeline)]
+
+
 def candidate_layouts(cfg: ModelConfig, global_batch: int, chips: int, chip: ChipModel, remats=REMATS,
                       microbatches: int | None = None, zero1s=ZERO1, seq_len: int | None = None):
     """Every layout worth estimating under chipwise's tensor cap; pipelines need as many micro-batches as stages.
@@ -87,7 +95,8 @@ def candidate_layouts(cfg: ModelConfig, global_batch: int, chips: int, chip: Chi
                             continue
                         for remat in remats:
                             for zero1 in _zero1_choices(data, zero1s):
-                                yield Layout(data, fsdp, tensor, pipeline, mb, remat, zero1, context)
+                                for passes in _repeat_choices(cfg, pipeline, mb):
+                                    yield Layout(data, fsdp, tensor, pipeline, mb, remat, zero1, context, passes)
 
 
 def search(cfg: ModelConfig, seq_len: int, global_batch: int, chips: int, chip: ChipModel, keep: int = 5,
@@ -102,10 +111,11 @@ def search(cfg: ModelConfig, seq_len: int, global_batch: int, chips: int, chip: 
     fitting: list[StepEstimate] = []
     layouts = candidate_layouts(cfg, global_batch, chips, chip, remats, microbatches, zero1s, seq_len)
     if fixed is not None:
-        layouts = (Layout(fixed.data, fixed.fsdp, fixed.tensor, fixed.pipeline, mb, r, zero1, fixed.context)
+        layouts = (Layout(fixed.data, fixed.fsdp, fixed.tensor, fixed.pipeline, mb, r, zero1, fixed.context, passes)
                    for mb in ([microbatches] if microbatches else
                               _divisors(max(1, global_batch // (fixed.data * fixed.fsdp))))
-                   for r in remats for zero1 in _zero1_choices(fixed.data, zero1s))
+                   for r in remats for zero1 in _zero1_choices(fixed.data, zero1s)
+                   for passes in _repeat_choices(cfg, fixed.pipeline, mb))
     for layout in layouts:
         if check_layout(cfg, global_batch, layout, seq_len):
             continue

@@ -39,8 +39,12 @@ def predict(run: dict) -> Case:
     cat = catalog.load_catalog(run.get("hardware_overrides"))
     chip = chip_model(catalog.get(run["accelerator"], cat))
     if "mesh" in run:
-        layout = Layout(**run["mesh"], microbatches=run.get("microbatches", 1), remat=run.get("remat", "none"))
-        est, searched = estimate(cfg, run["seq_len"], run["global_batch"], chip, layout), False
+        layout = Layout(**run["mesh"], microbatches=run.get("microbatches", 1), remat=run.get("remat", "none"),
+                        repeats=run.get("pipeline_repeats", 1))
+        # A published pipeline ran its own stack's schedule (1F1B for Megatron and Meta), not chipwise's.
+        est = estimate(cfg, run["seq_len"], run["global_batch"], chip, layout,
+                       schedule=run.get("pipeline_schedule", "chipwise"))
+        searched = False
     else:
         est, searched = search(cfg, run["seq_len"], run["global_batch"], run["chips"], chip).best, True
     return Case(run["id"], run["name"], run["published_tokens_per_s_per_chip"], est.tokens_per_s_per_chip, est,
