@@ -29,8 +29,8 @@ def test_rules_give_megatron_style_parameter_and_activation_specs():
 
 
 def test_mesh_shape_resolution_and_errors():
-    assert resolve_mesh_shape(MeshConfig(data=-1, fsdp=2, tensor=1), 8) == {"pipeline": 1, "data": 4, "fsdp": 2, "context": 1,
-                                                                            "tensor": 1}
+    assert resolve_mesh_shape(MeshConfig(data=-1, fsdp=2, tensor=1), 8) == {"pipeline": 1, "data": 4, "fsdp": 2,
+                                                                            "context": 1, "tensor": 1}
     with pytest.raises(ConfigError, match="needs 4 devices but 8"):
         resolve_mesh_shape(MeshConfig(data=2, fsdp=2, tensor=1), 8)
     with pytest.raises(ConfigError, match="cannot fill 8 devices"):

@@ -45,7 +45,8 @@ def test_train_resume_sample_and_run_dir_safety(tmp_path, corpus, capsys):
     assert "FLOPs 6N+causal" in summary["mfu_basis"] and "measured" in summary["mfu_basis"]
     assert summary["usd_per_million_tokens"] is None  # a CPU has no catalog price: unknown, not invented
     info = json.loads((run / "run_info.json").read_text())
-    assert info["mesh"] == {"pipeline": 1, "data": 8, "fsdp": 1, "context": 1, "tensor": 1} and info["attention"] == "cpu_fused"
+    assert info["mesh"] == {"pipeline": 1, "data": 8, "fsdp": 1, "context": 1, "tensor": 1}
+    assert info["attention"] == "cpu_fused"
 
     # Starting again over the same directory is refused, and nothing is touched.
     before = (run / "metrics.jsonl").read_text()
