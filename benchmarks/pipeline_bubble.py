@@ -1,18 +1,16 @@
 """The pipeline's bubble on simulated CPU devices, against the formula the planner uses.
 
-    python benchmarks/pipeline_bubble.py [--stages 2] [--rounds 15] [--markdown]
+    python benchmarks/pipeline_bubble.py [--stages 2] [--rounds 15]
 
-train/pipeline.py runs R x M + S - 1 ticks for M micro-batches, S stages and R passes. At each tick every stage
-runs L / (S x R) layers on one micro-batch, so a step should take
-
-    step = ticks x (L / (S x R)) x t_layer  +  M x t_micro  +  t_fixed
-
-(t_layer: one layer, forward, backward and the stage's recompute, on one micro-batch; t_micro: the embedding, head
-and loss of one micro-batch; t_fixed: the optimizer update and the rest). The planner's bubble is the share of the
-layers' ticks that do no useful work, (S - 1) / (R x M + S - 1). This benchmark times the trainer's own step for
-several M and R at a fixed micro-batch size on S simulated devices, fits the three unknowns by least squares, and
-prints how well the formula explains each measured step (the residual) and the bubble it implies. Steps of the
-configurations are timed in turns (round robin), so a slow moment of a shared machine does not fall on one.
+train/pipeline.py runs R x M + S - 1 ticks for M micro-batches, S stages and R passes (R = 1: GPipe). Every tick
+costs the same, useful or not: each stage runs L / (S x R) layers on one micro-batch. So for each R the step time
+should be a straight line in the ticks, step = t_tick x ticks + c (c: the embedding, head, loss and optimizer,
+outside the pipeline), and the bubble, the S - 1 ticks of warm-up and drain, takes (S - 1) x t_tick of it. The
+planner's formula (plan/perf.py) puts the bubble at (S - 1) / (R x M) of the layers' work, that is
+(S - 1) / (R x M + S - 1) of the layers' ticks. This benchmark times the trainer's own step for several M and R at
+a fixed micro-batch size on S simulated devices, fits t_tick and c for each R by least squares, and prints the
+measured bubble share beside the formula's. Steps of all configurations are timed in turns (round robin), so a
+slow moment of a shared machine does not fall on one of them.
 """
 
 from __future__ import annotations
@@ -22,7 +20,7 @@ import os
 import statistics
 import time
 
-CONFIGS = [(2, 1), (4, 1), (8, 1), (16, 1), (4, 2), (8, 2), (8, 4)]  # (micro-batches, passes)
+CONFIGS = [(2, 1), (4, 1), (8, 1), (16, 1), (2, 2), (4, 2), (8, 2), (2, 4), (4, 4)]  # (micro-batches, passes)
 LAYERS, MICRO_SEQS, SEQ = 8, 2, 128
 
 
@@ -80,24 +78,18 @@ def main() -> int:
         for key, run in runners.items():
             times[key].append(run())
     measured = {key: statistics.median(v) for key, v in times.items()}
-    rows = []
-    for (m, r), t in measured.items():
-        ticks = r * m + s - 1
-        rows.append([ticks * LAYERS / (s * r), m, 1.0])  # layer-ticks, micro-batches, one
-    coef, *_ = np.linalg.lstsq(np.array(rows), np.array(list(measured.values())), rcond=None)
-    t_layer, t_micro, t_fixed = coef
     print(f"{cpu_model()}, {os.cpu_count()} cores; {s} simulated devices; {LAYERS} layers, d_model 128, "
           f"micro-batch {MICRO_SEQS} x {SEQ} tokens, fp32; median of {args.rounds} steps each")
-    print(f"fit: t_layer {t_layer * 1e3:.2f} ms, t_micro {t_micro * 1e3:.2f} ms, t_fixed {t_fixed * 1e3:.1f} ms")
-    print("| micro-batches M | passes R | ticks | step ms (measured) | step ms (formula) | residual | "
-          "bubble (planner) | bubble time ms |")
+    print("| passes R | micro-batches M | ticks | step ms | fit ms | tick ms | bubble, measured | bubble, formula |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for ((m, r), t), row in zip(measured.items(), rows):
-        fitted = float(np.dot(row, coef))
-        bubble_share = (s - 1) / (r * m + s - 1)
-        bubble_ms = (s - 1) * LAYERS / (s * r) * t_layer * 1e3
-        print(f"| {m} | {r} | {r * m + s - 1} | {t * 1e3:.1f} | {fitted * 1e3:.1f} | {t / fitted - 1:+.1%} | "
-              f"{bubble_share:.0%} | {bubble_ms:.1f} |")
+    for repeats in sorted({r for _, r in CONFIGS}):
+        keys = [(m, r) for m, r in CONFIGS if r == repeats]
+        ticks = np.array([r * m + s - 1 for m, r in keys], float)
+        steps = np.array([measured[k] for k in keys])
+        (t_tick, c), *_ = np.linalg.lstsq(np.stack([ticks, np.ones_like(ticks)], 1), steps, rcond=None)
+        for (m, r), n, t in zip(keys, ticks, steps):
+            print(f"| {r} | {m} | {n:.0f} | {t * 1e3:.1f} | {(t_tick * n + c) * 1e3:.1f} | {t_tick * 1e3:.1f} | "
+                  f"{(s - 1) * t_tick / t:.0%} | {(s - 1) / n:.0%} |")
     return 0
 
 
