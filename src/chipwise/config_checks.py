@@ -1,16 +1,13 @@
 """The checks a run configuration must pass (config.py loads it): sizes, choices, ranges and the layout rules the
 trainer and the planner share (context_splits, pipeline_microbatches). Every problem is one ConfigError line naming
-the key and how to fix it."""
+the key and how to fix it. It reads the dataclasses of config.py by attribute and imports nothing of it (config.py
+imports this module)."""
 
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
 
 from chipwise.errors import ConfigError
-
-if TYPE_CHECKING:
-    from chipwise.config import Config, ModelConfig, TrainConfig
 
 CHOICES = {
     "model.ffn": ("swiglu", "gelu"),
@@ -22,7 +19,7 @@ CHOICES = {
 }
 
 
-def validate_model(m: ModelConfig, where: str = "model") -> None:
+def validate_model(m, where: str = "model") -> None:
     for name in ("num_layers", "d_model", "num_heads", "num_kv_heads", "d_ff", "vocab_size", "max_seq_len"):
         if getattr(m, name) <= 0:
             raise ConfigError(f"{where}.{name} must be positive, got {getattr(m, name)}")
@@ -56,7 +53,7 @@ _OPTIMIZER_RANGES = (
 )
 
 
-def _validate_optimizer(t: TrainConfig) -> None:
+def _validate_optimizer(t) -> None:
     for name, ok, valid in _OPTIMIZER_RANGES:
         value = getattr(t, name)
         if not ok(value):
@@ -69,12 +66,12 @@ def context_splits(seq_len: int, context: int) -> bool:
     return context == 1 or seq_len % (2 * context) == 0
 
 
-def pipeline_microbatches(t: TrainConfig, stages: int) -> int:
+def pipeline_microbatches(t, stages: int) -> int:
     """Micro-batches per accumulation step in the pipeline: train.pipeline_microbatches, or one per stage."""
     return t.pipeline_microbatches or stages
 
 
-def _validate_pipeline(cfg: Config) -> None:
+def _validate_pipeline(cfg) -> None:
     t, stages = cfg.train, cfg.mesh.pipeline
     if t.pipeline_microbatches < 0:
         raise ConfigError(f"train.pipeline_microbatches must be zero (one per stage) or more, got "
@@ -102,7 +99,7 @@ def _validate_pipeline(cfg: Config) -> None:
                           "change either")
 
 
-def validate(cfg: Config) -> None:
+def validate(cfg) -> None:
     validate_model(cfg.model)
     t = cfg.train
     for key, choices in CHOICES.items():

@@ -269,8 +269,7 @@ class RunDir:
         import jax
 
         from chipwise.train.pipeline import map_stacked
-        from chipwise.train.resume import saved_stage_layout
-        from chipwise.train.step import abstract_state
+        from chipwise.train.step import abstract_state, saved_stage_layout
 
         device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         layouts = []

@@ -3,7 +3,6 @@ fresh initial state; and what a checkpoint records beside the state, so that a r
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Callable
 
 import jax
@@ -13,8 +12,8 @@ from chipwise.config import Config, to_dict
 from chipwise.errors import ChipwiseError
 from chipwise.train.accounting import Totals
 from chipwise.train.guard import Guard
-from chipwise.train.pipeline import StageLayout, relayout, restore_target
-from chipwise.train.step import stage_layout
+from chipwise.train.pipeline import relayout, restore_target
+from chipwise.train.step import saved_stage_layout, stage_layout
 
 # The data settings that decide which documents and tokens a run trains on: a resume that changes one of them would
 # continue the data stream at a position that now means other tokens.
@@ -65,15 +64,6 @@ def checkpoint_meta(cfg: Config, step: int, iterator, prepared: data.PreparedDat
             "tokenizer_fingerprint": prepared.tokenizer_fingerprint,
             "corpus_fingerprint": prepared.corpus_fingerprint, "guard": guard.state(), "totals": totals,
             "param_layout": PARAM_LAYOUT[cfg.model.scanned]}
-
-
-def saved_stage_layout(meta: dict, cfg: Config) -> StageLayout:
-    """How a checkpoint holds its stacked layers: by the pipeline it was saved under (its config; none for
-    checkpoints older than pipelines). The model itself must be `cfg`'s (incompatibility() checks)."""
-    saved = meta.get("config") or {}
-    mesh = dataclasses.replace(cfg.mesh, pipeline=(saved.get("mesh") or {}).get("pipeline", 1))
-    train = dataclasses.replace(cfg.train, pipeline_repeats=(saved.get("train") or {}).get("pipeline_repeats", 1))
-    return stage_layout(dataclasses.replace(cfg, mesh=mesh, train=train))
 
 
 def _target(meta: dict, cfg: Config, abstract_state):

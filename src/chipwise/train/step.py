@@ -13,10 +13,15 @@ bf16 parameters an update smaller than half a bf16 step of its weight (~0.4% of 
 halving the weights' memory (no stochastic rounding here). Gradient accumulation sums in fp32. AdamW's moments are
 stored in `train.moments_dtype` (train/optimizer.py). ZeRO-1 (`train.shard_optimizer`): the moments are also split
 over the mesh's data axis (sharding.add_axis); parameters and gradients are not, and GSPMD inserts the collectives.
+
+Pipelines (`mesh.pipeline`, train/pipeline.py): the state stores the stacked layers in the pipeline's slotted order
+(`stage_layout`), the forward pass runs them as stages, and the pipeline's micro-batches are cut from each
+accumulation step's batch.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Callable
 
@@ -81,11 +86,22 @@ def make_init(m: ModelConfig, t: TrainConfig, tx=None, layout: StageLayout | Non
     return init
 
 
-def stage_layout(cfg: Config) -> StageLayout:
-    """How `cfg`'s train state lays out its stacked layers (a checkpoint's own config says how it was saved)."""
-    if cfg.model.scanned and cfg.mesh.pipeline > 1:
-        return StageLayout.of(cfg.model.num_layers, cfg.mesh.pipeline, cfg.train.pipeline_repeats)
+def stage_layout(cfg: Config, stages: int | None = None) -> StageLayout:
+    """How `cfg`'s train state lays out its stacked layers over `stages` pipeline stages (by default
+    cfg.mesh.pipeline; a checkpoint's own config says how it was saved)."""
+    stages = cfg.mesh.pipeline if stages is None else stages
+    if cfg.model.scanned and stages > 1:
+        return StageLayout.of(cfg.model.num_layers, stages, cfg.train.pipeline_repeats)
     return StageLayout.none(cfg.model.num_layers)
+
+
+def saved_stage_layout(meta: dict, cfg: Config) -> StageLayout:
+    """How a checkpoint holds its stacked layers: by the pipeline it was saved under (its config; none for
+    checkpoints older than pipelines). The model itself must be `cfg`'s (incompatibility() checks)."""
+    saved = meta.get("config") or {}
+    mesh = dataclasses.replace(cfg.mesh, pipeline=(saved.get("mesh") or {}).get("pipeline", 1))
+    train = dataclasses.replace(cfg.train, pipeline_repeats=(saved.get("train") or {}).get("pipeline_repeats", 1))
+    return stage_layout(dataclasses.replace(cfg, mesh=mesh, train=train))
 
 
 def abstract_state(cfg: Config, layout: StageLayout | None = None):
@@ -103,7 +119,7 @@ def build_steps(cfg: Config, mesh: Mesh, attend: Callable, compute_dtype) -> Ste
     stages = mesh.shape["pipeline"]
     if stages > 1 and not m.scanned:
         raise ConfigError("mesh.pipeline > 1 splits the stacked layers into stages; set model.scan_layers=true")
-    layout = StageLayout.of(m.num_layers, stages, t.pipeline_repeats) if stages > 1 else StageLayout.none(m.num_layers)
+    layout = stage_layout(cfg, stages)
     shapes = jax.tree.map(lambda x: x.shape, nnx.to_pure_dict(abstract_params))
     if not layout.plain:
         shapes = jax.tree.map(lambda x: x.shape, map_stacked(
