@@ -56,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--torch-threads", type=int, default=0, metavar="N",
                    help="with --compare-torch: torch.set_num_threads(N); 0 (default) uses every core available")
     p.add_argument("--markdown", action="store_true", help="also print the results as a Markdown table")
+    p.add_argument("--widths", default="", metavar="W,W,...",
+                   help="a sweep over model widths (e.g. 128,384,768; benchmarks/width_sweep.py): heads of 64, d_ff "
+                        "8/3 x width, vocab 8192, on top of the other arguments; ends with one table of all")
     return p
 
 
@@ -321,6 +324,15 @@ def print_markdown(results: list[Result], cfg, ctx: dict, args) -> None:
 
 def run(args) -> int:
     _check_args(args)
+    if args.widths:
+        from width_sweep import sweep  # benchmarks/width_sweep.py, beside this script
+
+        return sweep(args, run_one)
+    run_one(args)
+    return 0
+
+
+def run_one(args) -> list:
     cfg = load_benchmark_config(args)
 
     import jax
@@ -364,7 +376,7 @@ def run(args) -> int:
         print_result(r)
     if args.markdown:
         print_markdown(results, cfg, ctx, args)
-    return 0
+    return results
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -33,6 +33,10 @@ DEFAULT_RULES: tuple[tuple[str, tuple[str, ...] | None], ...] = (
     ("mlp", ("tensor",)),
     ("embed", ("fsdp",)),
     ("seq", ("context",)),  # activations' sequence under context parallelism (train/context.py)
+    # batch x sequence merged into rows of tokens (model.project): split as the batch and the sequence were
+    ("tokens", ("data", "fsdp", "context")),
+    ("tokens", ("data", "fsdp")),
+    ("tokens", ("data",)),
     ("head_dim", None),
     # The stacked layers of scan_layers: split into pipeline stages (train/pipeline.py); without a pipeline each
     # device holds its share of every layer.
