@@ -162,7 +162,7 @@ def test_resume_across_pipeline_degrees_continues_with_the_same_losses(tmp_path,
 
 
 @pytest.mark.parametrize("settings,message", [
-    (["mesh.pipeline=2", "mesh.data=4"], "each stage needs at least one layer"),  # TINY_MODEL has one layer
+    (["mesh.pipeline=2", "mesh.data=4"], "leaves stages without a layer"),  # TINY_MODEL has one layer
     (["model.num_layers=2", "mesh.pipeline=2", "mesh.data=4", "train.pipeline_microbatches=3"],
      "must split into train.pipeline_microbatches = 3"),
     (["model.num_layers=2", "mesh.pipeline=2", "mesh.data=4", "model.scan_layers=false"], "model.scan_layers=true"),
@@ -170,9 +170,9 @@ def test_resume_across_pipeline_degrees_continues_with_the_same_losses(tmp_path,
      "divisible by the data-parallel size 4"),
     (["mesh.pipeline=-1"], "mesh.pipeline must be a positive number of stages"),
     (["model.num_layers=4", "mesh.pipeline=2", "mesh.data=4", "train.pipeline_repeats=3"],
-     "6 groups of layers for 4 layers"),
+     "6 groups of layers for 4 layers leaves stages without a layer"),
     (["model.num_layers=4", "mesh.pipeline=2", "mesh.data=2", "mesh.fsdp=2", "train.pipeline_repeats=2",
-      "train.pipeline_microbatches=1"], "set train.pipeline_microbatches >= 2"),
+      "train.pipeline_microbatches=1"], "needs at least as many micro-batches as stages: 1 < 2"),
     (["train.pipeline_repeats=2"], "needs a pipeline"),
 ])
 def test_bad_pipeline_layouts_are_refused_in_one_line(tmp_path, corpus, capsys, settings, message):

@@ -1,7 +1,7 @@
 """The checks a run configuration must pass (config.py loads it): sizes, choices, ranges and the layout rules the
-trainer and the planner share (context_splits, pipeline_microbatches). Every problem is one ConfigError line naming
-the key and how to fix it. It reads the dataclasses of config.py by attribute and imports nothing of it (config.py
-imports this module)."""
+trainer and the planner share (context_splits, pipeline_microbatches, pipeline_schedule_problem). Every problem is
+one ConfigError line naming the key and how to fix it. It reads the dataclasses of config.py by attribute and
+imports nothing of it (config.py imports this module)."""
 
 from __future__ import annotations
 
@@ -71,6 +71,19 @@ def pipeline_microbatches(t, stages: int) -> int:
     return t.pipeline_microbatches or stages
 
 
+def pipeline_schedule_problem(num_layers: int, stages: int, repeats: int, microbatches: int) -> str | None:
+    """Why `stages` pipeline stages, `repeats` passes and `microbatches` micro-batches cannot run a model of
+    `num_layers` layers (train/pipeline.py), or None. The trainer's config check and the planner's layout check both
+    ask."""
+    if stages * repeats > num_layers:
+        return (f"{stages} stages x {repeats} passes = {stages * repeats} groups of layers for {num_layers} layers "
+                f"leaves stages without a layer; use at most {num_layers} groups")
+    if repeats > 1 and microbatches < stages:
+        return (f"a circular pipeline ({repeats} passes) needs at least as many micro-batches as stages: "
+                f"{microbatches} < {stages}")
+    return None
+
+
 def _validate_pipeline(cfg) -> None:
     t, stages = cfg.train, cfg.mesh.pipeline
     if t.pipeline_microbatches < 0:
@@ -82,17 +95,13 @@ def _validate_pipeline(cfg) -> None:
         if t.pipeline_repeats > 1:
             raise ConfigError("train.pipeline_repeats > 1 needs a pipeline; set mesh.pipeline > 1 or leave it at 1")
         return
-    virtual = stages * t.pipeline_repeats
-    if virtual > cfg.model.num_layers:
-        raise ConfigError(f"mesh.pipeline={stages} stages x train.pipeline_repeats={t.pipeline_repeats} passes = "
-                          f"{virtual} groups of layers for {cfg.model.num_layers} layers: each stage needs at least "
-                          f"one layer; use at most {cfg.model.num_layers} groups")
+    micro = pipeline_microbatches(t, stages)
+    problem = pipeline_schedule_problem(cfg.model.num_layers, stages, t.pipeline_repeats, micro)
+    if problem:
+        raise ConfigError(f"mesh.pipeline={stages}, train.pipeline_repeats={t.pipeline_repeats}, "
+                          f"train.pipeline_microbatches={micro}: {problem}")
     if cfg.model.scan_layers is False:
         raise ConfigError("mesh.pipeline > 1 splits the stacked layers into stages; set model.scan_layers=true")
-    micro = pipeline_microbatches(t, stages)
-    if t.pipeline_repeats > 1 and micro < stages:
-        raise ConfigError(f"a circular pipeline (train.pipeline_repeats={t.pipeline_repeats}) needs at least as many "
-                          f"micro-batches as stages: set train.pipeline_microbatches >= {stages}")
     if (t.batch_size // t.grad_accum) % micro:
         raise ConfigError(f"each accumulation step's {t.batch_size // t.grad_accum} sequences (train.batch_size / "
                           f"train.grad_accum) must split into train.pipeline_microbatches = {micro} micro-batches; "

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, replace
 
 from chipwise.catalog import Accelerator
 from chipwise.config import ModelConfig
-from chipwise.config_checks import context_splits
+from chipwise.config_checks import context_splits, pipeline_schedule_problem
 from chipwise.errors import ConfigError
 from chipwise.flops import forward_flops_per_token, training_flops_per_token
 from chipwise.plan import assumptions as A
@@ -208,11 +208,7 @@ def check_layout(cfg: ModelConfig, global_batch: int, layout: Layout, seq_len: i
         return f"{global_batch // ranks} sequences per rank do not split into {layout.microbatches} micro-batches"
     if cfg.num_heads % layout.tensor:
         return f"{cfg.num_heads} heads do not split over tensor={layout.tensor}"
-    if layout.pipeline * layout.repeats > cfg.num_layers:
-        return (f"pipeline={layout.pipeline} stages x {layout.repeats} passes for {cfg.num_layers} layers leaves "
-                "stages without a layer")
-    if layout.repeats > 1 and layout.microbatches < layout.pipeline:
-        return f"a circular pipeline needs micro-batches >= stages ({layout.pipeline})"
+    return pipeline_schedule_problem(cfg.num_layers, layout.pipeline, layout.repeats, layout.microbatches)
     return None
 
 

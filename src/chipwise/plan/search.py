@@ -13,6 +13,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from chipwise.config import ModelConfig
+from chipwise.config_checks import pipeline_schedule_problem
 from chipwise.errors import ConfigError
 from chipwise.plan.perf import ChipModel, Layout, StepEstimate, check_layout, estimate
 from chipwise.sharding import platform_rules
@@ -65,11 +66,11 @@ def _context_choices(chips: int, seq_len: int | None) -> list[int]:
 
 
 def _repeat_choices(cfg: ModelConfig, pipeline: int, microbatches: int) -> list[int]:
-    """Passes through the pipeline worth weighing (train.pipeline_repeats): GPipe, and circular schedules with 2, 4
-    or 8 passes where every group keeps a layer and the micro-batches are at least the stages."""
+    """Passes through the pipeline worth weighing (train.pipeline_repeats): GPipe, and circular schedules of 2, 4
+    or 8 passes where the model and the micro-batches allow them (the trainer's own check)."""
     if pipeline == 1:
         return [1]
-    return [r for r in (1, 2, 4, 8) if r == 1 or (pipeline * r <= cfg.num_layers and microbatches >= pipeline)]
+    return [r for r in (1, 2, 4, 8) if not pipeline_schedule_problem(cfg.num_layers, pipeline, r, microbatches)]
 
 
 def candidate_layouts(cfg: ModelConfig, global_batch: int, chips: int, chip: ChipModel, remats=REMATS,

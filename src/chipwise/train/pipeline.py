@@ -1,11 +1,13 @@
 """Pipeline parallelism over `mesh.pipeline`: the stacked layers cut into stages, micro-batches flowing through them.
 
-Schedule: GPipe, written for GSPMD (as praxis and MaxText do). One `lax.scan` runs M + S - 1 ticks (M micro-batches,
-S stages). At each tick every stage runs its layers on the micro-batch it holds: a `vmap` over stages whose axis is
-sharded over `pipeline`, so each device computes only its own stage. Then the activations move one stage on, a roll
-over that sharded axis, which XLA compiles to a collective-permute between neighbouring stages. Stage 0 takes
-micro-batch t at tick t, and the last stage finishes micro-batch t - (S - 1). After S - 1 ticks of warm-up every
-stage is busy; the bubble is (S - 1) / (M + S - 1) of the ticks. The backward pass is the scan's transpose: the same
+Schedule: GPipe, or circular with R passes (`train.pipeline_repeats`: each device holds R groups of layers and every
+micro-batch goes round the stages R times), written for GSPMD as praxis and MaxText do. One `lax.scan` runs
+R x M + S - 1 ticks (M micro-batches, S stages). At each tick every stage runs one group of its layers on the
+micro-batch it holds: a `vmap` over stages whose axis is sharded over `pipeline`, so each device computes only its
+own stage. Then the activations move one stage on, a roll over that sharded axis, which XLA compiles to a
+collective-permute between neighbouring stages. Stage s runs iteration t - s at tick t (micro-batch (t - s) mod M on
+pass (t - s) div M). After S - 1 ticks of warm-up every stage is busy; the bubble is (S - 1) / (R x M + S - 1) of
+the ticks. The backward pass is the scan's transpose: the same
 schedule in reverse. As in the GPipe paper, each tick keeps only its stage's input micro-batch, and the backward
 pass recomputes the stage's forward (keeping what `train.remat` saves, for that one micro-batch) before taking its
 gradient: M + S - 1 stage inputs live per device, not M + S - 1 stages' activations, for one extra forward pass.
@@ -63,6 +65,10 @@ class StageLayout:
     def slots(self) -> int:
         return len(self.counts) * self.per_stage
 
+    def slotted_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        """The shape of a stacked-layers array of `shape` ([layers, ...]) in this slotted order."""
+        return (self.slots, *shape[1:])
+
     @property
     def plain(self) -> bool:
         """Whether the slotted order is the plain layer order."""
@@ -116,7 +122,7 @@ def restore_target(abstract_state, layout: StageLayout):
     (each device all of its share of every layer) until `relayout` puts them in this run's order."""
     def slotted(a):
         spec = jax.sharding.PartitionSpec(None, *tuple(a.sharding.spec)[1:])
-        return jax.ShapeDtypeStruct((layout.slots, *a.shape[1:]), a.dtype,
+        return jax.ShapeDtypeStruct(layout.slotted_shape(a.shape), a.dtype,
                                     sharding=jax.sharding.NamedSharding(a.sharding.mesh, spec))
 
     return map_stacked(abstract_state, slotted)
@@ -141,6 +147,7 @@ def pipelined_blocks(layout: StageLayout, microbatches: int, attend: Callable, r
             raise ValueError(f"a batch of {batch} does not split into {microbatches} pipeline micro-batches")
         xs = x.reshape(microbatches, batch // microbatches, *x.shape[1:])
         ps = positions.reshape(microbatches, batch // microbatches, *positions.shape[1:])
+        stage_index = jnp.arange(stages)
 
         def stage(params, has_layer, repeat, h, pos):  # one stage on pass `repeat`: its slots in turn
             def layer(h, slot):
@@ -157,27 +164,25 @@ def pipelined_blocks(layout: StageLayout, microbatches: int, attend: Callable, r
         # again (saving what `train.remat` says, for this one micro-batch) just before its gradient.
         all_stages = jax.vmap(jax.checkpoint(stage, prevent_cse=False), spmd_axis_name="pipeline")
 
-        def enter(held, fresh):  # every stage takes its predecessor's micro-batch; stage 0 a new one
-            mask = first_stage.reshape((stages,) + (1,) * fresh.ndim)
-            return jnp.where(mask, fresh[None], jnp.roll(held, 1, axis=0))
-
         def tick(carry, t):
-            held, held_pos, circulating = carry
-            # Stage 0 runs iteration t: micro-batch t % M on pass t // M, read from the circulating buffer, which
-            # holds the inputs at first and then each micro-batch as the last stage finished its previous pass (at
-            # tick t - M + S - 1 < t, as M >= S). Past the last iteration it recomputes something (the bubble).
-            held = constrain(enter(held, circulating[t % microbatches]), ("stages", "batch", "seq", "embed"))
-            held_pos = enter(held_pos, ps[t % microbatches])
-            repeat = jnp.clip((t - jnp.arange(stages)) // microbatches, 0, repeats - 1)  # each stage's pass
-            held = all_stages(staged, filled, repeat, held, held_pos)
+            held, circulating = carry
+            # Every stage takes its predecessor's micro-batch; stage 0 takes iteration t's from the circulating
+            # buffer, which holds the inputs at first and then each micro-batch as the last stage finished its
+            # previous pass (at tick t - M + S - 1 < t, as M >= S). Past the last iteration stage 0 recomputes
+            # something (the bubble).
+            fresh = circulating[t % microbatches][None]
+            held = jnp.where(first_stage.reshape((stages,) + (1,) * (held.ndim - 1)), fresh, jnp.roll(held, 1, 0))
+            held = constrain(held, ("stages", "batch", "seq", "embed"))
+            iteration = t - stage_index  # stage s runs iteration t - s: its micro-batch's positions, its pass
+            repeat = jnp.clip(iteration // microbatches, 0, repeats - 1)
+            held = all_stages(staged, filled, repeat, held, ps[iteration % microbatches])
             held = constrain(held, ("stages", "batch", "seq", "embed"))
             # The last stage finished iteration t - (S - 1); before the first, what it writes is overwritten later.
             done = jnp.maximum(t - (stages - 1), 0) % microbatches
             circulating = jax.lax.dynamic_update_index_in_dim(circulating, held[-1], done, axis=0)
-            return (held, held_pos, circulating), None
+            return (held, circulating), None
 
-        start = (jnp.zeros((stages, *xs.shape[1:]), x.dtype), jnp.zeros((stages, *ps.shape[1:]), ps.dtype), xs)
-        (_, _, out), _ = jax.lax.scan(tick, start, jnp.arange(ticks))
+        (_, out), _ = jax.lax.scan(tick, (jnp.zeros((stages, *xs.shape[1:]), x.dtype), xs), jnp.arange(ticks))
         return constrain(out.reshape(x.shape), ("batch", "seq", "embed"))
 
     return run_blocks

@@ -120,10 +120,10 @@ def build_steps(cfg: Config, mesh: Mesh, attend: Callable, compute_dtype) -> Ste
     if stages > 1 and not m.scanned:
         raise ConfigError("mesh.pipeline > 1 splits the stacked layers into stages; set model.scan_layers=true")
     layout = stage_layout(cfg, stages)
-    shapes = jax.tree.map(lambda x: x.shape, nnx.to_pure_dict(abstract_params))
-    if not layout.plain:
-        shapes = jax.tree.map(lambda x: x.shape, map_stacked(
-            nnx.to_pure_dict(abstract_params), lambda a: jax.ShapeDtypeStruct((layout.slots, *a.shape[1:]), a.dtype)))
+    stored = nnx.to_pure_dict(abstract_params)
+    if not layout.plain:  # the stacked layers in the layout's slots
+        stored = map_stacked(stored, lambda a: jax.ShapeDtypeStruct(layout.slotted_shape(a.shape), a.dtype))
+    shapes = jax.tree.map(lambda x: x.shape, stored)
     param_shardings = tree_shardings(axes, shapes, mesh)
     tx = make_optimizer(t)
     schedule = learning_rate_schedule(t)
