@@ -121,3 +121,20 @@ def test_benchmark_compares_with_torch_eager(toy_run):
     rates = tokens_per_s(toy_run.stdout)
     assert len(rates) == 2 and min(rates) > 0, toy_run.stdout
     assert re.search(r"^\| PyTorch eager \(fp32\) \| [\d,]+ \|", toy_run.stdout, re.M), toy_run.stdout
+
+
+@pytest.mark.parametrize("width", [128, 384, 768])
+def test_gemm_compare_times_exactly_the_steps_matrix_multiplies(width):
+    """benchmarks/gemm_compare.py's GEMMs of a step add up to the step's matmul FLOPs (6 x tokens x matmul weights:
+    forward, input and weight gradients of every projection and the LM head), so its totals are the step's."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from gemm_compare import step_gemms
+    from width_sweep import width_overrides
+
+    from chipwise.config import load_config
+    from chipwise.flops import matmul_params
+
+    tokens = 2048
+    cfg = load_config(None, width_overrides(width, 256))
+    counted = sum(2 * m * k * n * count for _, _, m, k, n, count in step_gemms(width, tokens))
+    assert counted == 6 * tokens * matmul_params(cfg.model)

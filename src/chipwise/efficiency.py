@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from chipwise import catalog
 from chipwise.config import HardwareConfig
 from chipwise.flops import CONVENTION
+from chipwise.sharding import platform_rules
 
 
 @dataclass(frozen=True)
@@ -50,9 +51,11 @@ class Hardware:
 
 
 def measure_matmul_tflops(dtype=jnp.float32, size: int = 1024, seconds: float = 0.6) -> float:
-    """Best observed throughput of a square matmul on the default device (all of this process's CPU cores)."""
+    """Best observed throughput of a square matmul on the default device (all of this process's CPU cores), in the
+    form the train step's dots take there (dots.py: on CPUs a bf16 dot returns fp32, which reaches AMX)."""
     a = jnp.ones((size, size), dtype)
-    f = jax.jit(lambda x, y: x @ y)
+    result = platform_rules(jax.default_backend())["dot_result"] if jnp.dtype(dtype) == jnp.bfloat16 else None
+    f = jax.jit(lambda x, y: jax.lax.dot(x, y, preferred_element_type=result))
     f(a, a).block_until_ready()  # compile
     best, deadline = float("inf"), time.perf_counter() + seconds
     while time.perf_counter() < deadline:

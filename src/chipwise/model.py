@@ -22,6 +22,7 @@ from flax import nnx
 
 from chipwise.attention import reference
 from chipwise.config import ModelConfig
+from chipwise.dots import matmul
 from chipwise.sharding import constrain
 
 
@@ -45,7 +46,7 @@ def project(x, w: nnx.Param, dtype, contract: int = 1):
     axes, value = w.get_metadata()["axes"], w[...]
     lead, shared = x.shape[: x.ndim - contract], math.prod(value.shape[:contract])
     rows = constrain(x.reshape(-1, shared), ("tokens", axes[0]))
-    out = constrain(rows @ value.reshape(shared, -1).astype(dtype), ("tokens", axes[contract]))
+    out = constrain(matmul(rows, value.reshape(shared, -1), dtype), ("tokens", axes[contract]))
     return out.reshape(*lead, *value.shape[contract:])
 
 
@@ -216,7 +217,8 @@ class Transformer(nnx.Module):
         out = self.hidden(tokens, dtype=dtype, attend=attend, remat=remat, positions=positions, caches=caches,
                           cache_start=cache_start)
         x, caches = (out, None) if caches is None else out
-        logits = constrain((x @ self.head().astype(dtype)).astype(jnp.float32), ("batch", "seq", "vocab"))
+        rows = matmul(x.reshape(-1, x.shape[-1]), self.head(), dtype, out_dtype=jnp.float32)
+        logits = constrain(rows.reshape(*x.shape[:-1], -1), ("batch", "seq", "vocab"))
         return logits if caches is None else (logits, caches)
 
 

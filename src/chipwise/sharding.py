@@ -45,18 +45,22 @@ DEFAULT_RULES: tuple[tuple[str, tuple[str, ...] | None], ...] = (
 )
 
 # Per-platform defaults, as data (AXLearn-style). `max_tensor` caps tensor parallelism to the fast domain;
-# `compute_dtype` is what train.dtype=auto means there (CPUs have no fast bf16 matmul; accelerators are built
-# for it).
+# `compute_dtype` is what train.dtype=auto means there; `dot_result` is the dtype bf16 dots return before they are
+# rounded to the compute dtype (dots.py; None: the operands' dtype).
 PLATFORM_RULES: dict[str, dict] = {
     # Unrolled on CPUs: XLA:CPU runs the scanned step of the demo model 5-19% slower (docs/benchmarks.md), and a
-    # CPU run is small enough for the unrolled program to compile quickly.
-    "cpu": dict(rules=DEFAULT_RULES, max_tensor=None, why="", compute_dtype="float32", scan_layers=False),
-    "gpu": dict(rules=DEFAULT_RULES, max_tensor=8, compute_dtype="bfloat16", scan_layers=True,
+    # CPU run is small enough for the unrolled program to compile quickly. fp32 by default: XLA:CPU's bf16 step is
+    # at best 15% faster (its weight-gradient dots miss AMX) and less exact; a bf16 dot reaches AMX only with an
+    # fp32 result, hence dot_result (docs/benchmarks.md).
+    "cpu": dict(rules=DEFAULT_RULES, max_tensor=None, why="", compute_dtype="float32", scan_layers=False,
+                dot_result="float32"),
+    "gpu": dict(rules=DEFAULT_RULES, max_tensor=8, compute_dtype="bfloat16", scan_layers=True, dot_result=None,
                 why="tensor parallelism must stay inside one NVLink domain of 8 GPUs"),
-    "tpu": dict(rules=DEFAULT_RULES, max_tensor=None, why="", compute_dtype="bfloat16", scan_layers=True),
+    "tpu": dict(rules=DEFAULT_RULES, max_tensor=None, why="", compute_dtype="bfloat16", scan_layers=True,
+                dot_result=None),
     # Trainium2 shows 4 JAX devices per chip (LNC=2); tensor parallelism beyond a chip crosses NeuronLink
     # on every layer, which AXLearn's trn2 rule (model=4) also avoids.
-    "neuron": dict(rules=DEFAULT_RULES, max_tensor=4, compute_dtype="bfloat16", scan_layers=True,
+    "neuron": dict(rules=DEFAULT_RULES, max_tensor=4, compute_dtype="bfloat16", scan_layers=True, dot_result=None,
                    why="Trainium keeps tensor parallelism inside one chip (4 devices at LNC=2)"),
 }
 
@@ -159,6 +163,13 @@ def use_mesh(mesh: Mesh, rules=DEFAULT_RULES):
 def active_mesh():
     """(mesh, rules) of the enclosing `use_mesh`, or (None, DEFAULT_RULES): for kernels that must shard_map."""
     return _active.get()
+
+
+def platform_dot_result() -> str | None:
+    """The `dot_result` rule of the enclosing `use_mesh`'s platform (None outside one: the bare model's plain dots)."""
+    mesh, _ = _active.get()
+    devices = getattr(mesh, "devices", None)
+    return None if devices is None else platform_rules(devices.flat[0].platform)["dot_result"]
 
 
 def constrain(x: jax.Array, axes: tuple[str | None, ...]) -> jax.Array:

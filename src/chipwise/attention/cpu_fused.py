@@ -36,13 +36,19 @@ def _from_heads(x, group: int):
     return x.reshape(b, h // group, group, s, d).sum(axis=2).transpose(0, 2, 1, 3)
 
 
+def _einsum(spec, a, b):
+    """In the operands' dtype, accumulated in fp32: XLA:CPU reaches AMX only for bf16 dots with an fp32 result
+    (chipwise/dots.py); for fp32 operands this is the plain einsum."""
+    return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32).astype(a.dtype)
+
+
 def _forward(q, k, v, group: int):
     scale = q.shape[-1] ** -0.5
     qh, kh, vh = q.transpose(0, 2, 1, 3), _to_heads(k, group), _to_heads(v, group)
     scores = jnp.einsum("bhtd,bhsd->bhts", qh, kh, preferred_element_type=jnp.float32) * scale
     causal = jnp.tril(jnp.ones(scores.shape[-2:], bool))
     probs = jax.nn.softmax(jnp.where(causal, scores, -jnp.inf), axis=-1)
-    out = jnp.einsum("bhts,bhsd->bhtd", probs.astype(v.dtype), vh)
+    out = _einsum("bhts,bhsd->bhtd", probs.astype(v.dtype), vh)
     return out.transpose(0, 2, 1, 3), (qh, kh, vh, probs)
 
 
@@ -56,12 +62,12 @@ def _backward(group: int, residuals, d_out):
     scale = qh.shape[-1] ** -0.5
     d_oh = d_out.transpose(0, 2, 1, 3)
     p = probs.astype(vh.dtype)
-    d_v = jnp.einsum("bhts,bhtd->bhsd", p, d_oh)
+    d_v = _einsum("bhts,bhtd->bhsd", p, d_oh)
     d_p = jnp.einsum("bhtd,bhsd->bhts", d_oh, vh, preferred_element_type=jnp.float32)
     # Softmax backward; masked positions have p = 0 and so get no gradient.
     d_s = (probs * (d_p - jnp.sum(d_p * probs, axis=-1, keepdims=True))).astype(qh.dtype)
-    d_q = jnp.einsum("bhts,bhsd->bhtd", d_s, kh) * scale
-    d_k = jnp.einsum("bhts,bhtd->bhsd", d_s, qh) * scale
+    d_q = _einsum("bhts,bhsd->bhtd", d_s, kh) * scale
+    d_k = _einsum("bhts,bhtd->bhsd", d_s, qh) * scale
     return d_q.transpose(0, 2, 1, 3), _from_heads(d_k, group), _from_heads(d_v, group)
 
 

@@ -43,6 +43,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from chipwise.dots import matmul
 from chipwise.sharding import active_mesh, constrain, logical_to_spec
 
 # Target size of one chunk's fp32 logits (see `default_chunk_tokens`).
@@ -109,7 +110,7 @@ def next_token_loss(hidden, head, targets, *, chunk_tokens: int, compute_dtype) 
     n = math.prod(lead)
     t = chunk_size(n, chunk_tokens, token_shards(n))
     if t == n:  # one chunk: the plain computation
-        logits = (hidden @ head.astype(compute_dtype)).astype(jnp.float32)
+        logits = matmul(hidden.reshape(n, d), head, compute_dtype, out_dtype=jnp.float32).reshape(*lead, vocab)
         logits = constrain(logits, ("batch",) + (None,) * (logits.ndim - 2) + ("vocab",))
         return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
 
@@ -120,22 +121,24 @@ def next_token_loss(hidden, head, targets, *, chunk_tokens: int, compute_dtype) 
     # that the batch sharding already put on the devices of shard s.
     xs = constrain(hidden.reshape(g, t // g, c, d), ("batch", None, None, None)).transpose(2, 0, 1, 3)
     ys = targets.reshape(g, t // g, c).transpose(2, 0, 1)
-    if g == 1:
-        w, spec = head, "td,dv->tv"  # (a plain 2-D matmul: XLA's CPU backend needs less scratch for it)
-    else:
+    w = head
+    if g > 1:
         # One copy of the head per token shard (each device holds only its own, so this is the all-gather an
         # fsdp-sharded head needs anyway, done once before the loop). The backward pass then accumulates each
         # shard's d_head locally across chunks and sums the shards once, after the loop; with one shared [d, vocab]
         # head GSPMD would all-reduce the whole head gradient once per chunk.
-        w, spec = constrain(jnp.broadcast_to(head, (g, d, vocab)), ("batch", None, "vocab")), "gtd,gdv->gtv"
+        w = constrain(jnp.broadcast_to(head, (g, d, vocab)), ("batch", None, "vocab"))
 
     @functools.partial(jax.checkpoint, prevent_cse=False)  # scan already keeps XLA from merging the recompute away
     def body(carry, chunk):
         x, y = chunk
-        if g == 1:
+        if g == 1:  # a plain 2-D matmul: XLA's CPU backend needs less scratch for it
             x, y = x[0], y[0]
         x = constrain(x, ("batch",) + (None,) * (x.ndim - 1))
-        logits = jnp.einsum(spec, x, w.astype(compute_dtype)).astype(jnp.float32)
+        if g == 1:
+            logits = matmul(x, w, compute_dtype, out_dtype=jnp.float32)
+        else:
+            logits = jnp.einsum("gtd,gdv->gtv", x, w.astype(compute_dtype)).astype(jnp.float32)
         logits = constrain(logits, ("batch",) + (None,) * (logits.ndim - 2) + ("vocab",))
         return carry, optax.softmax_cross_entropy_with_integer_labels(logits, y)
 
