@@ -29,7 +29,8 @@ def test_train_resume_sample_and_run_dir_safety(tmp_path, corpus, capsys):
     run = tmp_path / "run"
     assert main(["train", *train_args(run, corpus)]) == 0
     out = capsys.readouterr().out
-    assert "chipwise run summary" in out and "MFU" in out and "measured here" in out
+    assert "chipwise run summary" in out and "MFU" in out
+    assert "derived from the instruction set" in out or "measured here" in out  # the peak says what it is
 
     records = read_metrics(run)
     train = [r for r in records if "loss" in r]

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 
-from chipwise import catalog
+from chipwise import catalog, cpu_peak
 from chipwise.config import HardwareConfig
 from chipwise.flops import CONVENTION
 from chipwise.sharding import platform_rules
@@ -23,7 +23,7 @@ from chipwise.sharding import platform_rules
 class Peak:
     tflops_per_device: float | None
     source: str  # e.g. "catalog h100-sxm dense bf16", "measured here: fp32 matmul", "user-given", "unknown: ..."
-    kind: str  # catalog | measured | user | unknown
+    kind: str  # catalog | derived (a CPU's, from its instruction set) | measured | user | unknown
 
     def describe(self) -> str:
         if self.tflops_per_device is None:
@@ -81,6 +81,13 @@ def resolve_hardware(devices, compute_dtype, hw: HardwareConfig) -> Hardware:
     elif acc is not None and acc.peak_tflops_per_device("bf16") is not None:
         # MFU is quoted against the dense bf16 peak whatever the compute dtype (the usual convention).
         peak = Peak(acc.peak_tflops_per_device("bf16"), f"catalog {acc.id} dense bf16 peak", "catalog")
+    elif device.platform == "cpu" and (derived := cpu_peak.detect()) is not None:
+        # Against what the chip can do, as for accelerators; the framework's best matmul goes beside it.
+        achievable = ""
+        if hw.measure_peak:
+            achievable = (f"; achievable here (measured): best {dtype_name} 1024^3 matmul, "
+                          f"{measure_matmul_tflops(compute_dtype) * 1e3:.0f} GFLOP/s per chip")
+        peak = Peak(derived.best.tflops / per_chip, derived.describe() + achievable, "derived")
     elif hw.measure_peak:
         whole = measure_matmul_tflops(compute_dtype)
         peak = Peak(whole / per_chip, f"measured here: best {dtype_name} 1024^3 matmul, "
