@@ -52,9 +52,10 @@ def test_remat_changes_nothing_numerically(small_model_cfg):
         m = nnx.merge(graphdef, params)
         return next_token_loss(m(x[:, :-1], remat=remat), x[:, 1:])
 
-    base, g_base = jax.value_and_grad(loss)(params, "none")
+    value_and_grad = jax.jit(jax.value_and_grad(loss), static_argnums=1)  # compiled: eager dispatch is slower
+    base, g_base = value_and_grad(params, "none")
     for policy in ("full", "dots"):
-        value, grads = jax.value_and_grad(loss)(params, policy)
+        value, grads = value_and_grad(params, policy)
         np.testing.assert_allclose(value, base, rtol=1e-6)
         for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(g_base)):
             np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
@@ -106,8 +107,9 @@ def test_scanned_layers_equal_unrolled_ones(small_model_cfg, remat):
         model = nnx.merge(graphdefs[scan], params)
         return next_token_loss(model(x[:, :-1], remat=remat), x[:, 1:])
 
-    l_unrolled, g_unrolled = jax.value_and_grad(loss)(params, False)
-    l_scanned, g_scanned = jax.value_and_grad(loss)(stacked, True)
+    value_and_grad = jax.jit(jax.value_and_grad(loss), static_argnums=1)  # compiled: eager dispatch is slower
+    l_unrolled, g_unrolled = value_and_grad(params, False)
+    l_scanned, g_scanned = value_and_grad(stacked, True)
     np.testing.assert_allclose(l_scanned, l_unrolled, rtol=1e-5)
     for i in range(3):
         for a, b in zip(jax.tree.leaves(layer_params(g_scanned, i, scanned_cfg)),

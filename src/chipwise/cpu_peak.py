@@ -122,5 +122,6 @@ def detect(cpuinfo: str | None = None, cores: int | None = None, ghz: float | No
     if not units or not ghz:
         return None
     cores = cores or physical_cores(text)
-    peaks = [DtypePeak(dtype, isa, per_cycle, cores * per_cycle * ghz / 1e3) for dtype, (isa, per_cycle) in units.items()]
+    peaks = [DtypePeak(dtype, isa, per_cycle, cores * per_cycle * ghz / 1e3)
+             for dtype, (isa, per_cycle) in units.items()]
     return CpuPeak(cores, ghz, tuple(sorted(peaks, key=lambda p: -p.tflops)))

@@ -13,6 +13,7 @@ are a Python list, unrolled.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable
 
@@ -166,15 +167,18 @@ class Transformer(nnx.Module):
         return [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(c.num_layers)]
 
     def hidden(self, tokens, *, dtype=jnp.float32, attend: Callable = reference.attend, remat: str = "none",
-               positions=None, caches=None, cache_start=0, run_blocks: Callable | None = None):
+               positions=None, caches=None, cache_start=0, run_blocks: Callable | None = None, segment_ids=None):
         """tokens [batch, seq] -> final hidden states [batch, seq, d_model] after the final norm (and the updated
-        KV caches, if given: written from position `cache_start`). `run_blocks(blocks, x, positions) -> x`, where
-        given, runs the stacked blocks instead of the scan (train/pipeline.py runs them as pipeline stages)."""
+        KV caches, if given: written from position `cache_start`). `run_blocks(blocks, x, positions, segment_ids)
+        -> x`, where given, runs the stacked blocks instead of the scan (train/pipeline.py runs them as pipeline
+        stages). `segment_ids` [batch, seq], where given, keep attention within each segment (packed documents)."""
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
         x = constrain(self.embed[...].astype(dtype)[tokens], ("batch", "seq", "embed"))
+        if segment_ids is not None:
+            attend = functools.partial(attend, segment_ids=segment_ids)
         if run_blocks is not None:
-            x = run_blocks(self.blocks, x, positions)
+            x = run_blocks(self.blocks, x, positions, segment_ids)
         elif self.cfg.scanned:
             x, caches = self._scan_blocks(x, positions, attend, remat, caches, cache_start)
         else:

@@ -45,8 +45,9 @@ def _module(name: str):
 
 
 def select(platform: str, *, seq_len: int, head_dim: int, num_heads: int, num_kv_heads: int, dtype,
-           override: str = "auto") -> AttentionChoice:
-    """Pick the implementation for `platform` and this shape; `override` forces one by name."""
+           override: str = "auto", document_masking: bool = False) -> AttentionChoice:
+    """Pick the implementation for `platform` and this shape; `override` forces one by name. With
+    `document_masking` only implementations that take segment ids (attend(..., segment_ids=)) are chosen."""
     candidates = REGISTRY.get(platform, ("reference",)) if override == "auto" else (override, "reference")
     reasons = []
     for name in candidates:
@@ -55,7 +56,8 @@ def select(platform: str, *, seq_len: int, head_dim: int, num_heads: int, num_kv
         try:
             mod = _module(name)
             why = mod.unsupported_reason(platform=platform, seq_len=seq_len, head_dim=head_dim,
-                                         num_heads=num_heads, num_kv_heads=num_kv_heads, dtype=dtype)
+                                         num_heads=num_heads, num_kv_heads=num_kv_heads, dtype=dtype,
+                                         document_masking=document_masking)
         except ImportError as e:  # the backend's package is not installed here
             why = f"cannot import its backend package ({e})"
         if why is None:

@@ -18,10 +18,15 @@ def unsupported_reason(*, platform, **_) -> str | None:
     return None if platform == "cpu" else f"written for CPUs, this is {platform}"
 
 
-def attend(q, k, v, *, is_causal: bool, kv_lengths=None):
+def attend(q, k, v, *, is_causal: bool, kv_lengths=None, segment_ids=None):
+    """segment_ids [batch, seq], where given: a query sees only keys of its own segment (its document)."""
     if not is_causal or kv_lengths is not None:  # decode steps: tiny, the reference is fine
-        return reference.attend(q, k, v, is_causal=is_causal, kv_lengths=kv_lengths)
-    return _causal_attention(q, k, v, q.shape[2] // k.shape[2])
+        return reference.attend(q, k, v, is_causal=is_causal, kv_lengths=kv_lengths, segment_ids=segment_ids)
+    t, s = q.shape[1], k.shape[1]
+    allowed = jnp.tril(jnp.ones((t, s), bool))[None, None]  # [1, 1, t, s]
+    if segment_ids is not None:
+        allowed = allowed & reference.same_segment(segment_ids)
+    return _causal_attention(q, k, v, allowed, q.shape[2] // k.shape[2])
 
 
 def _to_heads(x, group: int):
@@ -42,19 +47,20 @@ def _einsum(spec, a, b):
     return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32).astype(a.dtype)
 
 
-def _forward(q, k, v, group: int):
+def _forward(q, k, v, allowed, group: int):
     scale = q.shape[-1] ** -0.5
     qh, kh, vh = q.transpose(0, 2, 1, 3), _to_heads(k, group), _to_heads(v, group)
     scores = jnp.einsum("bhtd,bhsd->bhts", qh, kh, preferred_element_type=jnp.float32) * scale
-    causal = jnp.tril(jnp.ones(scores.shape[-2:], bool))
-    probs = jax.nn.softmax(jnp.where(causal, scores, -jnp.inf), axis=-1)
+    # Every query sees at least itself (causal, and its own segment), so no row is all -inf.
+    probs = jax.nn.softmax(jnp.where(allowed, scores, -jnp.inf), axis=-1)
     out = _einsum("bhts,bhsd->bhtd", probs.astype(v.dtype), vh)
     return out.transpose(0, 2, 1, 3), (qh, kh, vh, probs)
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _causal_attention(q, k, v, group: int):
-    return _forward(q, k, v, group)[0]
+@partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _causal_attention(q, k, v, allowed, group: int):
+    """`allowed` [1 or batch, 1, t, s]: which keys each query may see (causal, and within its segment)."""
+    return _forward(q, k, v, allowed, group)[0]
 
 
 def _backward(group: int, residuals, d_out):
@@ -68,7 +74,7 @@ def _backward(group: int, residuals, d_out):
     d_s = (probs * (d_p - jnp.sum(d_p * probs, axis=-1, keepdims=True))).astype(qh.dtype)
     d_q = _einsum("bhts,bhsd->bhtd", d_s, kh) * scale
     d_k = _einsum("bhts,bhtd->bhsd", d_s, qh) * scale
-    return d_q.transpose(0, 2, 1, 3), _from_heads(d_k, group), _from_heads(d_v, group)
+    return d_q.transpose(0, 2, 1, 3), _from_heads(d_k, group), _from_heads(d_v, group), None
 
 
 _causal_attention.defvjp(_forward, _backward)

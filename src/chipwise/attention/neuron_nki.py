@@ -14,7 +14,7 @@ def unsupported_reason(*, platform, **_) -> str | None:
     return "the NKI kernel is not yet validated against the reference on Trainium hardware"
 
 
-def attend(q, k, v, *, is_causal: bool, kv_lengths=None):  # pragma: no cover - never selected until validated
+def attend(q, k, v, *, is_causal: bool, kv_lengths=None, segment_ids=None):  # pragma: no cover - never selected
     from chipwise.attention import reference
 
-    return reference.attend(q, k, v, is_causal=is_causal, kv_lengths=kv_lengths)
+    return reference.attend(q, k, v, is_causal=is_causal, kv_lengths=kv_lengths, segment_ids=segment_ids)

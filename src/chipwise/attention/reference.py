@@ -7,7 +7,14 @@ def unsupported_reason(**_) -> None:
     return None
 
 
-def attend(q, k, v, *, is_causal: bool, kv_lengths=None):
-    """kv_lengths [batch] limits each row to its first keys (used by the KV-cache decode)."""
-    return jax.nn.dot_product_attention(q, k, v, is_causal=is_causal, key_value_seq_lengths=kv_lengths,
+def same_segment(segment_ids):
+    """[batch, seq] segment ids -> [batch, 1, seq, seq]: whether query t and key s are in the same segment."""
+    return (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
+
+
+def attend(q, k, v, *, is_causal: bool, kv_lengths=None, segment_ids=None):
+    """kv_lengths [batch] limits each row to its first keys (used by the KV-cache decode); segment_ids [batch, seq]
+    (self-attention over packed documents) keeps each query to keys of its own segment."""
+    mask = None if segment_ids is None else same_segment(segment_ids)
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal, key_value_seq_lengths=kv_lengths,
                                         implementation="xla")

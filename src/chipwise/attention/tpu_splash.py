@@ -36,14 +36,16 @@ def _kernel(group: int, q_len: int, kv_len: int, interpret: bool):
     return splash.make_splash_mqa(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret)
 
 
-def attend(q, k, v, *, is_causal: bool, kv_lengths=None, interpret: bool = False):
+def attend(q, k, v, *, is_causal: bool, kv_lengths=None, segment_ids=None, interpret: bool = False):
+    """segment_ids [batch, seq], where given, go to the kernel's own SegmentIds: no attention across documents."""
     if not is_causal or kv_lengths is not None:
         from chipwise.attention import reference  # decode steps are tiny: the kernel buys nothing there
-        return reference.attend(q, k, v, is_causal=is_causal, kv_lengths=kv_lengths)
+        return reference.attend(q, k, v, is_causal=is_causal, kv_lengths=kv_lengths, segment_ids=segment_ids)
     mesh, rules = active_mesh()
     local = functools.partial(_attend_local, interpret=interpret)
+    args = (q, k, v) if segment_ids is None else (q, k, v, segment_ids.astype(jnp.int32))
     if mesh is None or mesh.size == 1:
-        return local(q, k, v)
+        return local(*args)
     # XLA cannot partition a Mosaic kernel by itself: run it per shard, batch and heads split as the rules say.
     q_spec = logical_to_spec(("batch", "seq", "heads", "head_dim"), q.shape, mesh, rules)
     kv_spec = logical_to_spec(("batch", "seq", "kv_heads", "head_dim"), k.shape, mesh, rules)
@@ -51,11 +53,13 @@ def attend(q, k, v, *, is_causal: bool, kv_lengths=None, interpret: bool = False
         group = q.shape[2] // k.shape[2]
         k, v = jnp.repeat(k, group, axis=2), jnp.repeat(v, group, axis=2)
         kv_spec = q_spec
-    return jax.shard_map(local, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec), out_specs=q_spec,
-                         check_vma=False)(q, k, v)
+    specs = (q_spec, kv_spec, kv_spec)
+    if segment_ids is not None:
+        specs += (logical_to_spec(("batch", "seq"), segment_ids.shape, mesh, rules),)
+    return jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=q_spec, check_vma=False)(*args)
 
 
-def _attend_local(q, k, v, *, interpret: bool):
+def _attend_local(q, k, v, segment_ids=None, *, interpret: bool):
     b, t, h, d = q.shape
     kvh = k.shape[2]
     group = h // kvh
@@ -64,5 +68,12 @@ def _attend_local(q, k, v, *, interpret: bool):
     # [b, t, kvh*group, d] -> [b, kvh, group, t, d]; k, v -> [b, kvh, s, d]
     qg = (q * scale).astype(q.dtype).reshape(b, t, kvh, group, d).transpose(0, 2, 3, 1, 4)
     kg, vg = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
-    out = jax.vmap(jax.vmap(kernel))(qg, kg, vg)  # over batch, then over KV heads
+    if segment_ids is None:
+        out = jax.vmap(jax.vmap(kernel))(qg, kg, vg)  # over batch, then over KV heads
+    else:
+        def example(qb, kb, vb, ids):  # one sequence: its KV heads share its segment ids
+            segments = splash.SegmentIds(q=ids, kv=ids)
+            return jax.vmap(lambda qh, kh, vh: kernel(qh, kh, vh, segment_ids=segments))(qb, kb, vb)
+
+        out = jax.vmap(example)(qg, kg, vg, segment_ids)
     return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, d).astype(q.dtype)

@@ -63,7 +63,8 @@ def select_attention(cfg: Config, platform: str, dtype, mesh) -> attention.Atten
 
     m = cfg.model
     preferred = attention.select(platform, seq_len=cfg.train.seq_len, head_dim=m.head_dim, num_heads=m.num_heads,
-                                 num_kv_heads=m.num_kv_heads, dtype=dtype)
+                                 num_kv_heads=m.num_kv_heads, dtype=dtype,
+                                 document_masking=cfg.data.document_masking)
     return choice_for(mesh.shape["context"], cfg.train.seq_len, preferred)
 
 
@@ -91,19 +92,21 @@ class TrainStep:
         return self
 
 
-def build_train_step(cfg: Config, mesh, platform: str, choice: attention.AttentionChoice | None = None) -> TrainStep:
+def build_train_step(cfg: Config, mesh, platform: str, choice: attention.AttentionChoice | None = None,
+                     eos_id: int = 0) -> TrainStep:
     """The train step of `cfg` for `mesh` (real devices, or an abstract TPU topology), ready to compile.
 
     `platform` picks the attention and the compute dtype; it need not be this process's (plan --aot builds for
     "tpu" on a CPU). Pass `choice` where the attention was already selected (the trainer reports it first).
     Callers compile it with `.compile()`; the trainer does so only once its checkpoint has been accepted.
+    `eos_id` ends documents for data.document_masking (the tokenizer's; a trained one's is 0).
     """
     cfg = with_platform_defaults(cfg, platform)
     check_batch_fits(cfg.train, mesh)
     dtype = compute_dtype(cfg.train.dtype, platform)
     choice = choice or select_attention(cfg, platform, dtype, mesh)
     rules = platform_rules(platform)["rules"]
-    steps = build_steps(cfg, mesh, choice.fn, dtype)  # outside the mesh context: it runs eager set-up code
+    steps = build_steps(cfg, mesh, choice.fn, dtype, eos_id)  # outside the mesh context: it runs eager set-up code
     with use_mesh(mesh, rules):
         state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                              jax.eval_shape(steps.init), steps.state_shardings)

@@ -52,40 +52,50 @@ def context_attention(order: np.ndarray):
     [seq/context, seq] square. Dense within a block: the masked half of the scores is computed too."""
     positions = jnp.asarray(order, jnp.int32)
 
-    def attend(q, k, v, *, is_causal: bool, kv_lengths=None):
+    def attend(q, k, v, *, is_causal: bool, kv_lengths=None, segment_ids=None):
+        """segment_ids [batch, seq] in the same `order` as q: each query sees only keys of its own segment."""
         if kv_lengths is not None:
             raise ValueError("context-parallel attention is for training; the KV-cache decode runs without it")
         mesh, rules = active_mesh()
         local = functools.partial(_attend_local, kv_positions=positions, is_causal=is_causal)
+        segments = () if segment_ids is None else (segment_ids, segment_ids)  # the queries', the keys'
         if mesh is None or mesh.size == 1:
-            return local(q, k, v, positions)
+            return local(q, k, v, positions, *segments)
         q_spec = logical_to_spec(("batch", "seq", "heads", "head_dim"), q.shape, mesh, rules)
         kv_spec = logical_to_spec(("batch", None, "kv_heads", "head_dim"), k.shape, mesh, rules)  # gathered
         if q_spec[2] != kv_spec[2]:  # KV heads too few to split like the query heads: one per query head
             group = q.shape[2] // k.shape[2]
             k, v = jnp.repeat(k, group, axis=2), jnp.repeat(v, group, axis=2)
             kv_spec = PartitionSpec(q_spec[0], None, q_spec[2], q_spec[3])
-        return jax.shard_map(local, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, PartitionSpec(q_spec[1])),
-                             out_specs=q_spec, check_vma=False)(q, k, v, positions)
+        specs = (q_spec, kv_spec, kv_spec, PartitionSpec(q_spec[1]))
+        if segments:  # the queries' ids split like the queries, the keys' gathered like the keys
+            specs += (PartitionSpec(q_spec[0], q_spec[1]), PartitionSpec(q_spec[0], None))
+        return jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=q_spec, check_vma=False)(
+            q, k, v, positions, *segments)
 
     attend.order = order  # which layout it masks for (train/step.py checks it matches the step's)
     return attend
 
 
-def _attend_local(q, k, v, q_positions, *, kv_positions, is_causal: bool):
-    """This device's queries [b, t, h, d] (at `q_positions`) against all keys, QUERY_BLOCK queries at a time."""
+def _attend_local(q, k, v, q_positions, q_segments=None, kv_segments=None, *, kv_positions, is_causal: bool):
+    """This device's queries [b, t, h, d] (at `q_positions`, in `q_segments` [b, t] if given) against all keys,
+    QUERY_BLOCK queries at a time."""
     b, t, h, d = q.shape
     fits = max(1, SCORE_ELEMENTS // (b * h * k.shape[1]))  # queries whose scores fit the budget
     block = math.gcd(t, min(QUERY_BLOCK, 1 << (fits.bit_length() - 1)))  # a power of two dividing t
 
     @jax.checkpoint  # the backward pass recomputes one block's scores instead of keeping every block's
     def one_block(args):
-        q_block, pos_block = args
+        q_block, pos_block, seg_block = args
         mask = (pos_block[:, None] >= kv_positions[None, :])[None, None] if is_causal else None
+        if seg_block is not None:
+            same = (seg_block[:, :, None] == kv_segments[:, None, :])[:, None]  # [b, 1, block, s]
+            mask = same if mask is None else mask & same
         return jax.nn.dot_product_attention(q_block, k, v, mask=mask, implementation="xla")
 
     blocks = q.reshape(b, t // block, block, h, d).swapaxes(0, 1)
-    out = jax.lax.map(one_block, (blocks, q_positions.reshape(t // block, block)))
+    seg_blocks = None if q_segments is None else q_segments.reshape(b, t // block, block).swapaxes(0, 1)
+    out = jax.lax.map(one_block, (blocks, q_positions.reshape(t // block, block), seg_blocks))
     return out.swapaxes(0, 1).reshape(b, t, h, d)
 
 

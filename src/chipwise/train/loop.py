@@ -66,7 +66,8 @@ class Trainer:
             self.run_dir.write_tokenizer(self.data.tokenizer)
             self.run_dir.write_config(cfg)  # a resumed run's config is written once the checkpoint accepts it
         with use_mesh(self.setup.mesh, self.setup.rules):
-            compiled = build_train_step(cfg, self.setup.mesh, self.setup.platform, self.setup.attention)
+            compiled = build_train_step(cfg, self.setup.mesh, self.setup.platform, self.setup.attention,
+                                        eos_id=self.data.eos_id)
             ckpt = self.run_dir.checkpoints(t.keep_checkpoints, t.keep_every, log=self.log)
             try:
                 state, start, iterator, guard, totals = initial_state(

@@ -23,6 +23,8 @@ The embedding, the final norm and the loss run outside the pipeline, on every st
 
 from __future__ import annotations
 
+import functools
+
 from dataclasses import dataclass
 from typing import Callable
 
@@ -129,8 +131,9 @@ def restore_target(abstract_state, layout: StageLayout):
 
 
 def pipelined_blocks(layout: StageLayout, microbatches: int, attend: Callable, remat: str) -> Callable:
-    """`run_blocks(blocks, x, positions) -> x` for Transformer.hidden: the blocks' slotted layers as a pipeline over
-    `layout.stages` stages and `layout.repeats` passes, each batch cut into `microbatches` micro-batches."""
+    """`run_blocks(blocks, x, positions, segment_ids=None) -> x` for Transformer.hidden: the blocks' slotted layers
+    as a pipeline over `layout.stages` stages and `layout.repeats` passes, each batch cut into `microbatches`
+    micro-batches (positions and segment ids with them)."""
     stages, repeats, per_stage = layout.stages, layout.repeats, layout.per_stage
     ticks = repeats * microbatches + stages - 1
     if repeats > 1 and microbatches < stages:
@@ -139,7 +142,7 @@ def pipelined_blocks(layout: StageLayout, microbatches: int, attend: Callable, r
     filled = jnp.asarray(layout.slot_layers().reshape(stages, repeats, per_stage) >= 0)
     first_stage = jnp.arange(stages) == 0
 
-    def run_blocks(blocks, x, positions):
+    def run_blocks(blocks, x, positions, segment_ids=None):
         graphdef, stacked = nnx.split(blocks)
         staged = jax.tree.map(lambda a: a.reshape(stages, repeats, per_stage, *a.shape[1:]), stacked)
         batch = x.shape[0]
@@ -147,12 +150,15 @@ def pipelined_blocks(layout: StageLayout, microbatches: int, attend: Callable, r
             raise ValueError(f"a batch of {batch} does not split into {microbatches} pipeline micro-batches")
         xs = x.reshape(microbatches, batch // microbatches, *x.shape[1:])
         ps = positions.reshape(microbatches, batch // microbatches, *positions.shape[1:])
+        ss = None if segment_ids is None else segment_ids.reshape(ps.shape)
         stage_index = jnp.arange(stages)
 
-        def stage(params, has_layer, repeat, h, pos):  # one stage on pass `repeat`: its slots in turn
+        def stage(params, has_layer, repeat, h, pos, seg):  # one stage on pass `repeat`: its slots in turn
+            attend_here = attend if seg is None else functools.partial(attend, segment_ids=seg)
+
             def layer(h, slot):
                 p, present = slot
-                out, _ = nnx.merge(graphdef, p)(h, pos, attend)
+                out, _ = nnx.merge(graphdef, p)(h, pos, attend_here)
                 return jnp.where(present, out, h), None
 
             if remat != "none":
@@ -175,7 +181,8 @@ def pipelined_blocks(layout: StageLayout, microbatches: int, attend: Callable, r
             held = constrain(held, ("stages", "batch", "seq", "embed"))
             iteration = t - stage_index  # stage s runs iteration t - s: its micro-batch's positions, its pass
             repeat = jnp.clip(iteration // microbatches, 0, repeats - 1)
-            held = all_stages(staged, filled, repeat, held, ps[iteration % microbatches])
+            mb = iteration % microbatches
+            held = all_stages(staged, filled, repeat, held, ps[mb], None if ss is None else ss[mb])
             held = constrain(held, ("stages", "batch", "seq", "embed"))
             # The last stage finished iteration t - (S - 1); before the first, what it writes is overwritten later.
             done = jnp.maximum(t - (stages - 1), 0) % microbatches

@@ -111,7 +111,14 @@ def abstract_state(cfg: Config, layout: StageLayout | None = None):
     return jax.eval_shape(make_init(cfg.model, cfg.train, layout=layout or stage_layout(cfg))), graphdef
 
 
-def build_steps(cfg: Config, mesh: Mesh, attend: Callable, compute_dtype) -> Steps:
+def document_segments(tokens, eos_id: int):
+    """[batch, seq] token ids -> segment ids: how many EOS come before each token in its row. An EOS belongs to the
+    document it ends, the token after it starts the next."""
+    is_eos = (tokens == eos_id).astype(jnp.int32)
+    return jnp.cumsum(is_eos, axis=1) - is_eos
+
+
+def build_steps(cfg: Config, mesh: Mesh, attend: Callable, compute_dtype, eos_id: int = 0) -> Steps:
     m, t = cfg.model, cfg.train
     abstract = abstract_model(m)
     graphdef, abstract_params = nnx.split(abstract)
@@ -154,11 +161,13 @@ def build_steps(cfg: Config, mesh: Mesh, attend: Callable, compute_dtype) -> Ste
     def forward(params, tokens):
         model = nnx.merge(graphdef, params)
         inputs, targets, positions = tokens[:, :-1], tokens[:, 1:], None
+        segments = document_segments(inputs, eos_id) if cfg.data.document_masking else None
         if order is not None:
             inputs, targets = inputs[:, order], targets[:, order]
             positions = jnp.broadcast_to(jnp.asarray(order, jnp.int32), inputs.shape)
+            segments = None if segments is None else segments[:, order]
         hidden = model.hidden(inputs, dtype=compute_dtype, attend=attend, remat=t.remat, positions=positions,
-                              run_blocks=run_blocks)
+                              run_blocks=run_blocks, segment_ids=segments)
         # The LM head and the loss a chunk of tokens at a time: the full logits never exist (train/loss.py).
         return chunked_loss(hidden, model.head(), targets, chunk_tokens=chunk, compute_dtype=compute_dtype)
 
