@@ -43,9 +43,9 @@ def attend(q, k, v, *, is_causal: bool, kv_lengths=None, segment_ids=None, inter
         return reference.attend(q, k, v, is_causal=is_causal, kv_lengths=kv_lengths, segment_ids=segment_ids)
     mesh, rules = active_mesh()
     local = functools.partial(_attend_local, interpret=interpret)
-    args = (q, k, v) if segment_ids is None else (q, k, v, segment_ids.astype(jnp.int32))
+    segments = () if segment_ids is None else (segment_ids.astype(jnp.int32),)
     if mesh is None or mesh.size == 1:
-        return local(*args)
+        return local(q, k, v, *segments)
     # XLA cannot partition a Mosaic kernel by itself: run it per shard, batch and heads split as the rules say.
     q_spec = logical_to_spec(("batch", "seq", "heads", "head_dim"), q.shape, mesh, rules)
     kv_spec = logical_to_spec(("batch", "seq", "kv_heads", "head_dim"), k.shape, mesh, rules)
@@ -54,9 +54,9 @@ def attend(q, k, v, *, is_causal: bool, kv_lengths=None, segment_ids=None, inter
         k, v = jnp.repeat(k, group, axis=2), jnp.repeat(v, group, axis=2)
         kv_spec = q_spec
     specs = (q_spec, kv_spec, kv_spec)
-    if segment_ids is not None:
+    if segments:
         specs += (logical_to_spec(("batch", "seq"), segment_ids.shape, mesh, rules),)
-    return jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=q_spec, check_vma=False)(*args)
+    return jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=q_spec, check_vma=False)(q, k, v, *segments)
 
 
 def _attend_local(q, k, v, segment_ids=None, *, interpret: bool):
