@@ -1,5 +1,6 @@
 """Hugging Face Llama conversion against `transformers` itself: logits, tokenizer, sharding, and refusals."""
 
+import dataclasses
 import json
 
 import jax
@@ -54,11 +55,18 @@ def hf_logits(path, tokens) -> np.ndarray:
         return model(torch.tensor(tokens)).logits.numpy()
 
 
+# Llama 3.1's rope scaling at a context where, with theta 500 and head size 8, the four frequencies fall one in the
+# kept band, one in the blend and two in the stretched band.
+LLAMA3_ROPE = dict(rope_type="llama3", rope_factor=8.0, rope_low_freq_factor=1.0, rope_high_freq_factor=4.0,
+                   rope_original_max_seq_len=64)
+
+
 # GQA (4 query heads on 2 KV heads), a non-default theta, and an eps large enough that a wrong one shows.
-@pytest.mark.parametrize("tie", [True, False])
-def test_transformers_logits_match_chipwise(tmp_path, tokenizer_file, tie):
+@pytest.mark.parametrize("tie,rope", [(True, {}), (False, {}), (False, LLAMA3_ROPE)],
+                         ids=["tied", "untied", "llama3-rope"])
+def test_transformers_logits_match_chipwise(tmp_path, tokenizer_file, tie, rope):
     m = ModelConfig(num_layers=2, d_model=32, num_heads=4, num_kv_heads=2, d_ff=48, vocab_size=300,
-                    tie_embeddings=tie, rope_theta=500.0, norm_eps=0.05, max_seq_len=64)
+                    tie_embeddings=tie, rope_theta=500.0, norm_eps=0.05, max_seq_len=64, **rope)
     params = random_params(m, seed=1 + tie)
     write_checkpoint(tmp_path, m, params, tokenizer_file)
     tokens = np.random.default_rng(0).integers(0, m.vocab_size, (2, 24))
@@ -131,22 +139,44 @@ BASE = convert.hf_config(ModelConfig(num_layers=2, d_model=32, num_heads=4, num_
 @pytest.mark.parametrize("field,value", [
     ("attention_bias", True), ("mlp_bias", True), ("hidden_act", "gelu"), ("architectures", ["MistralForCausalLM"]),
     ("model_type", "gpt2"), ("rope_scaling", {"rope_type": "yarn", "factor": 4.0}),
-    ("rope_parameters", {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0}), ("head_dim", 16),
+    ("rope_parameters", {"rope_type": "longrope", "rope_theta": 5e5, "factor": 8.0}), ("head_dim", 16),
     ("num_hidden_layers", 0),
+    # llama3 scaling with one of its four numbers missing: the message names it
+    ("low_freq_factor", {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0, "high_freq_factor": 4.0,
+                         "original_max_position_embeddings": 8192}),
+    ("rope_scaling", {"rope_type": "llama3", "factor": 8.0}),  # rope_parameters (BASE's) says default
 ])
 def test_unrepresentable_configs_name_the_field(field, value):
+    config = {**BASE, "rope_parameters": value} if field == "low_freq_factor" else {**BASE, field: value}
     with pytest.raises(ChipwiseError, match=f"field {field}=") as err:
-        convert.model_config({**BASE, field: value})
+        convert.model_config(config)
     assert "\n" not in str(err.value)
 
 
-def test_hf_config_round_trips_to_model_config():
+@pytest.mark.parametrize("rope", [{}, LLAMA3_ROPE], ids=["default", "llama3"])
+def test_hf_config_round_trips_to_model_config(rope):
     m = ModelConfig(num_layers=3, d_model=64, num_heads=8, num_kv_heads=2, d_ff=96, vocab_size=500,
-                    tie_embeddings=False, rope_theta=1e6, norm_eps=1e-6, max_seq_len=128)
+                    tie_embeddings=False, rope_theta=1e6, norm_eps=1e-6, max_seq_len=128, **rope)
     assert convert.model_config(convert.hf_config(m, 0)) == m
-    # transformers 4.x configs carry rope_theta at the top level and no rope_parameters
+    # transformers 4.x configs carry rope_theta and rope_scaling at the top level and no rope_parameters
     legacy = {k: v for k, v in convert.hf_config(m, 0).items() if k != "rope_parameters"}
-    assert convert.model_config(legacy).rope_theta == 1e6
+    assert convert.model_config(legacy) == m
+
+
+def test_llama3_rope_frequencies_are_transformers_own():
+    """The 1b preset's (Llama 3.2 1B's) rotary frequencies against transformers' llama3 rope initialiser."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from chipwise.model import rope_frequencies
+    from chipwise.presets import PRESETS
+
+    m = ModelConfig(**PRESETS["1b"])
+    hf = transformers.LlamaConfig(**convert.hf_config(m, 0))
+    inv_freq, attention_factor = ROPE_INIT_FUNCTIONS["llama3"](hf, "cpu")
+    assert attention_factor == 1.0
+    np.testing.assert_allclose(rope_frequencies(m), inv_freq.numpy(), rtol=1e-6)
+    plain = rope_frequencies(dataclasses.replace(m, rope_type="default"))
+    assert plain[0] == rope_frequencies(m)[0] and plain[-1] == pytest.approx(32 * rope_frequencies(m)[-1])
 
 
 def test_tensor_problems_name_the_tensor():

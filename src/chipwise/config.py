@@ -29,6 +29,14 @@ class ModelConfig:
     ffn: str = "swiglu"  # swiglu | gelu
     tie_embeddings: bool = True
     rope_theta: float = 10000.0
+    # RoPE scaling as Llama 3.1+ configs define it (rope_type "llama3"): wavelengths longer than
+    # rope_original_max_seq_len / rope_low_freq_factor are stretched rope_factor times, those shorter than
+    # rope_original_max_seq_len / rope_high_freq_factor kept, a smooth ramp between (model.rope_frequencies).
+    rope_type: str = "default"  # default | llama3
+    rope_factor: float = 1.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_seq_len: int = 8192
     norm_eps: float = 1e-5
     max_seq_len: int = 512
     # Layers stacked under a scan (model.py), or false: a Python loop, unrolled. None: the platform's default

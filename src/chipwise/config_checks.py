@@ -11,6 +11,7 @@ from chipwise.errors import ConfigError
 
 CHOICES = {
     "model.ffn": ("swiglu", "gelu"),
+    "model.rope_type": ("default", "llama3"),
     "train.schedule": ("cosine", "wsd"),
     "train.dtype": ("auto", "bfloat16", "float32"),
     "train.remat": ("none", "full", "dots"),
@@ -33,6 +34,14 @@ def validate_model(m, where: str = "model") -> None:
         raise ConfigError(f"model.ffn must be one of {', '.join(CHOICES['model.ffn'])}, got {m.ffn!r}")
     if m.norm_eps <= 0 or m.rope_theta <= 0:
         raise ConfigError(f"{where}.norm_eps and {where}.rope_theta must be positive")
+    if m.rope_type not in CHOICES["model.rope_type"]:
+        raise ConfigError(f"{where}.rope_type must be one of {', '.join(CHOICES['model.rope_type'])}, "
+                          f"got {m.rope_type!r}")
+    if m.rope_type == "llama3" and not (m.rope_factor >= 1 and 0 < m.rope_low_freq_factor < m.rope_high_freq_factor
+                                        and m.rope_original_max_seq_len > 0):
+        raise ConfigError(f"{where}.rope_type=llama3 needs rope_factor >= 1, 0 < rope_low_freq_factor < "
+                          f"rope_high_freq_factor and a positive rope_original_max_seq_len; got {m.rope_factor}, "
+                          f"{m.rope_low_freq_factor}, {m.rope_high_freq_factor}, {m.rope_original_max_seq_len}")
 
 
 # The optimizer's numbers and their valid ranges. Each test is written so that NaN fails it (every comparison

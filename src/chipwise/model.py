@@ -19,6 +19,7 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from chipwise.attention import reference
@@ -63,11 +64,26 @@ class RMSNorm(nnx.Module):
         return (x32 * self.scale[...]).astype(x.dtype)
 
 
-def rotary(x, positions, theta: float):
-    """Rotary position embedding on x [batch, seq, heads, head_dim] (pairs are the two halves)."""
+def rope_frequencies(cfg: ModelConfig) -> tuple[float, ...]:
+    """The rotary angular frequencies of one head (head_dim / 2 of them), fp32 values: theta^(-2i/head_dim), and
+    for rope_type llama3 the Llama 3.1 scaling: low frequencies (wavelength beyond original_max / low_freq_factor)
+    divided by the factor, high ones (wavelength under original_max / high_freq_factor) kept, and in between a
+    linear blend of the two by how many wavelengths fit the original context."""
+    half = cfg.head_dim // 2
+    freqs = cfg.rope_theta ** (-np.arange(half, dtype=np.float32) / np.float32(half))
+    if cfg.rope_type == "llama3":
+        wavelength = 2 * np.pi / freqs
+        old, low, high = cfg.rope_original_max_seq_len, cfg.rope_low_freq_factor, cfg.rope_high_freq_factor
+        blend = np.clip((old / wavelength - low) / (high - low), 0.0, 1.0)  # 0 at low-frequency end, 1 at high
+        freqs = (1 - blend) * freqs / cfg.rope_factor + blend * freqs
+    return tuple(float(f) for f in np.asarray(freqs, np.float32))
+
+
+def rotary(x, positions, freqs: tuple[float, ...]):
+    """Rotary position embedding on x [batch, seq, heads, head_dim] (pairs are the two halves) at the angular
+    frequencies `freqs` (rope_frequencies)."""
     half = x.shape[-1] // 2
-    freqs = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
-    angles = positions[..., None].astype(jnp.float32) * freqs  # [batch, seq, half]
+    angles = positions[..., None].astype(jnp.float32) * jnp.asarray(freqs, jnp.float32)  # [batch, seq, half]
     sin, cos = jnp.sin(angles)[:, :, None, :], jnp.cos(angles)[:, :, None, :]
     x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
@@ -82,13 +98,13 @@ class Attention(nnx.Module):
         # Layers add into the residual stream: shrink their output projections with depth (as GPT-2 does).
         self.wo = param(rngs, (h, hd, d), ("heads", "head_dim", "embed"), fan_in=h * hd,
                         scale=(2 * cfg.num_layers) ** -0.5)
-        self.rope_theta = cfg.rope_theta
+        self.rope_freqs = rope_frequencies(cfg)  # static: a tuple of floats, part of the graph definition
 
     def __call__(self, x, positions, attend: Callable, cache=None):
         dt = x.dtype
         q, k, v = (project(x, w, dt) for w in (self.wq, self.wk, self.wv))
-        q = constrain(rotary(q, positions, self.rope_theta), ("batch", "seq", "heads", "head_dim"))
-        k = constrain(rotary(k, positions, self.rope_theta), ("batch", "seq", "kv_heads", "head_dim"))
+        q = constrain(rotary(q, positions, self.rope_freqs), ("batch", "seq", "heads", "head_dim"))
+        k = constrain(rotary(k, positions, self.rope_freqs), ("batch", "seq", "kv_heads", "head_dim"))
         if cache is None:
             out = attend(q, k, v, is_causal=True)
         else:

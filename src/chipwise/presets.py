@@ -10,9 +10,10 @@ PRESETS: dict[str, dict] = {
                  tie_embeddings=True, max_seq_len=2048),
     "350m": dict(num_layers=24, d_model=1024, num_heads=16, num_kv_heads=16, d_ff=2816, vocab_size=32000,
                  tie_embeddings=True, max_seq_len=2048),
-    # Llama 3.2 1B (config.json on the Hugging Face hub).
+    # Llama 3.2 1B (config.json on the Hugging Face hub; its rope_scaling too, at a shorter context).
     "1b": dict(num_layers=16, d_model=2048, num_heads=32, num_kv_heads=8, d_ff=8192, vocab_size=128256,
-               tie_embeddings=True, rope_theta=500000.0, max_seq_len=8192),
+               tie_embeddings=True, rope_theta=500000.0, max_seq_len=8192, rope_type="llama3", rope_factor=32.0,
+               rope_low_freq_factor=1.0, rope_high_freq_factor=4.0, rope_original_max_seq_len=8192),
     # Llama 2 paper (Touvron et al. 2023), table 1 and the released config.json files.
     "llama2-7b": dict(num_layers=32, d_model=4096, num_heads=32, num_kv_heads=32, d_ff=11008, vocab_size=32000,
                       tie_embeddings=False, max_seq_len=4096),

@@ -43,8 +43,8 @@ def hf_config(m: ModelConfig, eos_id: int | None) -> dict:
         # transformers 4.x reads rope_theta/rope_scaling; 5.x reads rope_parameters. Other tools (vLLM,
         # llama.cpp's converter) read either, so both are written.
         "rope_theta": m.rope_theta,
-        "rope_scaling": None,
-        "rope_parameters": {"rope_type": "default", "rope_theta": m.rope_theta},
+        "rope_scaling": rope_scaling(m),
+        "rope_parameters": {"rope_type": m.rope_type, "rope_theta": m.rope_theta, **(rope_scaling(m) or {})},
         "attention_bias": False,
         "attention_dropout": 0.0,
         "mlp_bias": False,
@@ -55,6 +55,39 @@ def hf_config(m: ModelConfig, eos_id: int | None) -> dict:
         "eos_token_id": eos_id,
         "torch_dtype": "float32",
     }
+
+
+def rope_scaling(m: ModelConfig) -> dict | None:
+    """config.json's rope_scaling for `m` (the Llama 3.1 form), or None for plain rotary embeddings."""
+    if m.rope_type == "default":
+        return None
+    return {"rope_type": m.rope_type, "factor": m.rope_factor, "low_freq_factor": m.rope_low_freq_factor,
+            "high_freq_factor": m.rope_high_freq_factor,
+            "original_max_position_embeddings": m.rope_original_max_seq_len}
+
+
+def _rope_fields(config: dict) -> dict:
+    """ModelConfig's rope fields from rope_parameters (transformers 5) or rope_theta + rope_scaling (4.x)."""
+    for field in ("rope_scaling", "rope_parameters"):
+        _require(config, field, lambda v: v is None or v.get("rope_type", v.get("type", "default")) in ROPE_TYPES,
+                 f"chipwise implements the rotary embedding types {', '.join(ROPE_TYPES)}")
+    scaling, parameters = config.get("rope_scaling") or {}, config.get("rope_parameters") or {}
+    kinds = {d.get("rope_type", d.get("type", "default")) for d in (scaling, parameters) if d}
+    _require(config, "rope_scaling", lambda _: len(kinds) <= 1, f"it disagrees with rope_parameters ({kinds})")
+    rope = {**scaling, **parameters}
+    kind = kinds.pop() if kinds else "default"
+    fields = dict(rope_theta=float(rope.get("rope_theta", config.get("rope_theta", 10000.0))), rope_type=kind)
+    if kind == "llama3":
+        for key in ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"):
+            _require(rope, key, lambda v: isinstance(v, (int, float)) and v > 0,
+                     f"rope_type llama3 needs a positive {key}")
+        fields.update(rope_factor=float(rope["factor"]), rope_low_freq_factor=float(rope["low_freq_factor"]),
+                      rope_high_freq_factor=float(rope["high_freq_factor"]),
+                      rope_original_max_seq_len=int(rope["original_max_position_embeddings"]))
+    return fields
+
+
+ROPE_TYPES = ("default", "llama3")
 
 
 def _require(config: dict, field: str, ok, why: str):
@@ -74,11 +107,7 @@ def model_config(config: dict, max_seq_len: int | None = None) -> ModelConfig:
     _require(config, "attention_bias", lambda v: not v, "chipwise's attention projections have no bias")
     _require(config, "mlp_bias", lambda v: not v, "chipwise's feed-forward has no bias")
     _require(config, "pretraining_tp", lambda v: v in (None, 1), "tensor-parallel slicing of weights")
-    for field in ("rope_scaling", "rope_parameters"):
-        _require(config, field, lambda v: v is None or v.get("rope_type", v.get("type", "default")) == "default",
-                 "chipwise implements only the default rotary embedding (no scaling)")
-    rope = config.get("rope_parameters") or {}
-    theta = rope.get("rope_theta", config.get("rope_theta", 10000.0))
+    rope = _rope_fields(config)
     for field in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size"):
         _require(config, field, lambda v: isinstance(v, int) and v > 0, "a positive integer is required")
     d, heads = config["hidden_size"], config["num_attention_heads"]
@@ -88,7 +117,7 @@ def model_config(config: dict, max_seq_len: int | None = None) -> ModelConfig:
     return ModelConfig(
         num_layers=config["num_hidden_layers"], d_model=d, num_heads=heads, num_kv_heads=kv,
         d_ff=config["intermediate_size"], vocab_size=config["vocab_size"], ffn="swiglu",
-        tie_embeddings=bool(config.get("tie_word_embeddings", False)), rope_theta=float(theta),
+        tie_embeddings=bool(config.get("tie_word_embeddings", False)), **rope,
         norm_eps=float(config.get("rms_norm_eps", 1e-6)),
         max_seq_len=max_seq_len or int(config.get("max_position_embeddings") or 2048),
     )
