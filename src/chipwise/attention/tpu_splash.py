@@ -26,8 +26,9 @@ def unsupported_reason(*, platform, seq_len, head_dim, **_) -> str | None:
     return None
 
 
-@functools.lru_cache(maxsize=16)
 def _kernel(group: int, q_len: int, kv_len: int, interpret: bool):
+    """Built anew each time it is traced (once per compile), never cached: a kernel first built inside one trace
+    (jit, shard_map) holds that trace's arrays, which another caller must not see."""
     mask = mask_lib.MultiHeadMask([mask_lib.CausalMask((q_len, kv_len)) for _ in range(group)])
     block = min(BLOCK, q_len, kv_len)
     sizes = splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
