@@ -55,8 +55,14 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    sources: list[str] = field(default_factory=list)  # files, directories or .jsonl; empty: Python's stdlib
-    text_field: str = "text"  # the field holding the text in .jsonl records
+    # Text files, directories, JSONL (.jsonl, .jsonl.gz, .jsonl.zst), parquet, or `datasets` save_to_disk
+    # directories; empty: Python's stdlib.
+    sources: list[str] = field(default_factory=list)
+    text_field: str = "text"  # the field (JSONL) or column (parquet, datasets) holding the text
+    # Globs on each file's path relative to its source directory (* also crosses folders): keep the files that
+    # match one include pattern (all, if none is given) and no exclude pattern.
+    include: list[str] = field(default_factory=list)
+    exclude: list[str] = field(default_factory=list)
     tokenizer: str = ""  # path to an existing tokenizer.json; empty: train a byte-level BPE
     val_fraction: float = 0.05  # share of documents (chosen by path hash) held out for validation
     cache_dir: str = ""  # where tokenizers and packed tokens are cached; empty: ~/.cache/chipwise

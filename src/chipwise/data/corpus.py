@@ -1,15 +1,16 @@
-"""Where the text comes from: Python's own standard library, or the user's files, directories and JSONL.
+"""Where the text comes from: Python's own standard library, or the user's files, directories, JSONL (plain, .gz,
+.zst), parquet and `datasets` directories (data/formats.py reads the record formats).
 
 Every document has a `name` that is stable across machines (a path relative to the stdlib root or to
-the source's parent, "file.jsonl:LINE" for JSONL records). The train/validation split, the corpus
-fingerprint and the document order are all functions of names and contents only, never of the order
-in which files were listed or where they live on disk.
+the source's parent, "file.jsonl:LINE" for JSONL records, "file.parquet:ROW", "dataset/split:ROW"). The
+train/validation split, the corpus fingerprint and the document order are all functions of names and contents
+only, never of the order in which files were listed or where they live on disk.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
-import json
 import os
 import sys
 import sysconfig
@@ -17,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from chipwise.config import DataConfig
+from chipwise.data import formats
 from chipwise.errors import DataError
 
 _EXCLUDED_DIRS = {"site-packages", "dist-packages", "__pycache__"}
@@ -75,30 +77,10 @@ def _stdlib_documents() -> tuple[list[Document], int]:
     return docs, skipped
 
 
-def _jsonl_documents(path: Path, name: str, text_field: str) -> list[Document]:
-    docs = []
-    with path.open("rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            if not raw.strip():
-                continue
-            try:
-                record = json.loads(raw)
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                raise DataError(f"{path}:{lineno} is not valid JSON; "
-                                f"fix that line or remove {path} from data.sources") from None
-            text = record.get(text_field) if isinstance(record, dict) else None
-            if not isinstance(text, str):
-                raise DataError(f"{path}:{lineno} has no string field '{text_field}'; "
-                                f"set data.text_field to the field holding the text")
-            if text:
-                docs.append(Document(f"{name}:{lineno}", text, (name, lineno)))
-    return docs
-
-
 def _file_documents(path: Path, name: str, text_field: str, explicit: bool) -> list[Document] | None:
     """Documents of one file; None for a non-text file found inside a directory (skipped, counted)."""
-    if path.suffix == ".jsonl":
-        return _jsonl_documents(path, name, text_field)
+    if formats.record_suffix(path):  # JSONL (plain, .gz, .zst) or parquet: a document per non-empty record
+        return [Document(f"{name}:{n}", text, (name, n)) for n, text in formats.records(path, text_field) if text]
     text = _read_text(path)
     if text is None:
         if explicit:
@@ -145,17 +127,41 @@ def _walk_text_files(directory: Path) -> tuple[list[Path], list[str]]:
     return files, notes
 
 
-def _user_documents(sources: list[str], text_field: str) -> tuple[list[Document], int, list[str]]:
+def _dataset_documents(path: Path, text_field: str) -> list[Document]:
+    """A `datasets` save_to_disk directory: "DIR:ROW" (a Dataset) or "DIR/SPLIT:ROW" (a DatasetDict)."""
+    name = path.resolve().name
+    docs = []
+    for split, row, text in formats.dataset_records(path, text_field):
+        where = f"{name}/{split}" if split else name
+        if text:
+            docs.append(Document(f"{where}:{row}", text, (where, row)))
+    if not docs:
+        raise DataError(f"dataset {path} holds no text in column '{text_field}'; point data.sources at one that does")
+    return docs
+
+
+def _selected(rel: str, include: list[str], exclude: list[str]) -> bool:
+    """Whether a file at `rel` (relative to its source directory) passes data.include / data.exclude. Patterns
+    are fnmatch globs on the relative path, where * also crosses folders ("*.py" is every .py file below)."""
+    if include and not any(fnmatch.fnmatchcase(rel, p) for p in include):
+        return False
+    return not any(fnmatch.fnmatchcase(rel, p) for p in exclude)
+
+
+def _user_documents(sources: list[str], text_field: str, include: list[str] = (), exclude: list[str] = ()
+                    ) -> tuple[list[Document], int, list[str]]:
     docs, seen, skipped, notes = [], set(), 0, []
     for source in sources:
         path = Path(source).expanduser()
-        if path.is_dir():
+        if formats.is_saved_dataset(path):
+            docs += _dataset_documents(path, text_field)
+        elif path.is_dir():
             # Names are relative to the directory's parent, so "data/a.txt" stays "data/a.txt" on any machine.
             found = 0
             files, walk_notes = _walk_text_files(path)
             notes += walk_notes
             for f in files:
-                if f.resolve() in seen:
+                if f.resolve() in seen or not _selected(f.relative_to(path).as_posix(), include, exclude):
                     continue
                 seen.add(f.resolve())
                 name = f"{path.resolve().name}/{f.relative_to(path).as_posix()}"
@@ -166,7 +172,8 @@ def _user_documents(sources: list[str], text_field: str) -> tuple[list[Document]
                 found += len(got)
                 docs += got
             if not found:
-                raise DataError(f"data source directory {source} holds no UTF-8 text; "
+                chosen = " that data.include / data.exclude select" if include or exclude else ""
+                raise DataError(f"data source directory {source} holds no UTF-8 text{chosen}; "
                                 f"point data.sources at a directory with text files")
         elif path.is_file():
             if path.resolve() in seen:
@@ -218,7 +225,7 @@ def fingerprint(docs: list[Document], text_field: str) -> str:
 def load_corpus(cfg: DataConfig) -> Corpus:
     walk_notes = []
     if cfg.sources:
-        docs, skipped, walk_notes = _user_documents(cfg.sources, cfg.text_field)
+        docs, skipped, walk_notes = _user_documents(cfg.sources, cfg.text_field, cfg.include, cfg.exclude)
         label = f"{len(cfg.sources)} source{'s' * (len(cfg.sources) > 1)}"
     else:
         docs, skipped = _stdlib_documents()
