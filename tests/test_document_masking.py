@@ -41,7 +41,7 @@ def token_losses(graphdef, params, tokens, attend, segment_ids=None):
 def test_packed_documents_with_masking_equal_each_document_alone(attend):
     model = nnx.split(Transformer(SMALL, nnx.Rngs(0)))
     rng = np.random.default_rng(1)
-    docs = [rng.integers(1, SMALL.vocab_size, n) for n in (9, 14, 6)]
+    docs = [rng.integers(1, SMALL.vocab_size, 11) for _ in range(3)]  # one length: one compile for all three alone
     packed = np.concatenate([np.append(d, EOS) for d in docs])  # each document followed by EOS, as data packs them
     tokens = jnp.asarray(packed[None])
     masked = token_losses(*model, tokens, attend, document_segments(tokens[:, :-1], EOS))[0]
@@ -52,7 +52,7 @@ def test_packed_documents_with_masking_equal_each_document_alone(attend):
         inside = masked[start: start + len(doc)]  # its tokens predicting the next, up to its EOS
         np.testing.assert_allclose(inside, alone, rtol=1e-4, atol=1e-5)
         start += len(doc) + 1
-    assert not np.allclose(masked[10:24], unmasked[10:24], atol=1e-3)  # the second document saw the first before
+    assert not np.allclose(masked[12:23], unmasked[12:23], atol=1e-3)  # the second document saw the first before
 
 
 def random_qkv(b=2, t=128, h=2, kv=1, d=16):
