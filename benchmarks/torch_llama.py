@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from chipwise.model import layer_params
+from chipwise.model import layer_params, rope_frequencies
 
 # `enable_gqa` arrived in torch 2.5; before that K/V heads are repeated by hand.
 _SDPA_GQA = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 5)
@@ -44,10 +44,10 @@ class RMSNorm(nn.Module):
 class Rotary(nn.Module):
     """Rotary embeddings on [batch, heads, seq, head_dim]; each pair is (x[i], x[i + head_dim/2])."""
 
-    def __init__(self, head_dim: int, max_seq_len: int, theta: float):
+    def __init__(self, cfg):
         super().__init__()
-        half = head_dim // 2
-        freqs = theta ** (-torch.arange(half, dtype=torch.float32) / half)
+        freqs = torch.tensor(rope_frequencies(cfg), dtype=torch.float32)  # chipwise's, Llama 3.1 scaling included
+        max_seq_len = cfg.max_seq_len
         angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), freqs)  # [max_seq, half]
         # Buffers, not parameters, and not saved: they are a function of the config.
         self.register_buffer("cos", angles.cos(), persistent=False)
@@ -130,7 +130,7 @@ class Llama(nn.Module):
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         _init_(self.embed.weight, cfg.d_model)  # unit-norm rows: a tied head starts near uniform
-        rotary = Rotary(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+        rotary = Rotary(cfg)
         self.blocks = nn.ModuleList(Block(cfg, rotary) for _ in range(cfg.num_layers))
         self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
@@ -177,24 +177,29 @@ class Llama(nn.Module):
 
 
 def make_optimizer(model: Llama, train_cfg, schedule: Callable[[int], float] | None = None):
-    """AdamW as chipwise configures it; `schedule(step)` gives the learning rate (constant `lr` if None)."""
+    """AdamW as chipwise configures it; `schedule(step)` gives the learning rate (constant `lr` if None). On a GPU
+    it is PyTorch's fused AdamW, the fastest it has (one kernel for every parameter)."""
     decay, no_decay = [], []
     for p in model.parameters():
         wants = p.ndim >= 2 and p is not model.embed.weight
         (decay if wants or train_cfg.decay_norms_and_embeddings else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": train_cfg.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
+    on_gpu = next(model.parameters()).is_cuda
     opt = torch.optim.AdamW(groups, lr=train_cfg.lr, betas=(train_cfg.beta1, train_cfg.beta2),
-                            eps=train_cfg.adam_eps)
+                            eps=train_cfg.adam_eps, fused=True if on_gpu else None)
     sched = None
     if schedule is not None:
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: schedule(step) / train_cfg.lr)
     return opt, sched
 
 
-def train_step(loss_fn: Callable, model: Llama, opt, sched, tokens: torch.Tensor, grad_clip: float) -> torch.Tensor:
-    """One optimizer step on tokens [batch, seq+1]; `loss_fn` is the model or its torch.compile'd form."""
-    loss = loss_fn(tokens[:, :-1], tokens[:, 1:])
+def train_step(loss_fn: Callable, model: Llama, opt, sched, tokens: torch.Tensor, grad_clip: float,
+               autocast_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """One optimizer step on tokens [batch, seq+1]; `loss_fn` is the model or its torch.compile'd form.
+    `autocast_dtype` (bf16) runs the forward pass under autocast over fp32 master weights, as chipwise's bf16 does."""
+    with torch.autocast(tokens.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+        loss = loss_fn(tokens[:, :-1], tokens[:, 1:])
     opt.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)

@@ -50,7 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", "--override", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="any chipwise config override, e.g. --set model.num_layers=1 (repeatable)")
     p.add_argument("--compare-torch", action="store_true",
-                   help="also time the same model in PyTorch (eager and torch.compile), fp32 on CPU")
+                   help="also time the same model in PyTorch (eager and torch.compile): fp32 on a CPU, "
+                        "on a GPU in chipwise's dtype (bf16 autocast)")
     p.add_argument("--torch-modes", default="eager,compile", metavar="MODES",
                    help="with --compare-torch: which PyTorch runs, comma-separated from eager,compile")
     p.add_argument("--torch-threads", type=int, default=0, metavar="N",
@@ -75,6 +76,7 @@ class Result:
     step_times_s: list[float]  # separately blocked steps
     setup_s: float  # compilation and warm-up steps
     final_loss: float
+    peak_memory_gib: float | None = None  # the accelerator's peak allocation during the run (None on a CPU)
 
     @property
     def tokens_per_s(self) -> float:
@@ -175,12 +177,14 @@ def bench_chipwise(cfg, ctx: dict, tokens_np: np.ndarray, warmup: int, steps: in
 
     hw = ctx["hardware"]
     dtype = np.dtype(ctx["dtype"]).name
+    stats = step.mesh.devices.flat[0].memory_stats() if hw.platform != "cpu" else None
+    peak_gib = stats["peak_bytes_in_use"] / 2**30 if stats and "peak_bytes_in_use" in stats else None
     print(f"  chipwise: compile {compile_s:.2f} s (lower + compile), warm-up {_n(warmup, 'step')} {warmup_s:.2f} s, "
           f"{faults:,.0f} page faults per timed step")
     tokens_per_step = tokens_np.shape[0] * (tokens_np.shape[1] - 1)
     return Result(f"chipwise (JAX, {dtype}, {ctx['attention'].name} attention)", tokens_per_step, hw.num_devices,
                   ctx["flops_per_token"], hw.peak.tflops_per_device, hw.peak.source, steps, total_s, step_times,
-                  compile_s + warmup_s, float(metrics["loss"]))
+                  compile_s + warmup_s, float(metrics["loss"]), peak_gib)
 
 
 # ---- PyTorch ----------------------------------------------------------------------------------------------------
@@ -199,8 +203,9 @@ def bench_torch(cfg, ctx: dict, tokens_np: np.ndarray, warmup: int, steps: int, 
         print("  PyTorch: not installed, comparison skipped (pip install -e .[bench])")
         return []
     hw = ctx["hardware"]
-    if hw.platform != "cpu":
-        print(f"  PyTorch: comparison skipped; it runs fp32 on CPU and JAX is on {hw.platform}")
+    on_gpu = hw.platform == "gpu"
+    if hw.platform not in ("cpu", "gpu") or (on_gpu and not torch.cuda.is_available()):
+        print(f"  PyTorch: comparison skipped; JAX is on {hw.platform} and PyTorch has no such device here")
         return []
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import jax
@@ -210,10 +215,15 @@ def bench_torch(cfg, ctx: dict, tokens_np: np.ndarray, warmup: int, steps: int, 
     from chipwise import efficiency, flops
     from chipwise.train.optimizer import learning_rate_schedule
 
-    torch.set_num_threads(torch_threads(requested_threads))
-    ctx["torch_threads"] = torch.get_num_threads()
-    if np.dtype(ctx["dtype"]) != np.float32:
-        print(f"  PyTorch runs fp32 while chipwise runs {np.dtype(ctx['dtype']).name}")
+    bf16 = np.dtype(ctx["dtype"]) == np.dtype(jnp.bfloat16)
+    # On a GPU PyTorch computes as chipwise does: bf16 autocast over fp32 weights (or fp32). On a CPU it stays fp32.
+    autocast = torch.bfloat16 if on_gpu and bf16 else None
+    if not on_gpu:
+        torch.set_num_threads(torch_threads(requested_threads))
+        ctx["torch_threads"] = torch.get_num_threads()
+        if np.dtype(ctx["dtype"]) != np.float32:
+            print(f"  PyTorch runs fp32 while chipwise runs {np.dtype(ctx['dtype']).name}")
+    device = torch.device("cuda" if on_gpu else "cpu")
     # The chipwise learning-rate schedule, tabulated for every step the benchmark runs.
     total_steps = warmup + steps + MEDIAN_STEPS
     lrs = np.asarray(jax.vmap(learning_rate_schedule(cfg.train))(jnp.arange(total_steps + 1)))
@@ -221,18 +231,25 @@ def bench_torch(cfg, ctx: dict, tokens_np: np.ndarray, warmup: int, steps: int, 
     def lr_at(step: int) -> float:
         return float(lrs[min(step, len(lrs) - 1)])
 
-    tokens = torch.from_numpy(tokens_np.astype(np.int64))
-    # torch computes in fp32: where chipwise does not, its peak is the fp32 one (measured, on a CPU).
+    tokens = torch.from_numpy(tokens_np.astype(np.int64)).to(device)
+    # torch on a CPU computes in fp32: where chipwise does not, its peak is the fp32 one. On a GPU both use the
+    # same dtype, so the same peak.
     base = hw.peak
-    if np.dtype(ctx["dtype"]) != np.float32 and base.kind == "measured":
+    if not on_gpu and np.dtype(ctx["dtype"]) != np.float32:
         base = efficiency.resolve_hardware(jax.devices(), jnp.float32, cfg.hardware).peak
     # The CPU is one device to torch: its per-device peak is the whole chip's.
-    peak = base.tflops_per_device * hw.devices_per_chip if base.tflops_per_device else None
+    peak = base.tflops_per_device * (1 if on_gpu else hw.devices_per_chip) if base.tflops_per_device else None
     results = []
-    runs = {"eager": ("PyTorch eager (fp32)", False), "compile": ("PyTorch torch.compile (inductor, fp32)", True)}
+    precision = "bf16 autocast" if autocast is not None else "fp32"
+    where = ", CUDA" if on_gpu else ""
+    runs = {"eager": (f"PyTorch eager ({precision}{where})", False),
+            "compile": (f"PyTorch torch.compile (inductor, {precision}{where})", True)}
     for name, compiled in (runs[mode] for mode in modes):
         torch.manual_seed(cfg.train.seed)
-        model = torch_llama.Llama(cfg.model)
+        if on_gpu:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        model = torch_llama.Llama(cfg.model).to(device)
         if model.num_params() != flops.param_count(cfg.model):
             raise AssertionError(f"torch model has {model.num_params()} parameters, chipwise "
                                  f"{flops.param_count(cfg.model)}: the architectures differ")
@@ -240,7 +257,7 @@ def bench_torch(cfg, ctx: dict, tokens_np: np.ndarray, warmup: int, steps: int, 
         loss_fn = torch.compile(model) if compiled else model
 
         def step():
-            return torch_llama.train_step(loss_fn, model, opt, sched, tokens, cfg.train.grad_clip)
+            return torch_llama.train_step(loss_fn, model, opt, sched, tokens, cfg.train.grad_clip, autocast)
 
         t0 = time.perf_counter()
         try:
@@ -248,7 +265,7 @@ def bench_torch(cfg, ctx: dict, tokens_np: np.ndarray, warmup: int, steps: int, 
                 loss = step()
             loss.item()
         except Exception as e:  # noqa: BLE001 - inductor needs a C++ compiler; report and go on
-            if not compiled:
+            if not compiled and not isinstance(e, torch.OutOfMemoryError):
                 raise
             print(f"  {name}: failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}), skipped")
             continue
@@ -267,9 +284,15 @@ def bench_torch(cfg, ctx: dict, tokens_np: np.ndarray, warmup: int, steps: int, 
             loss.item()
             step_times.append(time.perf_counter() - t0)
         what = "compile + warm-up" if compiled else "warm-up"
-        print(f"  {name}: {what} {_n(warmup, 'step')} {setup_s:.2f} s, {_n(torch.get_num_threads(), 'thread')}")
+        threads = "" if on_gpu else f", {_n(torch.get_num_threads(), 'thread')}"
+        print(f"  {name}: {what} {_n(warmup, 'step')} {setup_s:.2f} s{threads}")
+        ctx["torch_ran"] = True
+        peak_gib = torch.cuda.max_memory_allocated() / 2**30 if on_gpu else None
         results.append(Result(name, tokens.shape[0] * (tokens.shape[1] - 1), 1, ctx["flops_per_token"], peak,
-                              base.source, steps, total_s, step_times, setup_s, float(loss)))
+                              base.source, steps, total_s, step_times, setup_s, float(loss), peak_gib))
+        del model, opt, loss_fn
+    if on_gpu:
+        torch.cuda.empty_cache()  # what PyTorch cached goes back to the card, for JAX
     return results
 
 
@@ -286,6 +309,8 @@ def print_result(r: Result) -> None:
     print(f"  model TFLOP/s/dev {r.tflops_per_device:.4f}  ({r.flops_per_token / 1e6:,.1f} MFLOP/token)")
     print(f"  MFU               {mfu} of {peak} ({r.peak_source})")
     print(f"  final loss        {r.final_loss:.4f}")
+    if r.peak_memory_gib is not None:
+        print(f"  device memory     {r.peak_memory_gib:,.1f} GiB at peak (the framework's own allocator statistics)")
 
 
 def print_markdown(results: list[Result], cfg, ctx: dict, args) -> None:
@@ -299,13 +324,20 @@ def print_markdown(results: list[Result], cfg, ctx: dict, args) -> None:
         import torch
 
         torch_version = f", torch {torch.__version__} ({_n(ctx['torch_threads'], 'thread')})"
+    elif ctx.get("torch_ran"):
+        import torch
+
+        torch_version = f", torch {torch.__version__}"
     hw = ctx["hardware"]
-    print("\n| implementation | tokens/s | tokens/s/device | model GFLOP/s/device | MFU | compile/warm-up s |")
-    print("|---|---:|---:|---:|---:|---:|")
+    memory = any(r.peak_memory_gib is not None for r in results)
+    print("\n| implementation | tokens/s | tokens/s/device | model GFLOP/s/device | MFU | compile/warm-up s |"
+          + (" peak device GiB |" if memory else ""))
+    print("|---|---:|---:|---:|---:|---:|" + ("---:|" if memory else ""))
     for r in results:
         mfu = f"{r.mfu:.1%}" if r.mfu is not None else "unknown"
+        gib = "" if not memory else f" {r.peak_memory_gib:.1f} |" if r.peak_memory_gib is not None else " - |"
         print(f"| {r.name} | {r.tokens_per_s:,.0f} | {r.tokens_per_s_per_device:,.0f} | "
-              f"{r.tflops_per_device * 1e3:,.1f} | {mfu} | {r.setup_s:.1f} |")
+              f"{r.tflops_per_device * 1e3:,.1f} | {mfu} | {r.setup_s:.1f} |{gib}")
     described = {}
     for r in results:  # one peak for all rows, or one per dtype
         if r.peak_tflops_per_device:
@@ -368,10 +400,15 @@ def run_one(args) -> list:
           f" ({host_memory.ENV}=default for the defaults)")
 
     tokens = random_tokens(cfg)
+    def torch_runs() -> list:
+        return bench_torch(cfg, ctx, tokens, args.warmup, args.steps, args.torch_modes, args.torch_threads) \
+            if args.compare_torch else []
+
+    # On a GPU PyTorch goes first: its allocator hands the card back (empty_cache), JAX's keeps what it took.
+    torch_first = hw.platform == "gpu"
+    earlier = torch_runs() if torch_first else []
     results = [bench_chipwise(cfg, ctx, tokens, args.warmup, args.steps)]
-    if args.compare_torch:
-        results += bench_torch(cfg, ctx, tokens, args.warmup, args.steps, args.torch_modes,
-                               args.torch_threads)
+    results += earlier if torch_first else torch_runs()
     for r in results:
         print_result(r)
     if args.markdown:
