@@ -190,7 +190,7 @@ def bench_chipwise(cfg, ctx: dict, tokens_np: np.ndarray, warmup: int, steps: in
 # ---- PyTorch ----------------------------------------------------------------------------------------------------
 
 def torch_threads(requested: int = 0) -> int:
-    from chipwise.plan.calibration import usable_cores  # the cores this process may use (containers, taskset)
+    from chipwise.process import usable_cores  # the cores this process may use (containers, taskset)
 
     return requested if requested > 0 else usable_cores()
 
@@ -290,7 +290,7 @@ def bench_torch(cfg, ctx: dict, tokens_np: np.ndarray, warmup: int, steps: int, 
         peak_gib = torch.cuda.max_memory_allocated() / 2**30 if on_gpu else None
         results.append(Result(name, tokens.shape[0] * (tokens.shape[1] - 1), 1, ctx["flops_per_token"], peak,
                               base.source, steps, total_s, step_times, setup_s, float(loss), peak_gib))
-        del model, opt, loss_fn
+        model = opt = loss_fn = None  # the next run (and JAX) gets the card
     if on_gpu:
         torch.cuda.empty_cache()  # what PyTorch cached goes back to the card, for JAX
     return results

@@ -88,15 +88,17 @@ def test_a_failed_report_leaves_its_directory_as_it_was(nan_run, tmp_path, monke
     assert os.listdir(out.parent) == ["new"]
 
 
-# ------------------------------------------------------------------------------- damaged token cache
+# ------------------------------------------------------------------------------- damaged token store
 
 
-def test_a_truncated_token_cache_is_rebuilt(corpus, tmp_path):
+def test_a_damaged_token_store_is_rebuilt(corpus, tmp_path):
+    """A shard cut short, emptied, not .npy at all, or of another dtype: found at start-up from the headers, said in
+    one line naming the file, and only that shard is tokenized again."""
     cfg = DataConfig(sources=[str(corpus)], cache_dir=str(tmp_path / "cache"))
     first = prepare_data(cfg, 320, log=lambda _: None)
     train, val = np.array(first.train_tokens), np.array(first.val_tokens)  # copies: the memmaps are replaced below
-    train_file = next((tmp_path / "cache" / "tokens").glob("*-train.npy"))
-    val_file = next((tmp_path / "cache" / "tokens").glob("*-val.npy"))
+    train_file = next((tmp_path / "cache" / "stores").glob("*/train-00000.npy"))
+    val_file = train_file.with_name("val-00000.npy")
     whole = train_file.read_bytes()
 
     def damage(path, content: bytes):
@@ -107,18 +109,18 @@ def test_a_truncated_token_cache_is_rebuilt(corpus, tmp_path):
         damage(train_file, content)
         lines = []
         again = prepare_data(cfg, 320, log=lines.append)
-        notes = [line for line in lines if "unusable" in line]
+        notes = [line for line in lines if "is damaged" in line]
         assert len(notes) == 1 and "\n" not in notes[0] and str(train_file) in notes[0], lines
-        assert "rebuilding" in notes[0] and "tokenizing train " in " ".join(lines)  # only the damaged split
+        assert "1 shard(s) kept" in " ".join(lines)  # the val shard: only the damaged one is tokenized again
         np.testing.assert_array_equal(again.train_tokens, train)
         np.testing.assert_array_equal(again.val_tokens, val)
         assert train_file.read_bytes() == whole
-    # A cache of another dtype (a header that does not match the tokenizer) is rebuilt as well.
+    # A shard of another dtype (a header that does not match the manifest) is rebuilt as well.
     damage(val_file, b"")
     np.save(val_file, val.astype(np.float32))
     lines = []
     again = prepare_data(cfg, 320, log=lines.append)
-    assert any("unusable" in line and "-val.npy" in line for line in lines), lines
+    assert any("is damaged" in line and "val-00000.npy" in line for line in lines), lines
     assert again.val_tokens.dtype == val.dtype
     np.testing.assert_array_equal(again.val_tokens, val)
 

@@ -170,28 +170,40 @@ def test_token_dtype_widens_past_65536_ids():
     assert token_dtype(big) == np.uint32
 
 
-def test_prepare_data_caches_tokenizer_and_tokens(tmp_path):
+def test_prepare_data_writes_a_store_and_finds_it_again_without_reading_text(tmp_path, monkeypatch):
+    from chipwise.data import corpus
+
     cfg = _cfg(tmp_path, [_write_corpus(tmp_path)])
     logs: list[str] = []
     first = prepare_data(cfg, 300, log=logs.append)
-    assert not any("(cached)" in m for m in logs)
+    assert not any("prepared store" in m for m in logs)
     files = sorted((tmp_path / "cache").rglob("*"))
     mtimes = {f: f.stat().st_mtime_ns for f in files if f.is_file()}
-    assert len(mtimes) == 3  # tokenizer + train + val tokens, and no temp files left behind
+    # manifest, tokenizer, a shard and its record per split, and no temp files left behind
+    assert sorted(f.name for f in mtimes) == ["manifest.json", "tokenizer.json", "train-00000.json",
+                                               "train-00000.npy", "val-00000.json", "val-00000.npy"]
 
     logs.clear()
+    monkeypatch.setattr(corpus, "_read_text", lambda path: pytest.fail(f"{path} was read again"))
     second = prepare_data(cfg, 300, log=logs.append)
-    assert sum("(cached)" in m for m in logs) == 2, logs
+    assert sum("prepared store" in m for m in logs) == 1, logs
     assert {f: f.stat().st_mtime_ns for f in mtimes} == mtimes
     assert isinstance(second.train_tokens, np.memmap) and second.train_tokens.dtype == np.uint16
     assert np.array_equal(first.train_tokens, second.train_tokens)
     assert second.tokenizer_fingerprint == first.tokenizer_fingerprint and second.eos_id == 0
     assert (second.train_tokens == 0).sum() == second.num_documents[0]
     assert "MB ->" in second.description and "\n" not in second.description
+    monkeypatch.undo()
+    assert second.corpus_fingerprint == load_corpus(cfg).fingerprint  # the in-memory path's, streamed
 
-    # Another split is another key: nothing trained on one split is reused for the other.
+    # Another split is another store: nothing trained on one split is reused for the other.
     prepare_data(_cfg(tmp_path, cfg.sources, val_fraction=0.2), 300, log=lambda m: None)
-    assert len([f for f in (tmp_path / "cache").rglob("*") if f.is_file()]) == 6
+    assert len([f for f in (tmp_path / "cache").rglob("*") if f.is_file()]) == 12
+    # A file touched since is a changed corpus: prepared again.
+    (Path(cfg.sources[0]) / "doc00.txt").write_text("# document 0, edited\n")
+    logs.clear()
+    third = prepare_data(cfg, 300, log=logs.append)
+    assert not any("prepared store" in m for m in logs) and third.corpus_fingerprint != first.corpus_fingerprint
 
 
 def test_default_cache_dir_precedence(tmp_path, monkeypatch):

@@ -48,16 +48,14 @@ def test_freed_buffers_are_reused_without_page_faults():
     assert faults({**env, "MALLOC_ARENA_MAX": "2"})[0] == "False"
 
 
-def test_large_tokenizer_work_runs_outside_the_single_arena(monkeypatch, tmp_path):
-    """Tokenizer training and packing (multi-threaded Rust) run in a child with the default allocator when large;
-    the results equal an in-process run's, and a data error comes back as the same one-line error."""
-    import numpy as np
-
+def test_large_tokenizer_training_runs_outside_the_single_arena(monkeypatch, tmp_path):
+    """Tokenizer training (multi-threaded Rust) runs in a child with the default allocator when large; the result
+    equals an in-process run's, and a data error comes back as the same one-line error. (Tokenizing the corpus runs
+    in worker processes anyway: data/prepare.py.)"""
     from chipwise import host_memory
-    from chipwise.data import offload, pack_in_best_process, train_tokenizer_in_best_process
+    from chipwise.data import offload, train_tokenizer_in_best_process
     from chipwise.data.corpus import Document
-    from chipwise.data.packing import cached_tokens, pack_documents
-    from chipwise.data.tokenizer import cached_tokenizer, train_tokenizer
+    from chipwise.data.tokenizer import train_tokenizer
     from chipwise.errors import DataError
 
     # As in a process that keeps freed memory (the `chipwise` command, and conftest on glibc).
@@ -68,11 +66,8 @@ def test_large_tokenizer_work_runs_outside_the_single_arena(monkeypatch, tmp_pat
     real_run = offload._run
     monkeypatch.setattr(offload, "_run", lambda command, tmp: children.append(command) or real_run(command, tmp))
     monkeypatch.setattr(host_memory, "OFFLOAD_MIN_BYTES", 0)
-    # As prepare_data calls them: it, not tokenizer.py or packing.py, chooses where the work runs.
-    tok = cached_tokenizer(docs, 300, tmp_path / "tok.json", log=lambda _: None, train=train_tokenizer_in_best_process)
-    packed = cached_tokens({"train": docs}, tok, "k", tmp_path, log=lambda _: None, pack=pack_in_best_process)["train"]
-    assert children == ["train", "pack"]
+    tok = train_tokenizer_in_best_process(docs, 300)
+    assert children == ["train"]
     assert tok.get_vocab() == train_tokenizer(docs, 300).get_vocab()
-    assert np.array_equal(packed, pack_documents(docs, tok))
     with pytest.raises(DataError, match="at least"):
         offload.train_tokenizer([d.text for d in docs], 10)

@@ -68,6 +68,7 @@ class DataConfig:
     cache_dir: str = ""  # where tokenizers and packed tokens are cached; empty: ~/.cache/chipwise
     max_documents: int = 0  # keep only the first N documents in path order (0: all); for quick trials
     worker_threads: int = 2  # Grain read threads feeding the step
+    prepare_workers: int = 0  # processes tokenizing the corpus into the token store (data/prepare.py); 0: one a core
     # Attention stays within each document of a packed sequence (documents end with EOS; the token after an EOS
     # starts a new one). Off: every token sees the whole window, as GPT-2 and nanoGPT train.
     document_masking: bool = False

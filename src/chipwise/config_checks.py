@@ -147,6 +147,9 @@ def validate(cfg) -> None:
         raise ConfigError(f"train.batch_size ({t.batch_size}) must be divisible by train.grad_accum ({t.grad_accum})")
     if not 0 < cfg.data.val_fraction < 1:
         raise ConfigError(f"data.val_fraction must be between 0 and 1, got {cfg.data.val_fraction}")
+    if cfg.data.prepare_workers < 0:
+        raise ConfigError(f"data.prepare_workers must be 0 (one per core) or a positive count, got "
+                          f"{cfg.data.prepare_workers}")
     if cfg.mesh.pipeline < 1:
         raise ConfigError(f"mesh.pipeline must be a positive number of stages, got {cfg.mesh.pipeline}")
     _validate_pipeline(cfg)

@@ -57,3 +57,8 @@ def make_console(quiet: bool = False) -> Console:
     if not console.is_terminal:
         console = Console(quiet=quiet, soft_wrap=True, width=REDIRECTED_WIDTH)
     return console
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity mask where the OS has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1

@@ -16,9 +16,10 @@ import sys
 import sysconfig
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 from chipwise.config import DataConfig
-from chipwise.data import formats
+from chipwise.data import formats, pretokenized
 from chipwise.errors import DataError
 
 _EXCLUDED_DIRS = {"site-packages", "dist-packages", "__pycache__"}
@@ -64,29 +65,45 @@ def stdlib_files() -> tuple[Path, list[Path]]:
     return root, sorted(files, key=lambda p: p.relative_to(root).as_posix())
 
 
-def _stdlib_documents() -> tuple[list[Document], int]:
-    root, files = stdlib_files()
-    docs, skipped = [], 0
-    for path in files:
-        text = _read_text(path)
+@dataclass(frozen=True)
+class Unit:
+    """One file (or one `datasets` directory) of the corpus, listed but not read: its documents come from
+    `documents()`, a stream. `files` are what it is read from, for recognising a prepared store by metadata."""
+    name: str  # the documents' name, or their prefix ("file.jsonl" for "file.jsonl:LINE")
+    path: Path
+    kind: str  # "text" (a file in a directory: skipped if not text), "explicit" (named in data.sources: must be
+    # text), "records" (JSONL / parquet), "dataset" (save_to_disk), "tokens" (pre-tokenized: data/pretokenized.py;
+    # no documents: the store writer copies its ids)
+    source: int  # index into data.sources (-1: the stdlib)
+    files: tuple[Path, ...]
+
+    def documents(self, text_field: str) -> Iterator[Document] | None:
+        """The unit's documents, read as they are consumed; None for a non-text file inside a directory."""
+        if self.kind == "records":
+            return (Document(f"{self.name}:{n}", text, (self.name, n))
+                    for n, text in formats.records(self.path, text_field) if text)
+        if self.kind == "dataset":
+            return _dataset_documents(self.path, text_field)
+        if self.kind == "tokens":
+            return iter(())
+        text = _read_text(self.path)
         if text is None:
-            skipped += 1  # a few test files are deliberately in other encodings
-            continue
-        rel = path.relative_to(root).as_posix()
-        docs.append(Document(rel, text, (rel,)))
-    return docs, skipped
+            if self.kind == "explicit":
+                raise DataError(f"data source {self.path} is not UTF-8 text; convert it or remove it from "
+                                f"data.sources")
+            return None
+        return iter([Document(self.name, text, (self.name,))] if text else [])
+
+    def sort_key(self) -> tuple:
+        # Path order by name; two units of one name (two folders called "data") by size, not by where they are.
+        return self.name, sum(f.stat().st_size for f in self.files)
 
 
-def _file_documents(path: Path, name: str, text_field: str, explicit: bool) -> list[Document] | None:
-    """Documents of one file; None for a non-text file found inside a directory (skipped, counted)."""
-    if formats.record_suffix(path):  # JSONL (plain, .gz, .zst) or parquet: a document per non-empty record
-        return [Document(f"{name}:{n}", text, (name, n)) for n, text in formats.records(path, text_field) if text]
-    text = _read_text(path)
-    if text is None:
-        if explicit:
-            raise DataError(f"data source {path} is not UTF-8 text; convert it or remove it from data.sources")
-        return None
-    return [Document(name, text, (name,))] if text else []
+def _file_unit(path: Path, name: str, source: int, explicit: bool) -> Unit:
+    # Pre-tokenized only when named in data.sources: a .bin file found in a folder is just another file.
+    kind = ("records" if formats.record_suffix(path) else "tokens" if explicit and pretokenized.is_pretokenized(path)
+            else "explicit" if explicit else "text")
+    return Unit(name, path, kind, source, (path,))
 
 
 def _walk_text_files(directory: Path) -> tuple[list[Path], list[str]]:
@@ -127,17 +144,16 @@ def _walk_text_files(directory: Path) -> tuple[list[Path], list[str]]:
     return files, notes
 
 
-def _dataset_documents(path: Path, text_field: str) -> list[Document]:
+def _dataset_documents(path: Path, text_field: str) -> Iterator[Document]:
     """A `datasets` save_to_disk directory: "DIR:ROW" (a Dataset) or "DIR/SPLIT:ROW" (a DatasetDict)."""
-    name = path.resolve().name
-    docs = []
+    name, found = path.resolve().name, False
     for split, row, text in formats.dataset_records(path, text_field):
         where = f"{name}/{split}" if split else name
         if text:
-            docs.append(Document(f"{where}:{row}", text, (where, row)))
-    if not docs:
+            found = True
+            yield Document(f"{where}:{row}", text, (where, row))
+    if not found:
         raise DataError(f"dataset {path} holds no text in column '{text_field}'; point data.sources at one that does")
-    return docs
 
 
 def _selected(rel: str, include: list[str], exclude: list[str]) -> bool:
@@ -148,45 +164,82 @@ def _selected(rel: str, include: list[str], exclude: list[str]) -> bool:
     return not any(fnmatch.fnmatchcase(rel, p) for p in exclude)
 
 
-def _user_documents(sources: list[str], text_field: str, include: list[str] = (), exclude: list[str] = ()
-                    ) -> tuple[list[Document], int, list[str]]:
-    docs, seen, skipped, notes = [], set(), 0, []
-    for source in sources:
+def _user_units(sources: list[str], include: list[str] = (), exclude: list[str] = ()
+                ) -> tuple[list[Unit], list[str]]:
+    """Every unit of data.sources, in path order, and notes on what the walk left out. Nothing is read but
+    directory listings and file metadata."""
+    units, seen, notes = [], set(), []
+    for index, source in enumerate(sources):
         path = Path(source).expanduser()
         if formats.is_saved_dataset(path):
-            docs += _dataset_documents(path, text_field)
+            files = tuple(sorted(f for f in path.rglob("*") if f.is_file()))
+            units.append(Unit(path.resolve().name, path, "dataset", index, files))
         elif path.is_dir():
             # Names are relative to the directory's parent, so "data/a.txt" stays "data/a.txt" on any machine.
-            found = 0
             files, walk_notes = _walk_text_files(path)
             notes += walk_notes
+            chosen = 0
             for f in files:
                 if f.resolve() in seen or not _selected(f.relative_to(path).as_posix(), include, exclude):
                     continue
                 seen.add(f.resolve())
-                name = f"{path.resolve().name}/{f.relative_to(path).as_posix()}"
-                got = _file_documents(f, name, text_field, explicit=False)
-                if got is None:
-                    skipped += 1
-                    continue
-                found += len(got)
-                docs += got
-            if not found:
-                chosen = " that data.include / data.exclude select" if include or exclude else ""
-                raise DataError(f"data source directory {source} holds no UTF-8 text{chosen}; "
-                                f"point data.sources at a directory with text files")
+                units.append(_file_unit(f, f"{path.resolve().name}/{f.relative_to(path).as_posix()}", index, False))
+                chosen += 1
+            if not chosen:
+                _empty_directory(source, include or exclude)
         elif path.is_file():
             if path.resolve() in seen:
                 continue  # listed twice: read once
             seen.add(path.resolve())
-            docs += _file_documents(path, path.name, text_field, explicit=True)
+            units.append(_file_unit(path, path.name, index, True))
         else:
             raise DataError(f"data source {source} does not exist; fix the path in data.sources "
                             f"(or leave data.sources empty to train on Python's standard library)")
-    return docs, skipped, notes
+    return sorted(units, key=Unit.sort_key), notes
 
 
-def _hash_unit(name: str) -> float:
+def _empty_directory(source: str, filtered) -> None:
+    chosen = " that data.include / data.exclude select" if filtered else ""
+    raise DataError(f"data source directory {source} holds no UTF-8 text{chosen}; "
+                    f"point data.sources at a directory with text files")
+
+
+def list_units(cfg: DataConfig) -> tuple[list[Unit], list[str], str]:
+    """(units in path order, notes, label) of the configured corpus, without reading any text."""
+    if cfg.sources:
+        units, notes = _user_units(cfg.sources, cfg.include, cfg.exclude)
+        return units, notes, f"{len(cfg.sources)} source{'s' * (len(cfg.sources) > 1)}"
+    root, files = stdlib_files()
+    units = [Unit(f.relative_to(root).as_posix(), f, "text", -1, (f,)) for f in files]
+    return units, [], f"Python {sys.version_info.major}.{sys.version_info.minor} stdlib"
+
+
+class DocumentStream:
+    """The corpus's documents in path order, read one unit at a time (memory holds one document, or one parquet
+    record batch); `skipped` counts the non-text files left out. A directory in data.sources none of whose files
+    turned out to be text is an error, raised once the stream reaches its end."""
+
+    def __init__(self, cfg: DataConfig, units: list[Unit]):
+        self.cfg, self.units, self.skipped = cfg, units, 0
+
+    def __iter__(self) -> Iterator[Document]:
+        limit, count, found = self.cfg.max_documents, 0, set()
+        for unit in self.units:
+            docs = unit.documents(self.cfg.text_field)
+            if docs is None:
+                self.skipped += 1
+                continue
+            for doc in docs:
+                found.add(unit.source)
+                yield doc
+                count += 1
+                if 0 < limit <= count:
+                    return
+        for index in sorted({u.source for u in self.units if u.kind == "text" and u.source >= 0} - found):
+            _empty_directory(self.cfg.sources[index], self.cfg.include or self.cfg.exclude)
+
+
+def hash_unit(name: str) -> float:
     """A number in [0, 1) from the name alone: the same on every run and machine."""
     return int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big") / 2**64
 
@@ -200,44 +253,54 @@ def split_documents(docs: list[Document], val_fraction: float) -> tuple[list[Doc
             raise DataError("the corpus holds a single character; add more text to data.sources")
         cut = min(max(round(len(doc.text) * (1 - val_fraction)), 1), len(doc.text) - 1)
         return [Document(doc.name, doc.text[:cut], doc.order)], [Document(doc.name, doc.text[cut:], doc.order)]
-    val = [d for d in docs if _hash_unit(d.name) < val_fraction]
-    train = [d for d in docs if _hash_unit(d.name) >= val_fraction]
+    val = [d for d in docs if hash_unit(d.name) < val_fraction]
+    train = [d for d in docs if hash_unit(d.name) >= val_fraction]
     # Tiny corpora: move the document whose hash is nearest the boundary, which is order-independent.
     if not val:
-        moved = min(train, key=lambda d: (_hash_unit(d.name), d.order))
+        moved = min(train, key=lambda d: (hash_unit(d.name), d.order))
         train.remove(moved)
         val.append(moved)
     elif not train:
-        moved = max(val, key=lambda d: (_hash_unit(d.name), d.order))
+        moved = max(val, key=lambda d: (hash_unit(d.name), d.order))
         val.remove(moved)
         train.append(moved)
     return train, val
 
 
+class CorpusHasher:
+    """The corpus fingerprint, fed one document at a time in path order: sha256 over names and content hashes,
+    and text_field. The cache key of the corpus, and what a checkpoint's resume compares."""
+
+    def __init__(self, text_field: str):
+        self._h = hashlib.sha256(f"chipwise-corpus-v1\0{text_field}\0".encode())
+
+    def update(self, doc: Document) -> None:
+        self.update_digest(doc.name, hashlib.sha256(doc.text.encode()).hexdigest())
+
+    def update_digest(self, name: str, digest: str) -> None:
+        self._h.update(f"{name}\0{digest}\n".encode())
+
+    def hexdigest(self) -> str:
+        return self._h.hexdigest()
+
+
 def fingerprint(docs: list[Document], text_field: str) -> str:
-    """sha256 over names and content hashes (in path order) and text_field: the cache key of the corpus."""
-    h = hashlib.sha256(f"chipwise-corpus-v1\0{text_field}\0".encode())
+    hasher = CorpusHasher(text_field)
     for d in docs:
-        h.update(f"{d.name}\0{hashlib.sha256(d.text.encode()).hexdigest()}\n".encode())
-    return h.hexdigest()
+        hasher.update(d)
+    return hasher.hexdigest()
 
 
 def load_corpus(cfg: DataConfig) -> Corpus:
-    walk_notes = []
-    if cfg.sources:
-        docs, skipped, walk_notes = _user_documents(cfg.sources, cfg.text_field, cfg.include, cfg.exclude)
-        label = f"{len(cfg.sources)} source{'s' * (len(cfg.sources) > 1)}"
-    else:
-        docs, skipped = _stdlib_documents()
-        label = f"Python {sys.version_info.major}.{sys.version_info.minor} stdlib"
-    # Path order, whatever order the sources were listed in; text breaks ties between equal names.
-    docs.sort(key=lambda d: (d.order, d.text))
-    if cfg.max_documents > 0:
-        docs = docs[: cfg.max_documents]
+    """The whole corpus in memory, split and fingerprinted (small corpora, tests; data/store.py streams)."""
+    units, notes, label = list_units(cfg)
+    stream = DocumentStream(cfg, units)
+    docs = list(stream)
     if not docs:
         raise DataError("the corpus is empty: no text found in data.sources; add text files or JSONL records")
-    notes = walk_notes + ([f"skipped {skipped} file(s) that are not UTF-8 text"] if skipped else [])
+    if stream.skipped:
+        notes = notes + [f"skipped {stream.skipped} file(s) that are not UTF-8 text"]
     train, val = split_documents(docs, cfg.val_fraction)
     return Corpus(train=train, val=val, fingerprint=fingerprint(docs, cfg.text_field), label=label,
                   num_documents=len(docs), num_bytes=sum(len(d.text.encode()) for d in docs),
-                  skipped=skipped, notes=notes)
+                  skipped=stream.skipped, notes=notes)

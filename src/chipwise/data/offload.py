@@ -1,4 +1,4 @@
-"""Tokenizer training and packing in a child process that has the C library's default allocator.
+"""Tokenizer training in a child process that has the C library's default allocator.
 
 Whether to use it is chipwise.data's decision (prepare_data); tokenizer.py and packing.py, which the child runs,
 know nothing of it.
@@ -28,16 +28,14 @@ The child never outlives its parent, and neither does anything it was given:
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import subprocess
 import sys
 
-import numpy as np
 from tokenizers import Tokenizer
 
-from chipwise.data import packing, tokenizer
+from chipwise.data import tokenizer
 from chipwise.data.corpus import Document
 from chipwise.errors import DataError
 from chipwise.launch import parent_death_signal
@@ -64,10 +62,6 @@ def train_tokenizer(texts: list[str], vocab_size: int) -> Tokenizer:
     return Tokenizer.from_str(_run("train", {"texts": texts, "vocab_size": vocab_size}).decode())
 
 
-def pack(texts: list[str], tok: Tokenizer) -> np.ndarray:
-    return np.load(io.BytesIO(_run("pack", {"texts": texts, "tokenizer": tok.to_str()})), allow_pickle=False)
-
-
 def _child(command: str) -> int:
     parent = os.environ.get(PARENT_ENV)
     arm = parent_death_signal(int(parent)) if parent else None
@@ -81,10 +75,6 @@ def _child(command: str) -> int:
     try:
         if command == "train":
             reply = tokenizer.train_tokenizer(docs, int(request["vocab_size"])).to_str().encode()
-        elif command == "pack":
-            buffer = io.BytesIO()
-            np.save(buffer, packing.pack_documents(docs, Tokenizer.from_str(request["tokenizer"])), allow_pickle=False)
-            reply = buffer.getbuffer()
         else:
             raise ValueError(f"unknown command {command!r}")
     except DataError as e:

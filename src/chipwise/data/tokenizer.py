@@ -8,13 +8,10 @@ from __future__ import annotations
 
 import hashlib
 import re
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from chipwise.data.cache import atomic_path
 from chipwise.data.corpus import Document
 from chipwise.errors import DataError
 
@@ -37,21 +34,8 @@ def eos_id(tok: Tokenizer) -> int:
     return idx
 
 
-def training_sample(docs: list[Document], max_chars: int = MAX_TRAIN_CHARS) -> list[Document]:
-    if sum(len(d.text) for d in docs) <= max_chars:
-        return docs
-    ranked = sorted(docs, key=lambda d: hashlib.sha256(d.name.encode()).digest())
-    sample, total = [], 0
-    for d in ranked:
-        if total >= max_chars:
-            break
-        sample.append(d)
-        total += len(d.text)
-    return sample
-
-
 def train_tokenizer(docs: list[Document], vocab_size: int) -> Tokenizer:
-    """Train on `docs` (pass training_sample(docs) to cap the time)."""
+    """Train on `docs` (data/prepare.py training_sample caps them at MAX_TRAIN_CHARS, to cap the time)."""
     if vocab_size < MIN_VOCAB:
         raise DataError(f"model.vocab_size is {vocab_size}; a byte-level BPE needs at least {MIN_VOCAB}")
     tok = Tokenizer(models.BPE())
@@ -95,30 +79,4 @@ def load_tokenizer(path: str) -> Tokenizer:
     if tok.token_to_id(EOS_TOKEN) is None:
         raise DataError(f"tokenizer file {path} has no {EOS_TOKEN} token, which chipwise uses to end "
                         f"documents; add it as a special token or leave data.tokenizer empty")
-    return tok
-
-
-def cached_tokenizer(docs: list[Document], vocab_size: int, cache_file: Path, log=print,
-                     train: Callable[[list[Document], int], Tokenizer] = train_tokenizer) -> Tokenizer:
-    """Train once per (corpus, split, vocab); later runs read the cached tokenizer.json.
-
-    `train` trains on the sample; the caller chooses where it runs (chipwise.data trains large ones in a child).
-    """
-    if cache_file.is_file():
-        try:
-            tok = Tokenizer.from_file(str(cache_file))
-            log(f"tokenizer: byte-level BPE, {tok.get_vocab_size():,} tokens (cached)")
-            return tok
-        except Exception:  # an unreadable cache entry is rebuilt, never trusted
-            pass
-    sample = training_sample(docs)
-    size = sum(len(d.text.encode()) for d in sample)
-    part = "" if len(sample) == len(docs) else f" (a sample of the {len(docs):,} training documents)"
-    log(f"tokenizer: training a byte-level BPE with {vocab_size:,} tokens on {len(sample):,} documents, "
-        f"{size / 1e6:.1f} MB{part}...")
-    start = time.perf_counter()
-    tok = train(sample, vocab_size)
-    with atomic_path(cache_file) as tmp:
-        tok.save(str(tmp))
-    log(f"tokenizer: trained in {time.perf_counter() - start:.1f} s")
     return tok

@@ -16,7 +16,6 @@ import datetime as _dt
 import json
 import logging
 import math
-import os
 import platform
 import time
 from dataclasses import asdict
@@ -29,6 +28,7 @@ import numpy as np
 from chipwise.catalog import Accelerator
 from chipwise.config import ModelConfig
 from chipwise.errors import ConfigError
+from chipwise.process import usable_cores
 
 log = logging.getLogger("chipwise.bench")
 
@@ -85,11 +85,6 @@ def machine_id(device) -> str:
     if device.platform != "cpu":
         return device.device_kind
     return f"cpu: {cpu_model()} x{usable_cores()}"
-
-
-def usable_cores() -> int:
-    """The cores this process may run on (its affinity mask where the OS has one)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def default_dir() -> Path:
