@@ -53,7 +53,6 @@ def test_a_sharded_store_holds_the_in_memory_paths_tokens(corpus, tmp_path, monk
 
 
 def test_a_killed_preparation_resumes_to_the_same_store(corpus, tmp_path):
-    cfg = _cfg(corpus, tmp_path / "straight")
     script = textwrap.dedent(f"""
         import os, signal
         from chipwise.config import DataConfig

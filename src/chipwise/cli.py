@@ -114,7 +114,8 @@ def run_guarded(parser: argparse.ArgumentParser, handler, argv: list[str] | None
 
 
 def main(argv: list[str] | None = None) -> int:
-    commands = {"train": _train, "sample": _sample, **run_commands.COMMANDS, **data_commands.COMMANDS, **plan_cli.COMMANDS, **launch.COMMANDS}
+    commands = {"train": _train, "sample": _sample, **run_commands.COMMANDS, **data_commands.COMMANDS,
+                **plan_cli.COMMANDS, **launch.COMMANDS}
     return run_guarded(build_parser(), lambda args: commands[args.command](args), argv)
 
 
