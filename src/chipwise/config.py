@@ -54,6 +54,17 @@ class ModelConfig:
 
 
 @dataclass
+class MixtureSource:
+    """One named part of `data.mixture`: its own sources, and its share of the training sequences."""
+    name: str = ""
+    sources: list[str] = field(default_factory=list)
+    weight: float = 0.0  # relative: the weights are normalised over the mixture
+    text_field: str = ""  # empty: data.text_field
+    include: list[str] = field(default_factory=list)
+    exclude: list[str] = field(default_factory=list)
+
+
+@dataclass
 class DataConfig:
     # Text files, directories, JSONL (.jsonl, .jsonl.gz, .jsonl.zst), parquet, or `datasets` save_to_disk
     # directories; empty: Python's stdlib.
@@ -72,6 +83,9 @@ class DataConfig:
     # Attention stays within each document of a packed sequence (documents end with EOS; the token after an EOS
     # starts a new one). Off: every token sees the whole window, as GPT-2 and nanoGPT train.
     document_masking: bool = False
+    # Weighted sources instead of data.sources: each part is prepared as its own token store (one tokenizer for all)
+    # and training sequences are drawn from the parts in these proportions, exactly, deterministically.
+    mixture: list[MixtureSource] = field(default_factory=list)
 
 
 @dataclass
@@ -176,6 +190,10 @@ def check_typed_value(key: str, value, tp):
         if not isinstance(value, list):
             raise ConfigError(f"{key} must be a list of {_type_name(inner)}, got {value!r}")
         return [check_typed_value(f"{key}[{i}]", v, inner) for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a mapping of its fields, got {value!r}")
+        return _build(tp, value, f"{key}.")
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if tp is float and isinstance(value, str):

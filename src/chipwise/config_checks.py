@@ -147,6 +147,7 @@ def validate(cfg) -> None:
         raise ConfigError(f"train.batch_size ({t.batch_size}) must be divisible by train.grad_accum ({t.grad_accum})")
     if not 0 < cfg.data.val_fraction < 1:
         raise ConfigError(f"data.val_fraction must be between 0 and 1, got {cfg.data.val_fraction}")
+    _validate_mixture(cfg.data)
     if cfg.data.prepare_workers < 0:
         raise ConfigError(f"data.prepare_workers must be 0 (one per core) or a positive count, got "
                           f"{cfg.data.prepare_workers}")
@@ -167,3 +168,23 @@ def validate(cfg) -> None:
         v = getattr(h, name)
         if v is not None and not 0 < v < math.inf:  # so NaN fails too
             raise ConfigError(f"hardware.{name} must be positive and finite, got {v}")
+
+
+def _validate_mixture(d) -> None:
+    if not d.mixture:
+        return
+    if d.sources:
+        raise ConfigError("data.sources and data.mixture are exclusive: list every source under a mixture part")
+    names = set()
+    for i, part in enumerate(d.mixture):
+        where = f"data.mixture[{i}]" + (f" ({part.name})" if part.name else "")
+        if not part.name:
+            raise ConfigError(f"{where} needs a name (it labels the part in metrics and reports)")
+        if part.name in names:
+            raise ConfigError(f"{where}: the name {part.name!r} is used twice; give each part its own")
+        names.add(part.name)
+        if not part.sources:
+            raise ConfigError(f"{where} lists no sources; give it files or directories under 'sources'")
+        if not math.isfinite(part.weight) or part.weight <= 0:
+            raise ConfigError(f"{where} (sources {', '.join(part.sources)}) has weight {part.weight}; weights must be "
+                              f"positive (a part with no weight is left out of the mixture, not weighted 0)")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +38,8 @@ class PreparedData:
     tokenizer_fingerprint: str
     num_documents: tuple[int, int]  # train, val
     description: str  # one line for the log
+    # data.mixture: each part's name, weight and training tokens (train_tokens is then all of them, in order)
+    mixture: list[tuple[str, float, object]] = field(default_factory=list)
 
 
 def _millions(n: int) -> str:
@@ -175,7 +177,12 @@ def prepare_store(data_cfg: DataConfig, vocab_size: int, log=print, workers: int
 
 
 def prepare_data(data_cfg: DataConfig, vocab_size: int, log=print) -> PreparedData:
-    """The prepared store (prepare_store), opened for training: tokenizer, memory-mapped splits, fingerprints."""
+    """The prepared store (prepare_store), opened for training: tokenizer, memory-mapped splits, fingerprints.
+    With data.mixture, one store per part (data/mixture.py)."""
+    if data_cfg.mixture:
+        from chipwise.data.mixture import prepare_mixture
+
+        return prepare_mixture(data_cfg, vocab_size, log)
     st = prepare_store(data_cfg, vocab_size, log)
     m = st.manifest
     tok = Tokenizer.from_file(str(st.path / "tokenizer.json"))
@@ -204,5 +211,8 @@ def make_train_iterator(data: PreparedData | np.ndarray, seq_len: int, global_ba
     """This process's rows of each global batch, endlessly; see loader.TrainIterator."""
     from chipwise.data.loader import TrainIterator
 
+    if isinstance(data, PreparedData) and data.mixture:
+        return TrainIterator([t for _, _, t in data.mixture], seq_len, global_batch, seed, process_index,
+                             process_count, worker_threads, mixture=[(n, w) for n, w, _ in data.mixture])
     tokens = data.train_tokens if isinstance(data, PreparedData) else data
     return TrainIterator(tokens, seq_len, global_batch, seed, process_index, process_count, worker_threads)

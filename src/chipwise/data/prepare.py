@@ -110,13 +110,10 @@ class ShardWriter:
             self.flush(split)
 
     def flush(self, split: str, last: bool = False) -> None:
-        texts, name, chars = self.buffers[split], store.shard_name(split, self.index[split]), self.chars[split]
+        texts, chars = self.buffers[split], self.chars[split]
         self.buffers[split], self.chars[split] = [], 0
-        self.index[split] += 1
-        done = store.read_json(self.path / f"{name}.json")
-        if done is not None and (self.path / f"{name}.npy").is_file() and done.get("documents") == len(texts):
-            self.records[split].append(done)
-            self.reused += 1
+        name = self._next_shard(split, "documents", len(texts))
+        if name is None:
             return
         if last and self.pool is None and not should_offload(chars):
             # A small corpus's only shard: starting worker interpreters would cost more than tokenizing it here.
@@ -136,14 +133,20 @@ class ShardWriter:
             self.flush(split)
         for start in range(0, len(tokens), SHARD_CHARS):
             part = np.asarray(tokens[start:start + SHARD_CHARS]).astype(packing.token_dtype(self.tok))
-            name = store.shard_name(split, self.index[split])
-            self.index[split] += 1
-            done = store.read_json(self.path / f"{name}.json")
-            if done is not None and (self.path / f"{name}.npy").is_file() and done.get("tokens") == len(part):
-                self.records[split].append(done)
-                self.reused += 1
-                continue
-            self.records[split].append(_write_shard(self.path / name, part, int(np.count_nonzero(part == eos))))
+            name = self._next_shard(split, "tokens", len(part))
+            if name is not None:
+                self.records[split].append(_write_shard(self.path / name, part, int(np.count_nonzero(part == eos))))
+
+    def _next_shard(self, split: str, field: str, expected: int) -> str | None:
+        """The split's next shard name, or None when an unfinished run already wrote it (its record is kept)."""
+        name = store.shard_name(split, self.index[split])
+        self.index[split] += 1
+        done = store.read_json(self.path / f"{name}.json")
+        if done is not None and (self.path / f"{name}.npy").is_file() and done.get(field) == expected:
+            self.records[split].append(done)
+            self.reused += 1
+            return None
+        return name
 
     def _collect(self, split: str, slot: int, future) -> None:
         self.records[split][slot] = future.result()

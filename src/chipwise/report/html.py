@@ -56,10 +56,20 @@ def summary_rows(runs: list[Run]) -> list[list[str]]:
         row("USD per million tokens", lambda s, i: _fmt(s.get("usd_per_million_tokens"), ".4g")),
         row("kWh per million tokens", lambda s, i: _fmt(s.get("kwh_per_million_tokens"), ".4g")),
         row("compile time", lambda s, i: _fmt(i.get("compile_time_s"), ".1f", " s")),
+        ["data"] + [r.info.get("data", "unknown") for r in runs],
+        ["data mixture, realised"] + [_realised_mixture(r) for r in runs],
         # The divergence guard's events over every invocation: why a loss curve has a gap or steps back.
         ["skipped updates, rollbacks"] + [f"{len(r.events('skipped_update'))}, {len(r.events('rollback'))}"
                                           for r in runs],
     ]
+
+
+def _realised_mixture(run: Run) -> str:
+    """Each mixture part's share of the sequences trained on, from the last log record (metrics.jsonl)."""
+    shares = next((r["data_mixture"] for r in reversed(run.train()) if "data_mixture" in r), None)
+    if not shares:
+        return "no mixture"
+    return ", ".join(f"{name} {share:.1%}" for name, share in shares.items())
 
 
 def provenance_rows(runs: list[Run]) -> list[list[str]]:

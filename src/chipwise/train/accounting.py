@@ -114,7 +114,9 @@ def window_line(r: dict) -> str:
     return (f"step {r['step']:>6}  loss {r['loss']:.4f}  lr {r['lr']:.2e}  {r['tokens_per_s']:,.0f} tok/s  "
             f"{r['tflops_per_device'] * 1e3:,.1f} GFLOP/s/dev  MFU {mfu_text}  step {r['step_time_s'] * 1e3:,.0f} ms "
             f"(data wait {r['data_wait_s'] * 1e3:.1f} ms)"
-            + (f"  skipped {r['skipped_steps']}, rollbacks {r['rollbacks']}" if r["skipped_steps"] else ""))
+            + (f"  skipped {r['skipped_steps']}, rollbacks {r['rollbacks']}" if r["skipped_steps"] else "")
+            + ("  mix " + " ".join(f"{k} {v:.1%}" for k, v in r["data_mixture"].items()) if "data_mixture" in r
+               else ""))
 
 
 def summary(totals: Totals, hw, flops_per_token: float, run_dir: str, peak_memory: int | None) -> dict:

@@ -178,7 +178,7 @@ class Trainer:
         def finish(entry) -> bool:
             """Block on a dispatched step's metrics, time it, log it when due; True if it calls for a rollback."""
             nonlocal last_done, first
-            step, metrics, wait = entry
+            step, metrics, wait, position = entry
             metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
             now = time.perf_counter()
             seconds, last_done = now - last_done, now
@@ -198,6 +198,9 @@ class Trainer:
                 record = accounting.window_record(step, metrics, window, tokens_per_step, self.setup.hardware,
                                                   self.setup.flops.total, guard.state(),
                                                   efficiency.peak_memory_bytes(self.setup.devices))
+                shares = iterator.realised_mixture(position)
+                if shares is not None:  # every sequence drawn up to this step, all processes together
+                    record["data_mixture"] = shares
                 writer.write(record)
                 writer.log(accounting.window_line(record))
                 window.__init__()
@@ -215,7 +218,7 @@ class Trainer:
             data_pos += 1
             state, metrics = compiled.train(state, batch, poison)
             diverged = finish(pending) if pending is not None else False
-            pending = (step, metrics, wait)
+            pending = (step, metrics, wait, data_pos)
             if preemption_point(step):  # SIGTERM to a multi-process run: every process stops after this step
                 self.signals.received = signal.SIGTERM
             boundary = cadence.boundary(step)

@@ -19,7 +19,7 @@ from chipwise.train.step import saved_stage_layout, stage_layout
 # continue the data stream at a position that now means other tokens.
 # How block parameters are laid out in a checkpoint (model.py): recorded with every save.
 PARAM_LAYOUT = {True: "stacked-layers-v1", False: "unrolled-layers-v1"}
-DATA_IDENTITY = ("sources", "text_field", "tokenizer", "val_fraction", "max_documents")
+DATA_IDENTITY = ("sources", "text_field", "tokenizer", "val_fraction", "max_documents", "mixture")
 
 
 def incompatibility(meta: dict, cfg: Config, tokenizer_fp: str, corpus_fp: str) -> str | None:
