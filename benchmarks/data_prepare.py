@@ -199,7 +199,8 @@ def main() -> int:
     for r in rows:
         prep, enc, st = r["prepare"], r["encode_batch"], r["startup"]
         tps, etps = prep["tokens"] / prep["wall_s"], enc["tokens"] / enc["wall_s"]
-        print(f"| {r['size_mb']} MB {r['format']} | {prep['wall_s']:.1f} | {prep['bytes'] / 1e6 / prep['wall_s']:.1f} | "
+        mb_s = prep["bytes"] / 1e6 / prep["wall_s"]
+        print(f"| {r['size_mb']} MB {r['format']} | {prep['wall_s']:.1f} | {mb_s:.1f} | "
               f"{tps:,.0f} | {etps:,.0f} | {tps / etps:.2f} | {prep['main_rss_mb']:,.0f} | "
               f"{prep['worker_rss_mb']:,.0f} | {st['from_process_s']:.1f} / {st['from_import_s']:.1f} | "
               f"{st['loader_tokens_per_s']:,.0f} | {st['loader_tokens_per_s'] / step:,.0f}x |")
