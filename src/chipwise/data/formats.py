@@ -100,19 +100,23 @@ def _jsonl_records(path: Path, text_field: str) -> Iterator[tuple[int, str]]:
 
 
 def _parquet_records(path: Path, text_field: str) -> Iterator[tuple[int, str]]:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    try:
-        parquet = pq.ParquetFile(path)
-    except Exception as e:  # pyarrow raises ArrowInvalid / OSError for a file that is not parquet
-        raise DataError(f"{path} is not a readable parquet file ({e}); fix it or remove it from data.sources") \
-            from None
-    columns = parquet.schema_arrow.names
-    if text_field not in columns:
-        raise DataError(f"{path} has no column '{text_field}' (it has: {', '.join(columns)}); "
-                        f"set data.text_field to the column holding the text")
-    yield from _batches(path, parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=[text_field]),
-                        text_field)
+    # A plain file, read as the batches need it: pyarrow's default pre-buffering kept what it had read, and the
+    # process's memory grew with the file (616 -> 856 MB from a 200 MB to a 1 GB file; docs/benchmarks.md).
+    with pa.OSFile(str(path)) as source:
+        try:
+            parquet = pq.ParquetFile(source, pre_buffer=False)
+        except Exception as e:  # pyarrow raises ArrowInvalid / OSError for a file that is not parquet
+            raise DataError(f"{path} is not a readable parquet file ({e}); fix it or remove it from data.sources") \
+                from None
+        columns = parquet.schema_arrow.names
+        if text_field not in columns:
+            raise DataError(f"{path} has no column '{text_field}' (it has: {', '.join(columns)}); "
+                            f"set data.text_field to the column holding the text")
+        yield from _batches(path, parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=[text_field]),
+                            text_field)
 
 
 def _batches(path: Path, batches, text_field: str, start: int = 0) -> Iterator[tuple[int, str]]:
