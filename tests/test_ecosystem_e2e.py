@@ -133,7 +133,11 @@ def test_import_round_trip_and_training_continues_from_it(trained, exported, cap
     config_file.write_text("model: tiny\n")
     args = ["--config", str(config_file), *settings(tmp, corpus, run2, 2, model=[])]
     assert main(["train", "--init-from", str(exported), *args]) == 0
-    assert f"initialised from {exported}" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"initialised from {exported}" in out
+    # The from-scratch learning rate is called out (warm-up 1 of 2 steps is fine).
+    warnings = [line for line in out.splitlines() if line.startswith("warning")]
+    assert len(warnings) == 1 and "train.lr 0.003 is a from-scratch rate" in warnings[0], warnings
     cfg2 = RunDir(run2).read_config()
     assert cfg2.model == cfg.model and cfg2.train.init_from == str(exported)
     # Step 0 evaluates the imported weights on the same validation tokens: the first run's final loss.

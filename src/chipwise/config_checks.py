@@ -188,3 +188,21 @@ def _validate_mixture(d) -> None:
         if not math.isfinite(part.weight) or part.weight <= 0:
             raise ConfigError(f"{where} (sources {', '.join(part.sources)}) has weight {part.weight}; weights must be "
                               f"positive (a part with no weight is left out of the mixture, not weighted 0)")
+
+
+# A learning rate at or above this is a from-scratch one: on trained weights it undoes what they learned.
+FROM_SCRATCH_LR = 1e-3
+
+
+def config_warnings(cfg) -> list[str]:
+    """Settings that are valid but probably not what the user wants; each a line the trainer prints at start."""
+    t, out = cfg.train, []
+    if t.init_from:  # continued pre-training: docs/ecosystem.md has the recipe
+        if t.warmup_steps >= t.steps:
+            out.append(f"train.warmup_steps ({t.warmup_steps}) covers the whole run ({t.steps} steps), so the "
+                       f"learning rate never leaves its warm-up; set it to about a tenth of train.steps")
+        if t.lr >= FROM_SCRATCH_LR:
+            out.append(f"train.lr {t.lr:g} is a from-scratch rate: starting from trained weights "
+                       f"({t.init_from}) it raises the loss before lowering it; continued pre-training uses about "
+                       f"the original run's final rate, e.g. --set train.lr=1e-4")
+    return out

@@ -20,6 +20,7 @@ from chipwise.config import DataConfig
 from chipwise.data import prepare, store
 from chipwise.data.cache import atomic_path, default_cache_dir
 from chipwise.data.corpus import DocumentStream, hash_unit, list_units
+from chipwise.data.pipeline import PreparedData, prepare_store, train_tokenizer_in_best_process
 from chipwise.data.tokenizer import tokenizer_fingerprint
 
 
@@ -43,8 +44,6 @@ def _shared_tokenizer(data_cfg: DataConfig, parts: list[DataConfig], vocab_size:
     if path.is_file():
         log(f"tokenizer: the mixture's byte-level BPE {path} (cached)")
         return str(path)
-    from chipwise.data import train_tokenizer_in_best_process
-
     def train_docs(cfg, units):
         return (d for d in DocumentStream(cfg, units) if hash_unit(d.name) >= cfg.val_fraction)
 
@@ -59,9 +58,7 @@ def _shared_tokenizer(data_cfg: DataConfig, parts: list[DataConfig], vocab_size:
     return str(path)
 
 
-def prepare_mixture(data_cfg: DataConfig, vocab_size: int, log=print):
-    from chipwise.data import PreparedData, prepare_store
-
+def prepare_mixture(data_cfg: DataConfig, vocab_size: int, log=print) -> PreparedData:
     parts = [part_config(data_cfg, p) for p in data_cfg.mixture]
     tokenizer = _shared_tokenizer(data_cfg, parts, vocab_size, log)
     stores = []

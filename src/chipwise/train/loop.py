@@ -14,6 +14,7 @@ from rich.console import Console
 
 from chipwise import data, efficiency
 from chipwise.config import Config
+from chipwise.config_checks import config_warnings
 from chipwise.distributed import is_leader, preemption_point
 from chipwise.errors import TrainingStopped
 from chipwise.process import make_console
@@ -82,6 +83,8 @@ class Trainer:
                 self.run_dir.write_run_info(info, self.log)
                 for line in header_lines(self.run_dir, info):
                     self.log(line)
+                for warning in config_warnings(cfg):
+                    self.log(f"[bold yellow]warning[/bold yellow]  {warning}")
                 self.run_dir.repair_metrics()
                 writer = open_writer(self.run_dir, self.console, t.steps, start)  # a no-op beyond process 0
                 event = {"event": "resumed"} if start else {"event": "restarted"} if self.resume else {}
