@@ -6,7 +6,7 @@ import argparse
 import logging
 import sys
 
-from chipwise import __version__, data_commands, launch, process, run_commands
+from chipwise import __version__, data_commands, launch, process, run_commands, serve_commands
 from chipwise.errors import ChipwiseError, TrainingStopped
 from chipwise.plan import cli as plan_cli
 
@@ -44,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     run_commands.add_commands(sub)
     data_commands.add_commands(sub)
+    serve_commands.add_commands(sub)
     plan_cli.add_commands(sub)
     launch.add_commands(sub)
     return p
@@ -115,7 +116,7 @@ def run_guarded(parser: argparse.ArgumentParser, handler, argv: list[str] | None
 
 def main(argv: list[str] | None = None) -> int:
     commands = {"train": _train, "sample": _sample, **run_commands.COMMANDS, **data_commands.COMMANDS,
-                **plan_cli.COMMANDS, **launch.COMMANDS}
+                **serve_commands.COMMANDS, **plan_cli.COMMANDS, **launch.COMMANDS}
     return run_guarded(build_parser(), lambda args: commands[args.command](args), argv)
 
 

@@ -110,6 +110,11 @@ class Attention(nnx.Module):
         else:
             # KV cache of fixed length: write this chunk at its position, attend to everything written so far.
             k_cache, v_cache, start = cache
+            if jnp.ndim(start) == 1:  # serving: each row (a decode slot) writes and reads at its own position
+                k_cache, v_cache = _write_rows(k_cache, k, start), _write_rows(v_cache, v, start)
+                out = constrain(reference.attend_cached(q, k_cache, v_cache, positions),
+                                ("batch", "seq", "heads", "head_dim"))
+                return project(out, self.wo, dt, contract=2), (k_cache, v_cache)
             k_cache = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), start, axis=1)
             v_cache = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), start, axis=1)
             if x.shape[1] > 1:  # prefill from position 0: causal over the chunk
@@ -120,6 +125,12 @@ class Attention(nnx.Module):
             cache = (k_cache, v_cache)
         out = constrain(out, ("batch", "seq", "heads", "head_dim"))
         return project(out, self.wo, dt, contract=2), cache
+
+
+def _write_rows(cache, new, starts):
+    """cache [batch, length, ...] with new [batch, n, ...] written at row b from position starts[b]."""
+    write = jax.vmap(lambda c, x, s: jax.lax.dynamic_update_slice_in_dim(c, x.astype(c.dtype), s, axis=0))
+    return write(cache, new, starts)
 
 
 class MLP(nnx.Module):
@@ -185,7 +196,8 @@ class Transformer(nnx.Module):
     def hidden(self, tokens, *, dtype=jnp.float32, attend: Callable = reference.attend, remat: str = "none",
                positions=None, caches=None, cache_start=0, run_blocks: Callable | None = None, segment_ids=None):
         """tokens [batch, seq] -> final hidden states [batch, seq, d_model] after the final norm (and the updated
-        KV caches, if given: written from position `cache_start`). `run_blocks(blocks, x, positions, segment_ids)
+        KV caches, if given: written from position `cache_start`, a scalar, or per row a [batch] array, where each
+        query then sees the cached keys up to its own position in `positions`: the serving engine's slots). `run_blocks(blocks, x, positions, segment_ids)
         -> x`, where given, runs the stacked blocks instead of the scan (train/pipeline.py runs them as pipeline
         stages). `segment_ids` [batch, seq], where given, keep attention within each segment (packed documents)."""
         if positions is None:

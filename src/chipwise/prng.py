@@ -16,3 +16,14 @@ def key(seed: int) -> jax.Array:
 def wrap(key_data: jax.Array) -> jax.Array:
     """A key from raw key data (as checkpoints store it)."""
     return jax.random.wrap_key_data(key_data, impl=IMPL)
+
+
+# Serving draws each reply's tokens from its own key. threefry's bits under vmap equal the unbatched ones, so a
+# reply is the same whatever slot it runs in and whatever runs beside it; rbg's batched bits depend on the batch.
+# One draw of a vocabulary's worth of noise per token makes the speed difference irrelevant there.
+SAMPLING_IMPL = "threefry2x32"
+
+
+def sampling_key(seed, index):
+    """The key of the index-th token of the reply seeded `seed` (traced or not)."""
+    return jax.random.fold_in(jax.random.key(seed, impl=SAMPLING_IMPL), index)

@@ -18,18 +18,32 @@ from chipwise.errors import ChipwiseError
 from chipwise.model import Transformer
 
 
-def filter_logits(logits, top_k: int, top_p: float):
-    """Mask logits [vocab] outside the top-k set and outside the smallest set holding top-p probability."""
-    if top_k > 0:
-        kth = jax.lax.top_k(logits, min(top_k, logits.shape[-1]))[0][..., -1]
-        logits = jnp.where(logits < kth, -jnp.inf, logits)
-    if 0.0 < top_p < 1.0:
-        sorted_logits = jnp.sort(logits)[::-1]
-        cumulative = jnp.cumsum(jax.nn.softmax(sorted_logits))
-        # keep a token while the probability before it is still below top_p (the most likely one always stays)
-        cutoff_index = jnp.sum(cumulative - jax.nn.softmax(sorted_logits) < top_p) - 1
-        logits = jnp.where(logits < sorted_logits[cutoff_index], -jnp.inf, logits)
-    return logits
+def filter_logits(logits, top_k, top_p):
+    """Mask logits [..., vocab] outside the top-k set and outside the smallest set holding top-p probability.
+
+    top_k (0 keeps every token) and top_p (1 keeps every token) are scalars or one per row, traced or not: one
+    compiled program serves rows that ask for different filters (the serving engine's slots)."""
+    vocab = logits.shape[-1]
+    top_k, top_p = jnp.asarray(top_k, jnp.int32)[..., None], jnp.asarray(top_p, jnp.float32)[..., None]
+    rank = jnp.arange(vocab)
+    in_top_k = rank < jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)
+    ranked = jnp.where(in_top_k, -jnp.sort(-logits, axis=-1), -jnp.inf)  # descending, the top-k set only
+    probs = jax.nn.softmax(ranked, axis=-1)
+    # keep a token while the probability before it is still below top_p (the most likely one always stays);
+    # top_p = 1 keeps the whole top-k set, whatever rounding does to the cumulative sum
+    before = jnp.cumsum(probs, axis=-1) - probs
+    kept = jnp.sum(in_top_k & ((before < top_p) | (top_p >= 1.0)), axis=-1, keepdims=True)
+    threshold = jnp.take_along_axis(ranked, kept - 1, axis=-1)
+    return jnp.where(logits < threshold, -jnp.inf, logits)
+
+
+def pick_tokens(logits, temperature, top_k, top_p, keys):
+    """One token per row of logits [rows, vocab]: the most likely where temperature is 0, else drawn with
+    `keys` [rows] from the filtered distribution at that row's temperature, top-k and top-p ([rows] each)."""
+    greedy = jnp.argmax(logits, axis=-1)
+    scaled = logits / jnp.where(temperature > 0, temperature, 1.0)[:, None]
+    drawn = jax.vmap(jax.random.categorical)(keys, filter_logits(scaled, top_k, top_p))
+    return jnp.where(temperature > 0, drawn, greedy).astype(jnp.int32)
 
 
 @partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "temperature", "top_k", "top_p"))

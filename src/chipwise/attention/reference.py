@@ -1,6 +1,7 @@
 """The reference attention: XLA's own `jax.nn.dot_product_attention`, correct on every backend."""
 
 import jax
+import jax.numpy as jnp
 
 
 def unsupported_reason(**_) -> None:
@@ -18,3 +19,11 @@ def attend(q, k, v, *, is_causal: bool, kv_lengths=None, segment_ids=None):
     mask = None if segment_ids is None else same_segment(segment_ids)
     return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal, key_value_seq_lengths=kv_lengths,
                                         implementation="xla")
+
+
+def attend_cached(q, k_cache, v_cache, positions):
+    """Queries at absolute `positions` [batch, q_len] over a KV cache [batch, cache_len, kv_heads, head_dim]: each
+    query sees the keys at or before its own position. Positions past what a row has written hold stale or padding
+    entries; no query reaches them, because a row's next write always lands at its next position."""
+    visible = jnp.arange(k_cache.shape[1])[None, None, :] <= positions[:, :, None]
+    return jax.nn.dot_product_attention(q, k_cache, v_cache, mask=visible[:, None], implementation="xla")
