@@ -44,7 +44,8 @@ def run_dir(tmp_path_factory, corpus):
     tmp = tmp_path_factory.mktemp("serve")
     settings = [*MODEL, "train.seq_len=32", "train.batch_size=8", "train.steps=12", "train.log_every=4",
                 "train.eval_every=12", "train.checkpoint_every=12", "train.eval_batches=1", "train.warmup_steps=2",
-                "train.lr=1e-2", f"data.sources=[{corpus}]", f"data.cache_dir={tmp / 'cache'}", f"run_dir={tmp / 'run'}"]
+                "train.lr=1e-2", f"data.sources=[{corpus}]", f"data.cache_dir={tmp / 'cache'}",
+                f"run_dir={tmp / 'run'}"]
     assert main(["train", *[x for s in settings for x in ("--set", s)]]) == 0
     return tmp / "run"
 
