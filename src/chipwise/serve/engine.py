@@ -4,8 +4,10 @@ KV cache, filled from a bounded queue as requests arrive and freed the moment on
 Every compiled program has a static shape, so one engine runs on CPUs, GPUs, TPUs and Trainium alike:
 - `decode` feeds every slot's newest token at that slot's own position (model.py's per-row cache) and picks the
   next token of each slot with that slot's own sampling settings (sample.pick_tokens);
-- `prefill` runs one chunk of one slot's prompt (`prefill_chunk` tokens, the last chunk padded) into that slot's
-  cache rows. One chunk runs between decode steps, so a long prompt never stalls the replies already streaming.
+- `prefill` runs one chunk of one slot's prompt (`prefill_chunk` tokens) into that slot's cache rows. One chunk
+  runs between decode steps, so a long prompt never stalls the replies already streaming. A prompt's last (or
+  only) chunk is padded to the smallest of a few bucket sizes (powers of two up to `prefill_chunk`) that holds it:
+  a short prompt costs a short program, and there are still only a handful of shapes to compile.
 
 A slot that is not decoding still takes part in the decode step (its shape is fixed): it feeds a dummy token at
 the position its next real write will overwrite, so it never disturbs a prompt half prefilled.
@@ -99,6 +101,7 @@ class Engine:
         # Chunks start at multiples of `chunk` and the cache is a whole number of chunks long, so a padded last
         # chunk never runs past the end (dynamic_update_slice would move it back over real entries).
         self.cache_len = math.ceil(self.max_seq_len / self.chunk) * self.chunk
+        self.buckets = sorted({min(2 ** k, self.chunk) for k in range(4, max(self.chunk.bit_length(), 4) + 1)})
         cast = jax.tree.map(lambda p: jnp.asarray(p, dtype), served.params)
         self.params = cast if shardings is None else jax.device_put(cast, shardings)
         self.cache = model.init_cache(slots, self.cache_len, dtype)
@@ -178,7 +181,8 @@ class Engine:
     def warm_up(self) -> None:
         """Compile both programs now, not on the first request (a greedy and a sampling decode step)."""
         with self._on_mesh():
-            self._run_prefill(0, [0], 0)
+            for size in self.buckets:
+                self._run_prefill(0, [0] * size, 0)
             for sampled in (False, True):
                 self._run_decode(np.zeros(self.num_slots, np.int32), np.zeros(self.num_slots, np.int32),
                                  [None] * self.num_slots, sampled)
@@ -282,7 +286,7 @@ class Engine:
                 col(lambda r: r.seed, np.int32), col(lambda r: len(r.output_ids), np.int32))
 
     def _run_prefill(self, slot: int, chunk: list[int], start: int, request: Request | None = None) -> int:
-        tokens = np.zeros((1, self.chunk), np.int32)
+        tokens = np.zeros((1, next(b for b in self.buckets if b >= len(chunk))), np.int32)
         tokens[0, : len(chunk)] = chunk
         sampling = self._sampling_arrays([request])
         self.cache, token = _prefill(self.served.graphdef, self.params, self.cache, jnp.int32(slot), tokens,
