@@ -1,7 +1,6 @@
 """The accelerator catalog: ids, device-kind matching, per-device peaks, overrides, validation."""
 
 import dataclasses
-import datetime as dt
 import pickle
 from importlib import resources
 
@@ -12,7 +11,7 @@ from chipwise.catalog import catalog_from_entries, find_by_device_kind, get, loa
 from chipwise.errors import ConfigError
 
 IDS = {"cpu", "a100-80g", "h100-sxm", "h200", "b200", "trn1", "trn2", "trn3", "inf2",
-       "tpu-v4", "tpu-v5e", "tpu-v5p", "tpu-v6e", "tpu-v7"}
+       "tpu-v4", "tpu-v5e", "tpu-v5p", "tpu-v6e", "tpu-v7", "xeon-8488c", "epyc-9r14", "graviton3", "graviton4"}
 
 # device_kind strings real JAX installs report (plus near-misses that must not match a neighbour).
 REAL_KINDS = [
@@ -122,12 +121,13 @@ def test_override_changes_price_and_records_source(tmp_path):
     assert "override" in cat["h100-sxm"].sources["price_per_chip_hour"]["source"]
     assert cat["trn2"] == get("trn2")
     path = tmp_path / "prices.yaml"
-    path.write_text("trn2:\n  price_per_chip_hour: 1.5\n  power_watts: 500\n")
+    path.write_text("trn2:\n  price_per_chip_hour: 1.5\n  power_watts: 450\n")
     cat = load_catalog(path)
-    assert (cat["trn2"].price_per_chip_hour, cat["trn2"].power_watts) == (1.5, 500)
+    assert (cat["trn2"].price_per_chip_hour, cat["trn2"].power_watts) == (1.5, 450)
     assert str(path) in cat["trn2"].sources["power_watts"]["source"]
+    assert cat["trn2"].power_basis == "user"
     # the cached default catalog is untouched
-    assert get("h100-sxm").price_per_chip_hour == 4.92 and get("trn2").power_watts is None
+    assert get("h100-sxm").price_per_chip_hour == 4.92 and get("trn2").power_watts == 500
 
 
 @pytest.mark.parametrize("overrides,words", [
@@ -194,7 +194,8 @@ def test_shipped_file_sources_every_figure_with_a_read_date():
                 continue
             src = e["sources"].get(key)
             assert src and src["source"].strip(), (e["id"], key)
-            assert dt.date.fromisoformat(str(src["read"])) == dt.date(2026, 11, 26), (e["id"], key)
+            # the catalog was read on 2026-11-26; power figures and the CPU entries on 2026-12-01
+            assert str(src["read"]) in ("2026-11-26", "2026-12-01"), (e["id"], key)
 
 
 def test_cpu_has_no_published_figures():
@@ -221,7 +222,8 @@ def test_the_schema_is_the_dataclasses():
     from chipwise.catalog import FABRIC_KINDS, Accelerator, Fabric
     from chipwise.plan.assumptions import FABRIC_EFFICIENCY
 
-    optional = {"trains", "libtpu_topology", "notes"}
+    optional = {"trains", "libtpu_topology", "notes", "power_watts_low", "power_watts_high", "power_basis",
+                "power_unknown", "cores", "clock_ghz"}
     for e in _raw_entries():
         assert {f.name for f in dataclasses.fields(Accelerator)} - optional <= set(e), e["id"]
         assert set(e["fabric"]) == {f.name for f in dataclasses.fields(Fabric)}, e["id"]
@@ -289,3 +291,70 @@ def test_a_non_finite_figure_is_refused():
     for bad in (float("inf"), float("nan")):
         with pytest.raises(ConfigError, match="h100-sxm.price_per_chip_hour: must be positive and finite"):
             load_catalog({"h100-sxm": {"price_per_chip_hour": bad}})
+
+
+# ------------------------------------------------------------------------------------------ power: a point or a range
+
+
+def test_every_chip_has_power_or_says_why_not():
+    """A point figure or an ordered range, each with its basis and sources; otherwise a reason, never a silent gap."""
+    from chipwise.catalog.power import POWER_BASES
+
+    for acc in load_catalog().values():
+        watts = acc.power_range()
+        if watts is None:
+            assert acc.power_unknown and len(acc.power_unknown) > 20, acc.id
+            continue
+        assert 0 < watts.low <= watts.high and watts.basis in POWER_BASES, acc.id
+        assert (acc.power_watts is None) != (acc.power_watts_low is None), acc.id  # one form, not both
+        for key in ("power_watts", "power_watts_low", "power_watts_high"):
+            if getattr(acc, key) is not None:
+                assert acc.sources[key]["source"].strip(), (acc.id, key)
+    labels = {a.id: a.power_range() and a.power_range().basis for a in load_catalog().values()}
+    assert {labels[i] for i in ("a100-80g", "h100-sxm", "h200", "b200")} == {"official"}
+    assert labels["tpu-v4"] == "measured"
+    assert {labels[i] for i in ("tpu-v5e", "tpu-v6e", "tpu-v7", "trn1", "trn2", "inf2")} == {"estimated"}
+    # where only estimates that disagree exist, the catalog keeps both ends: energy becomes a range
+    assert get("tpu-v7").power_range().is_point is False and get("h100-sxm").power_range().is_point
+
+
+@pytest.mark.parametrize("acc_id,mutate,words", [
+    ("tpu-v7", lambda e: e.update(power_watts_low=1200), ["tpu-v7", "power_watts_low", "below"]),
+    ("tpu-v7", lambda e: e.update(power_watts_high=None), ["tpu-v7", "power_watts_low", "together"]),
+    ("tpu-v7", lambda e: (e.update(power_watts=800), e["sources"].update(power_watts=e["sources"]["power_watts_low"])),
+     ["tpu-v7", "power_watts", "range"]),
+    ("h100-sxm", lambda e: e.pop("power_basis"), ["h100-sxm", "power_basis", "missing"]),
+    ("h100-sxm", lambda e: e.update(power_basis="rumour"), ["h100-sxm", "power_basis", "official"]),
+    ("tpu-v5p", lambda e: e.pop("power_unknown"), ["tpu-v5p", "power_unknown", "why"]),
+    ("tpu-v7", lambda e: e["sources"].pop("power_watts_high"), ["tpu-v7", "power_watts_high", "source"]),
+])
+def test_broken_power_raises_one_line_config_error(acc_id, mutate, words):
+    with pytest.raises(ConfigError) as e:
+        catalog_from_entries(_broken(acc_id, mutate))
+    _one_line_config_error(e, *words)
+
+
+def test_a_users_power_figure_replaces_a_catalog_range():
+    cat = load_catalog({"tpu-v7": {"power_watts": 850}, "tpu-v5p": {"power_watts_low": 300, "power_watts_high": 400}})
+    v7, v5p = cat["tpu-v7"].power_range(), cat["tpu-v5p"].power_range()
+    assert (v7.low, v7.high, v7.basis) == (850, 850, "user") and cat["tpu-v7"].power_watts_low is None
+    assert (v5p.low, v5p.high) == (300, 400) and cat["tpu-v5p"].power_unknown is None
+    assert "power_watts_low" not in cat["tpu-v7"].sources
+
+
+def test_cpu_peaks_are_cores_times_the_isa_rate_times_the_clock():
+    """The CPU entries' peaks follow from cpu_peak.py's per-cycle figures (the one home for them), except Genoa's,
+    whose AVX-512 units are half as wide as the rule assumes (its source says so)."""
+    from chipwise import cpu_peak
+
+    rates = {"xeon-8488c": ("AMX-BF16", "AVX-512"), "graviton3": ("0xd40", "0xd40"), "graviton4": ("0xd4f", "0xd4f")}
+    x86 = {r["isa"]: r["flops_per_cycle"] for r in cpu_peak.X86_RULES}
+    for acc_id, (bf16, fp32) in rates.items():
+        acc = get(acc_id)
+        arm = cpu_peak.ARM_CORES.get(bf16)
+        per_cycle = (arm[2], arm[1]) if arm else (x86[bf16], x86[fp32])
+        for peak, rate in zip((acc.bf16_tflops, acc.fp32_tflops), per_cycle):
+            assert peak == pytest.approx(acc.cores * rate * acc.clock_ghz / 1e3, rel=0.01), acc_id
+    genoa = get("epyc-9r14")
+    assert genoa.bf16_tflops == pytest.approx(genoa.cores * x86["AVX512-BF16"] / 2 * genoa.clock_ghz / 1e3, rel=0.01)
+    assert all(get(i).platform == "cpu" and get(i).device_kinds == () for i in rates)

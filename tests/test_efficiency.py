@@ -55,3 +55,27 @@ def test_user_figures_win_and_are_labelled():
     assert hw.peak.kind == "user" and "user-given" in hw.peak.describe()
     assert efficiency.mfu(378.0, hw.peak) == pytest.approx(0.5)
     assert hw.price_source == "config" and hw.power_watts_per_chip == 350.0
+
+
+def test_a_chip_whose_power_is_a_range_gets_energy_as_a_range():
+    """tpu-v7's power is published only as disagreeing estimates (600-1000 W): energy is that range, never a point,
+    and the run summary prints it so; a user's own figure is one point again."""
+    from rich.console import Console
+
+    from chipwise.report import summary_table
+
+    hw = hardware("TPU7x", platform="tpu", n=8)  # 2 JAX devices per chip: 4 chips
+    assert hw.power_watts_per_chip is None and hw.power_watts_range == (600, 1000)
+    assert "estimated range" in hw.power_source
+    assert efficiency.kwh_per_million_tokens(hw, 1e6 / 3600) is None
+    assert efficiency.kwh_per_million_tokens_range(hw, 1e6 / 3600) == pytest.approx([4 * 0.6, 4 * 1.0])
+    summary = dict(tokens=1, wall_time_s=1.0, compile_time_s=0.0, data_wait_s=0.0, eval_time_s=0.0,
+                   checkpoint_time_s=0.0, final_train_loss=None, first_val_loss=None, final_val_loss=None,
+                   tokens_per_s=None, tokens_per_s_per_device=None, tflops_per_device=None, mfu=None, mfu_basis="x",
+                   usd_per_million_tokens=None, price_source="unknown", kwh_per_million_tokens=None,
+                   kwh_per_million_tokens_range=[2.4, 4.0], power_source=hw.power_source)
+    console = Console(width=200, record=True)
+    console.print(summary_table(summary))
+    assert "2.4-4 kWh per million tokens" in console.export_text()
+    mine = hardware("TPU7x", platform="tpu", n=8, power_watts=800.0)
+    assert mine.power_watts_per_chip == 800.0 and mine.power_watts_range == (800.0, 800.0)

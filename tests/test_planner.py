@@ -322,7 +322,9 @@ def test_the_issue_example_as_json_has_every_field(capsys):
     assert h100["tokens_per_usd_vs_baseline"] == pytest.approx(1.0)
     assert h100["cost_usd"] == pytest.approx(h100["chip_hours"] * 4.92)
     trn2 = next(r for r in rows if r["accelerator"] == "trn2")
-    assert trn2["energy_kwh"] is None  # trn2's power is not published: unknown, never borrowed
+    assert trn2["energy_kwh"] == pytest.approx(trn2["chip_hours"] * 0.5) and trn2["power_basis"] == "estimated"
+    v5p = next(r for r in rows if r["accelerator"] == "tpu-v5p")
+    assert v5p["energy_kwh"] is None and v5p["energy_kwh_range"] is None  # not published: unknown, never borrowed
 
 
 def test_a_pinned_mesh_is_used(capsys):

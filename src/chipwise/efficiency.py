@@ -42,8 +42,10 @@ class Hardware:
     peak: Peak
     price_per_chip_hour: float | None
     price_source: str
-    power_watts_per_chip: float | None
+    power_watts_per_chip: float | None  # one figure (the user's, or the catalog's where it has one)
     power_source: str
+    # (low, high) watts: equal ends for one figure; the catalog's range where it publishes no one figure
+    power_watts_range: tuple[float, float] | None = None
 
     @property
     def num_chips(self) -> float:
@@ -97,7 +99,11 @@ def resolve_hardware(devices, compute_dtype, hw: HardwareConfig) -> Hardware:
                           f"(set hardware.peak_tflops or hardware.measure_peak)", "unknown")
     price, price_src = _pick(hw.price_per_hour, acc and acc.price_per_chip_hour, acc)
     power, power_src = _pick(hw.power_watts, acc and acc.power_watts, acc)
-    return Hardware(device.platform, kind, len(devices), per_chip, acc, peak, price, price_src, power, power_src)
+    watts = acc.power_range() if acc is not None and hw.power_watts is None else None
+    if watts is not None and watts.basis not in ("official", "measured"):
+        power_src = f"catalog {acc.id}, {watts.basis}" + ("" if watts.is_point else " range")
+    span = (power, power) if power is not None else (watts.low, watts.high) if watts else None
+    return Hardware(device.platform, kind, len(devices), per_chip, acc, peak, price, price_src, power, power_src, span)
 
 
 def _pick(user_value, catalog_value, acc):
@@ -123,6 +129,13 @@ def kwh_per_million_tokens(hw: Hardware, tokens_per_s: float) -> float | None:
     if hw.power_watts_per_chip is None or tokens_per_s <= 0:
         return None
     return hw.power_watts_per_chip * hw.num_chips / 1000.0 / 3600.0 / tokens_per_s * 1e6
+
+
+def kwh_per_million_tokens_range(hw: Hardware, tokens_per_s: float) -> list[float] | None:
+    """(low, high) energy at the chips' power, a range where the catalog gives the power as one."""
+    if hw.power_watts_range is None or tokens_per_s <= 0:
+        return None
+    return [w * hw.num_chips / 1000.0 / 3600.0 / tokens_per_s * 1e6 for w in hw.power_watts_range]
 
 
 def mfu_label(hw: Hardware) -> str:

@@ -33,11 +33,13 @@ from typing import Any, Mapping
 
 import yaml
 
+from chipwise.catalog.power import (POWER_BASES, POWER_FIGURES, PowerRange, apply_power_override, check_power,
+                                    power_range)
 from chipwise.config import check_typed_value
 from chipwise.errors import ConfigError
 
-__all__ = ["Accelerator", "Fabric", "LibtpuTopology", "catalog_from_entries", "find_by_device_kind", "get",
-           "load_catalog"]
+__all__ = ["Accelerator", "Fabric", "LibtpuTopology", "PowerRange", "catalog_from_entries", "find_by_device_kind",
+           "get", "load_catalog"]
 
 PLATFORMS = ("cpu", "gpu", "tpu", "neuron")
 # How the chips of a fabric domain are wired, as far as a collective's bandwidth cares (the planner's
@@ -86,12 +88,22 @@ class Accelerator:
     fabric: Fabric
     scaleout_gbps_per_chip: float | None  # data-centre network, GB/s per chip
     chips_per_instance: int | None
-    power_watts: float | None
+    power_watts: float | None  # a point figure; None where the catalog has a range or nothing (power_range())
     price_per_chip_hour: float | None  # USD, a default: a user's own price (override) wins
     sources: dict[str, dict[str, str]]  # field -> {"source": ..., "read": "YYYY-MM-DD"}; treat as read-only
     trains: bool = True  # False for an inference-only chip: the planner refuses to plan training on it
     libtpu_topology: LibtpuTopology | None = None  # how libtpu names this TPU's slices (plan --aot); None: unknown
+    power_watts_low: float | None = None  # a range instead of power_watts, where no one figure is published
+    power_watts_high: float | None = None
+    power_basis: str | None = None  # one of POWER_BASES: how the power figure(s) were obtained
+    power_unknown: str | None = None  # why no power figure is given (required then)
+    cores: int | None = None  # CPUs: physical cores per chip (socket), the peaks' cores x FLOPs/cycle x clock
+    clock_ghz: float | None = None  # CPUs: the clock those peaks are derived at
     notes: str = ""
+
+    def power_range(self) -> PowerRange | None:
+        """Watts per chip as (low, high, basis): equal ends for a point figure; None: not published."""
+        return power_range({k: getattr(self, k) for k in (*POWER_FIGURES, "power_basis")})
 
     def peak_tflops_per_device(self, dtype: str = "bf16") -> float | None:
         """Dense peak TFLOP/s of ONE JAX device: the chip peak / devices_per_chip.
@@ -142,7 +154,7 @@ def _figures(cls: type = Accelerator, prefix: str = "") -> list[str]:
 
 
 _FIGURES = _figures()
-_CHOICES = {"platform": PLATFORMS, "fabric.kind": FABRIC_KINDS}
+_CHOICES = {"platform": PLATFORMS, "fabric.kind": FABRIC_KINDS, "power_basis": POWER_BASES}
 # What a scalar of each type must be in the YAML, and how to fix one that is not.
 _WANT = {
     str: ("a non-empty string", "quote it as text"),
@@ -264,6 +276,7 @@ def _build(entries: Any) -> dict[str, Accelerator]:
             raise _fail(acc_id, "fabric.kind", "is null but fabric.gbps_per_chip is given",
                         f"say how the chips are wired: one of {', '.join(FABRIC_KINDS)}")
         _check_sources(acc_id, entry)
+        check_power(entry, lambda field, problem, fix: _fail(acc_id, field, problem, fix))
         if acc_id in catalog:
             raise _fail(acc_id, "id", "appears twice", "give every chip a unique id")
         sources = {k: {"source": v["source"], "read": str(v["read"])} for k, v in entry["sources"].items()}
@@ -314,6 +327,7 @@ def _apply_overrides(entries: list[dict], overrides: Any, origin: str) -> None:
             for key in [f"{field}.{sub}" for sub in value] if isinstance(value, Mapping) else [field]:
                 if key in _FIGURES:
                     entry["sources"][key] = {"source": f"user override ({origin})", "read": today}
+        apply_power_override(entry, changes)
         given = changes.get("sources", {})
         entry["sources"] = {**entry["sources"], **given} if isinstance(given, Mapping) else given
 

@@ -99,3 +99,60 @@ PIPELINE_SCHEDULES = {
     "chipwise": dict(stage_recompute=1.0, head_on_every_stage=True, in_flight="all"),
     "1f1b": dict(stage_recompute=0.0, head_on_every_stage=False, in_flight="pipeline"),
 }
+
+# ------------------------------------------------------------------------------------------------- serving
+# The serving planner (plan/serving.py). Per platform, three figures a serving engine reaches; those marked
+# "fitted" were chosen across the published serving cases of that platform (docs/planner.md, Serving), none per case.
+
+
+@dataclass(frozen=True)
+class ServingAssumptions:
+    # Share of HBM (DRAM on CPUs) bandwidth a decode step's reads of the weights and the KV cache reach.
+    decode_bandwidth_efficiency: float
+    # Share of the dense peak the prefill's GEMMs reach (fp8 peak for fp8 weights where the chip has one, else bf16).
+    prefill_efficiency: float
+    # Fixed time per request in the time to first token: scheduling, tokenisation, the engine's host work.
+    request_overhead_s: float
+
+
+SERVING: dict[str, ServingAssumptions] = {
+    # TensorRT-LLM / vLLM decode kernels read weights at ~75% of HBM bandwidth (the H100 here copies at ~90%,
+    # catalog notes; a GEMV with dequantisation and a fused epilogue reaches less); prefill GEMMs at half the peak,
+    # below training's 0.75 because fp8 GEMMs and the attention of long prompts reach a smaller share.
+    "gpu": ServingAssumptions(0.75, 0.5, 5e-3),
+    # No published TTFT or TPOT case on TPU: the training figures' HBM share (0.85) less the GPUs' 0.05 decode
+    # penalty, and the GPUs' prefill share.
+    "tpu": ServingAssumptions(0.8, 0.5, 5e-3),
+    # Fitted across S1-S3 (inf2) and S6 (trn2): transformers-neuronx and NxD Inference prefill at ~30% of the peak
+    # and spend ~20 ms per request before the prefill's compute (host, bucketed graph launch).
+    "neuron": ServingAssumptions(0.7, 0.3, 20e-3),
+    # Informed by S7 alone (llama.cpp on Graviton4, the only CPU case): 70% of the DRAM bandwidth in decode and 45%
+    # of the bf16 peak in prefill; llama.cpp has no server in the loop.
+    "cpu": ServingAssumptions(0.7, 0.45, 0.0),
+}
+
+# All-reduce latency over each fabric (catalog fabric.name), as (base_s, per_step_s): a ring all-reduce over t chips
+# takes 2 (t - 1) steps (a reduce-scatter then an all-gather), so latency = base + 2 (t - 1) x per_step. Decode under
+# tensor parallelism pays two of them per layer with a few kilobytes each: their latency, not bandwidth, counts.
+#  - NVLink: NCCL's own tuning model for a ring all-reduce with its low-latency protocol over NVLink, 3.6 us base and
+#    0.47 us a step (NVIDIA/nccl src/graph/tuning.cc, baseLat and hwLat).
+#  - ICI: "each hop over an ICI link ... typically around 1us" (jax-ml scaling-book, sharding chapter); a
+#    bidirectional ring covers an all-reduce in about t hops, i.e. 2 (t - 1) steps of 0.5 us.
+#  - NeuronLink: no published figure; 3.2 us a step is fitted across S1-S3 (12 inf2 chips) and S6 (16 trn2 chips),
+#    whose decode time beyond the weights' bandwidth grows with the layer count, as per-layer latency does.
+ALLREDUCE_LATENCY_S: dict[str, tuple[float, float]] = {
+    "NVLink3": (3.6e-6, 0.47e-6),
+    "NVLink4": (3.6e-6, 0.47e-6),
+    "NVLink5": (3.6e-6, 0.47e-6),
+    "ICI": (0.0, 0.5e-6),
+    "NeuronLink-v2": (0.0, 3.2e-6),
+    "NeuronLink-v3": (0.0, 3.2e-6),
+    "NeuronLink-v4": (0.0, 3.2e-6),
+}
+
+# The KV cache is kept in bf16 whatever the weights' dtype (the engines' default; an fp8 cache would halve it).
+KV_CACHE_BYTES = 2
+# Bytes per weight of each storage format `plan --serve --weights-dtype` takes. q4_0 is llama.cpp's: blocks of 32
+# 4-bit weights with one fp16 scale, 18 bytes per 32 weights. int8 and q4_0 are weight-only formats: their matmuls
+# run at the bf16 rate; fp8 runs at the fp8 rate where the chip has one.
+WEIGHT_BYTES = {"bf16": 2.0, "fp8": 1.0, "int8": 1.0, "q4_0": 18 / 32}

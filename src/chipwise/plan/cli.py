@@ -14,8 +14,9 @@ def add_commands(sub) -> None:
     pl.add_argument("--model", required=True, help="a preset name or a YAML file of model fields")
     pl.add_argument("--accelerator", required=True, metavar="ID[,ID...]", help="catalog ids, comma-separated")
     pl.add_argument("--chips", required=True, type=int)
-    pl.add_argument("--seq-len", required=True, type=int)
-    pl.add_argument("--global-batch", required=True, type=int, metavar="SEQS", help="sequences per step")
+    pl.add_argument("--seq-len", type=int, help="training: tokens per sequence (required without --serve)")
+    pl.add_argument("--global-batch", type=int, metavar="SEQS",
+                    help="training: sequences per step (required without --serve)")
     pl.add_argument("--tokens", type=finite_float, help="training tokens in all (e.g. 2e12): adds time, cost, energy")
     pl.add_argument("--mesh", help="pin the layout, e.g. data=8,fsdp=16,tensor=8,pipeline=1 (else searched)")
     pl.add_argument("--remat", choices=("none", "dots", "full"), help="pin the remat policy (else searched)")
@@ -33,6 +34,10 @@ def add_commands(sub) -> None:
     pl.add_argument("--aot", action="store_true",
                     help="TPU only: compile chipwise's real train step for the planned topology (needs the tpu "
                          "extra) and show XLA's memory and FLOPs next to the model's")
+
+    from chipwise.plan.serving_cli import add_serve_arguments
+
+    add_serve_arguments(pl, finite_float)
 
     b = sub.add_parser("bench", help="measure this machine's chip and write a calibration profile for `plan`")
     b.add_argument("--accelerator", metavar="ID", help="catalog id of the local chip (default: detected)")
@@ -67,14 +72,20 @@ def check_finite_settings(settings: list[str]) -> None:
 
 
 def plan_command(args) -> int:
+    check_finite_settings(args.catalog_set)
+    if args.serve:
+        from chipwise.plan.serving_cli import serve_command
+
+        return serve_command(args)
     from chipwise.plan.planner import PlanRequest, catalog_overrides, plan, rank
     from chipwise.plan.render import print_table, to_json, write_chart
+    from chipwise.plan.serving_cli import refuse_serving_flags
     from chipwise.plan.spec import load_model, parse_mesh, positive
 
+    refuse_serving_flags(args)
     for name in ("chips", "seq_len", "global_batch", "tokens", "microbatches"):
         if getattr(args, name) is not None:
             positive("--" + name.replace("_", "-"), getattr(args, name))
-    check_finite_settings(args.catalog_set)
     if args.emit_config:
         from chipwise.plan.emit import check_target
 

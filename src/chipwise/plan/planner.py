@@ -46,7 +46,7 @@ class PlanRow:
     tokens: float | None
 
     def as_dict(self, baseline: "PlanRow | None" = None) -> dict:
-        e, acc = self.estimate, self.accelerator
+        e, acc, watts = self.estimate, self.accelerator, self.accelerator.power_range()
         row = {
             "accelerator": acc.id,
             "chips": e.layout.chips,
@@ -75,7 +75,9 @@ class PlanRow:
             "peak_tflops_per_chip": self.chip.peak_tflops,
             "peak_source": f"{self.chip.source}: dense bf16",
             "price_per_chip_hour": acc.price_per_chip_hour,
-            "power_watts_per_chip": acc.power_watts,
+            "power_watts_per_chip": acc.power_watts,  # a point figure only: a range is in power_watts_range
+            "power_watts_range": [watts.low, watts.high] if watts else None,
+            "power_basis": watts.basis if watts else None,
             "step_time_parts_s": e.parts,
             "memory_parts_gib": e.memory.as_gib(),
             "layouts_considered": self.search.considered,
@@ -90,31 +92,43 @@ class PlanRow:
         hours = self.tokens / (e.tokens_per_s_per_chip * e.layout.chips) / 3600
         chip_hours = hours * e.layout.chips
         cost = chip_hours * acc.price_per_chip_hour if acc.price_per_chip_hour else None
-        energy = chip_hours * acc.power_watts / 1000 if acc.power_watts else None
         return {
             "time_to_train_h": hours,
             "chip_hours": chip_hours,
             "cost_usd": cost,
-            "energy_kwh": energy,
             "tokens_per_usd": self.tokens / cost if cost else None,
-            "tokens_per_kwh": self.tokens / energy if energy else None,
+            **_energy(acc, chip_hours, self.tokens),
         }
 
     def relative_to(self, base: "PlanRow") -> dict:
-        """Efficiency against the baseline chip: tokens per dollar and per kWh, as ratios (1.5 = 50% better)."""
+        """Efficiency against the baseline chip: tokens per dollar and per kWh, as ratios (1.5 = 50% better); a
+        chip whose power is a range gets the ratio's range (low: its high power against the baseline's low)."""
         mine = self.training_cost() if self.tokens else self._per_hour_cost()
         theirs = base.training_cost() if base.tokens else base._per_hour_cost()
         out = {}
         for key in ("tokens_per_usd", "tokens_per_kwh"):
             a, b = mine.get(key), theirs.get(key)
             out[f"{key}_vs_baseline"] = a / b if a and b else None
+        a, b = mine["tokens_per_kwh_range"], theirs["tokens_per_kwh_range"]
+        out["tokens_per_kwh_vs_baseline_range"] = [a[0] / b[1], a[1] / b[0]] if a and b else None
         return out
 
-    def _per_hour_cost(self) -> dict:  # the same ratios without a token budget: per second of training
+    def _per_hour_cost(self) -> dict:  # the same ratios without a token budget: per chip-hour of training
         e, acc = self.estimate, self.accelerator
-        tokens_per_s = e.tokens_per_s_per_chip
-        return {"tokens_per_usd": tokens_per_s * 3600 / acc.price_per_chip_hour if acc.price_per_chip_hour else None,
-                "tokens_per_kwh": tokens_per_s * 3600 / (acc.power_watts / 1000) if acc.power_watts else None}
+        tokens = e.tokens_per_s_per_chip * 3600
+        return {"tokens_per_usd": tokens / acc.price_per_chip_hour if acc.price_per_chip_hour else None,
+                **_energy(acc, 1.0, tokens)}
+
+
+def _energy(acc: catalog.Accelerator, chip_hours: float, tokens: float) -> dict:
+    """kWh over `chip_hours` and tokens per kWh: one figure where the chip's power is one figure, else null, and
+    always the (low, high) range (equal ends for a point) where the catalog has any power."""
+    watts = acc.power_range()
+    if watts is None:
+        return {"energy_kwh": None, "tokens_per_kwh": None, "energy_kwh_range": None, "tokens_per_kwh_range": None}
+    low, high = watts.scale(chip_hours / 1000)
+    return {"energy_kwh": low if watts.is_point else None, "tokens_per_kwh": tokens / low if watts.is_point else None,
+            "energy_kwh_range": [low, high], "tokens_per_kwh_range": [tokens / high, tokens / low]}
 
 
 def catalog_overrides(path: str | None, settings: list[str]) -> dict | None:
@@ -130,7 +144,8 @@ def catalog_overrides(path: str | None, settings: list[str]) -> dict | None:
         except yaml.YAMLError:
             raise ConfigError(f"catalog overrides {path} is not valid YAML; fix the syntax") from None
         if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"catalog overrides {path} must map ids to fields, e.g. h100-sxm: {{price_per_chip_hour: 2.1}}")
+            raise ConfigError(f"catalog overrides {path} must map ids to fields, "
+                              "e.g. h100-sxm: {price_per_chip_hour: 2.1}")
         merged = {k: dict(v) if isinstance(v, dict) else v for k, v in (loaded or {}).items()}
     for text in settings:
         key, sep, value = text.partition("=")

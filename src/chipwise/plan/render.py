@@ -9,6 +9,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from chipwise.catalog.power import format_range
 from chipwise.errors import ConfigError
 from chipwise.flops import CONVENTION
 from chipwise.plan.planner import PlanRequest, PlanRow
@@ -96,20 +97,25 @@ def print_table(rows: list[PlanRow], req: PlanRequest, console: Console | None =
             cells = [str(i), r["accelerator"]]
             if req.tokens:
                 cells += [_fmt(r["time_to_train_h"] / 24, ".1f"), _fmt(r["chip_hours"], ",.0f"), _money(r["cost_usd"]),
-                          _fmt(r["energy_kwh"] and r["energy_kwh"] / 1000, ",.0f"),
+                          _span(r["energy_kwh_range"], 1e-3, ",.0f"),
                           _fmt(r["tokens_per_usd"] and r["tokens_per_usd"] / 1e6, ".2f"),
-                          _fmt(r["tokens_per_kwh"] and r["tokens_per_kwh"] / 1e6, ".2f")]
+                          _span(r["tokens_per_kwh_range"], 1e-6, ".2f")]
             if req.baseline:
-                cells += [_ratio(r["tokens_per_usd_vs_baseline"]), _ratio(r["tokens_per_kwh_vs_baseline"])]
+                cells += [_ratio(r["tokens_per_usd_vs_baseline"]),
+                          _span(r["tokens_per_kwh_vs_baseline_range"], 1, ".2f", "x")]
             cost.add_row(*cells)
         console.print(cost)
     console.print(f"All figures are MODELLED, not measured. MFU = model FLOPs ({CONVENTION}) / the chip's peak "
                   "(below: the catalog's dense bf16 peak, or one measured by `chipwise bench`). "
                   "Energy at the chip's rated power; cost at the catalog's on-demand price unless overridden; "
                   "n/a = not published (set it with --catalog-set ID.FIELD=VALUE).")
+    if any(power_notes(r.accelerator) for r in rows):
+        console.print("Energy from an estimated power is marked below; where the catalog's power is a range (no one "
+                      "figure is published), energy is the range, low-high.")
     for r in rows:
         notes = [f"peak {r.chip.peak_tflops:g} TFLOP/s ({r.chip.source})",
                  f"{r.search.considered} layouts weighed"]
+        notes += power_notes(r.accelerator)
         if r.search.rejected:
             notes.append("rejected: " + ", ".join(f"{n} {why}" for why, n in r.search.rejected.most_common()))
         if r.search.runners_up:
@@ -148,6 +154,19 @@ def _ratio(value) -> str:
     return "n/a" if value is None else f"{value:.2f}x"
 
 
+def _span(pair, scale: float, spec: str, suffix: str = "") -> str:
+    """A (low, high) figure as one number where the ends agree, else low-high; n/a where there is none."""
+    return "n/a" if pair is None else format_range(pair[0] * scale, pair[1] * scale, spec) + suffix
+
+
+def power_notes(acc) -> list[str]:
+    """What a row's energy rests on, where that is not a vendor's or a measured point figure."""
+    watts = acc.power_range()
+    if watts is None:
+        return [f"power unknown: {acc.power_unknown}"]
+    return [] if watts.is_point and watts.basis in ("official", "measured") else [f"power {watts.describe()}"]
+
+
 def write_chart(rows: list[PlanRow], path: str, tokens: float | None) -> Path:
     """Time to train against cost, one point per accelerator (needs --tokens and known prices)."""
     if not tokens:
@@ -170,7 +189,8 @@ def write_chart(rows: list[PlanRow], path: str, tokens: float | None) -> Path:
         plotted += 1
     if not plotted:
         plt.close(fig)
-        raise ConfigError("--chart: none of the accelerators has a price; set one with --catalog-set ID.price_per_chip_hour=USD")
+        raise ConfigError("--chart: none of the accelerators has a price; "
+                          "set one with --catalog-set ID.price_per_chip_hour=USD")
     ax.set_xlabel("time to train (days)")
     ax.set_ylabel("cost (million USD)")
     ax.set_title(f"{tokens:.3g} tokens on {rows[0].estimate.layout.chips} chips (modelled)")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from rich.table import Table
 
+from chipwise.catalog.power import format_range
+
 
 def _fmt(value, fmt: str, unknown: str = "unknown") -> str:
     return unknown if value is None else format(value, fmt)
@@ -31,10 +33,14 @@ def summary_table(s: dict) -> Table:
     cost = s["usd_per_million_tokens"]
     table.add_row("cost", f"${cost:.4g} per million tokens (price from {s['price_source']})" if cost is not None
                   else "unknown: set hardware.price_per_hour (USD per chip-hour) to price this run")
-    energy = s["kwh_per_million_tokens"]
-    table.add_row("energy (modelled at rated power)",
-                  f"{energy:.4g} kWh per million tokens (power from {s['power_source']})" if energy is not None
-                  else "unknown: set hardware.power_watts (per chip) to estimate energy")
+    energy, span = s["kwh_per_million_tokens"], s.get("kwh_per_million_tokens_range")
+    if energy is not None:
+        energy_text = f"{energy:.4g} kWh per million tokens (power from {s['power_source']})"
+    elif span:  # the catalog publishes the chip's power only as a range: so is the energy
+        energy_text = f"{format_range(*span, '.4g')} kWh per million tokens (power from {s['power_source']})"
+    else:
+        energy_text = "unknown: set hardware.power_watts (per chip) to estimate energy"
+    table.add_row("energy (modelled at rated power)", energy_text)
     if s.get("peak_memory_bytes"):
         table.add_row("peak memory", f"{s['peak_memory_bytes'] / 2**30:.2f} GiB per device")
     return table

@@ -155,6 +155,11 @@ def cost(runs: list[Run], out: Path) -> str:
         if chips and watts:
             right.plot(tokens, [h * watts * chips / 1000 for h in hours], color=_color(i), label=run.name)
             drawn = True
+        elif chips and run.info.get("power_watts_range"):  # the catalog gives this chip's power as a range
+            low, high = run.info["power_watts_range"]
+            kwh = [[h * w * chips / 1000 for h in hours] for w in (low, high)]
+            right.fill_between(tokens, *kwh, color=_color(i), alpha=0.3, label=f"{run.name} ({low:g}-{high:g} W)")
+            drawn = True
     if not drawn:
         plt.close(fig)
         return ("no price or power known for these devices: set hardware.price_per_hour and "

@@ -10,6 +10,7 @@ import shutil
 from pathlib import Path
 
 from chipwise import __version__
+from chipwise.catalog.power import format_range
 from chipwise.errors import ChipwiseError
 from chipwise.report import charts
 from chipwise.report.runs import Run, load_runs
@@ -54,7 +55,9 @@ def summary_rows(runs: list[Run]) -> list[list[str]]:
         row("MFU", lambda s, i: _fmt(s.get("mfu") and s["mfu"] * 100, ".1f", "%")),
         row("MFU basis", lambda s, i: s.get("mfu_basis", "unknown")),
         row("USD per million tokens", lambda s, i: _fmt(s.get("usd_per_million_tokens"), ".4g")),
-        row("kWh per million tokens", lambda s, i: _fmt(s.get("kwh_per_million_tokens"), ".4g")),
+        row("kWh per million tokens", lambda s, i: _fmt(s.get("kwh_per_million_tokens"), ".4g")
+            if s.get("kwh_per_million_tokens") is not None or not s.get("kwh_per_million_tokens_range")
+            else format_range(*s["kwh_per_million_tokens_range"], ".4g")),
         row("compile time", lambda s, i: _fmt(i.get("compile_time_s"), ".1f", " s")),
         ["data"] + [r.info.get("data", "unknown") for r in runs],
         ["data mixture, realised"] + [_realised_mixture(r) for r in runs],

@@ -145,6 +145,7 @@ def summary(totals: Totals, hw, flops_per_token: float, run_dir: str, peak_memor
         "usd_per_million_tokens": efficiency.dollars_per_million_tokens(hw, steady_tps or 0),
         "price_source": hw.price_source,
         "kwh_per_million_tokens": efficiency.kwh_per_million_tokens(hw, steady_tps or 0),
+        "kwh_per_million_tokens_range": efficiency.kwh_per_million_tokens_range(hw, steady_tps or 0),
         "power_source": hw.power_source,
         "peak_memory_bytes": peak_memory,
     }

@@ -112,6 +112,7 @@ def describe(s: RunSetup, cfg: Config, prepared: data.PreparedData, compile_s: f
         "peak_kind": hw.peak.kind,
         "price_per_chip_hour": hw.price_per_chip_hour, "price_source": hw.price_source,
         "power_watts_per_chip": hw.power_watts_per_chip, "power_source": hw.power_source,
+        "power_watts_range": list(hw.power_watts_range) if hw.power_watts_range else None,
         "data": prepared.description,
         "compile_time_s": compile_s,
         "jax": jax.__version__,
