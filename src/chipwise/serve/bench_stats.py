@@ -141,12 +141,10 @@ class Pricing:
 
 
 def _catalog_power(acc) -> tuple[float, float, str] | None:
-    """(low, high, basis) watts per chip, or None where the catalog has no figure. power_range() also gives the
-    ranges the catalog holds where no one figure is published; an Accelerator without it has only power_watts."""
-    if hasattr(acc, "power_range"):
-        found = acc.power_range()
-        return None if found is None else (found.low, found.high, found.basis)
-    return None if acc.power_watts is None else (acc.power_watts, acc.power_watts, "rated")
+    """(low, high, basis) watts per chip, or None where the catalog has no figure (then acc.power_unknown says why);
+    equal ends for a point figure."""
+    found = acc.power_range()
+    return None if found is None else (found.low, found.high, found.basis)
 
 
 def resolve_pricing(accelerator: str | None, chips: int, price_per_hour: float | None,
@@ -176,7 +174,7 @@ def resolve_pricing(accelerator: str | None, chips: int, price_per_hour: float |
         power_src = f"catalog {acc.id}, {basis}"
     else:
         low = high = None
-        why = getattr(acc, "power_unknown", None)
+        why = acc.power_unknown if acc is not None else None
         power_src = ("unknown: give --accelerator or --power-watts" if acc is None else
                      f"unknown: catalog {acc.id} has no power figure{f' ({why})' if why else ''}; give --power-watts")
     return Pricing(chips, acc.id if acc else None, price, price_src, low, high, power_src)
