@@ -31,8 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", metavar="RUN_DIR", nargs="?", const="",
                    help="continue a run from its latest checkpoint (RUN_DIR, or the config's run_dir)")
     t.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
-    t.add_argument("--init-from", metavar="HF_DIR",
-                   help="start from a local Hugging Face Llama checkpoint (its model shape and tokenizer)")
+    t.add_argument("--init-from", metavar="HF_DIR|FILE.gguf",
+                   help="start from a local Hugging Face Llama checkpoint or a Llama GGUF file (its model shape "
+                        "and tokenizer)")
 
     s = sub.add_parser("sample", help="generate text from a trained run")
     s.add_argument("--run", required=True, metavar="RUN_DIR")

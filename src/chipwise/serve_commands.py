@@ -13,7 +13,8 @@ def add_commands(sub) -> None:
     s = sub.add_parser("serve", help="serve a model through an OpenAI-compatible HTTP API (continuous batching)")
     source = s.add_mutually_exclusive_group(required=True)
     source.add_argument("--run", metavar="RUN_DIR", help="a chipwise run: its newest intact checkpoint")
-    source.add_argument("--hf", metavar="DIR", help="a local Hugging Face Llama directory (safetensors)")
+    source.add_argument("--hf", metavar="DIR|FILE.gguf",
+                        help="a local Hugging Face Llama directory (safetensors), or a Llama GGUF file")
     s.add_argument("--name", help="the model name clients send (default: the directory's name)")
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)

@@ -44,7 +44,9 @@ def init_overrides(hf_dir: str) -> list[str]:
     The checkpoint's config replaces the config's whole model section (its shape is not negotiable); later
     --set items may still change model.max_seq_len.
     """
-    path = Path(hf_dir).absolute()
+    from chipwise.hf.gguf_file import hf_dir_for, is_gguf
+
+    path = hf_dir_for(hf_dir) if is_gguf(hf_dir) else Path(hf_dir).absolute()  # a GGUF file: converted once
     m = model_config(read_config(path))
     items = [f"model={json.dumps(dataclasses.asdict(m))}", f"train.init_from={json.dumps(str(path))}"]
     if (path / "tokenizer.json").is_file():  # token ids must mean what they meant when the weights were trained

@@ -51,7 +51,8 @@ def from_run(run_dir: str, name: str | None = None) -> ServedModel:
 def from_hf(hf_dir: str, name: str | None = None, platform: str = "cpu") -> ServedModel:
     """A local Hugging Face Llama directory: config.json, safetensors, tokenizer.json, and where present
     generation_config.json (its eos_token_id wins over config.json's, as in transformers' generate) and the chat
-    template (tokenizer_config.json's `chat_template`, or chat_template.jinja)."""
+    template (tokenizer_config.json's `chat_template`, or chat_template.jinja). A GGUF file is converted to such a
+    directory first (hf/gguf_file.py), once."""
     from flax import nnx
     from tokenizers import Tokenizer
 
@@ -59,6 +60,10 @@ def from_hf(hf_dir: str, name: str | None = None, platform: str = "cpu") -> Serv
     from chipwise.sharding import platform_rules
     from chipwise.train.step import abstract_model
 
+    from chipwise.hf.gguf_file import hf_dir_for, is_gguf
+
+    if is_gguf(hf_dir):
+        name, hf_dir = name or Path(hf_dir).stem, hf_dir_for(hf_dir)
     path = Path(hf_dir)
     if not (path / "tokenizer.json").is_file():
         raise ChipwiseError(f"{path} has no tokenizer.json; serving needs the model's own tokenizer")
