@@ -225,3 +225,32 @@ document.getElementById('f').onload = function () {
     pixels = matplotlib.image.imread(str(shot))[..., :3]
     assert pixels.shape[0] >= 2000 and pixels.std() > 0.05  # not a blank page
     assert (pixels.reshape(-1, 3).std(axis=1) > 0.1).mean() > 0.005  # some coloured pixels: the plotted lines
+
+
+def test_special_tokens_and_chat_template_survive_import_train_and_export(trained, exported, tmp_path):
+    """An instruct model must still end its turns and chat after continued training: what its checkpoint says of
+    its tokens goes into the run, to serving and to the export."""
+    from chipwise.serve.model_source import from_run
+
+    tmp, corpus, _ = trained
+    source = tmp_path / "instruct"
+    shutil.copytree(exported, source)
+    template = "{% for m in messages %}[{{ m.role }}] {{ m.content }}\n{% endfor %}[assistant]"
+    tok_cfg = json.loads((source / "tokenizer_config.json").read_text())
+    (source / "tokenizer_config.json").write_text(json.dumps({**tok_cfg, "chat_template": template,
+                                                              "pad_token": "<|endoftext|>"}))
+    (source / "generation_config.json").write_text(json.dumps({"bos_token_id": 0, "eos_token_id": [0, 7],
+                                                               "pad_token_id": 0}))
+    run = tmp_path / "run"
+    assert main(["train", "--init-from", str(source), *settings(tmp, corpus, run, 1)]) == 0
+    served = from_run(str(run))
+    assert served.chat_template == template and served.eos_ids == (0, 7)
+    out = tmp_path / "out"
+    assert main(["export", "--run", str(run), "--out", str(out)]) == 0
+    assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == [0, 7]
+    assert json.loads((out / "config.json").read_text())["eos_token_id"] == [0, 7]
+    kept = json.loads((out / "tokenizer_config.json").read_text())
+    assert kept["chat_template"] == template and kept["pad_token"] == "<|endoftext|>"
+    transformers = require("transformers")
+    tok = transformers.AutoTokenizer.from_pretrained(out)
+    assert tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False) == "[user] hi\n[assistant]"

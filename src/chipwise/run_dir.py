@@ -34,6 +34,7 @@ from chipwise.run_lock import RunLock
 
 CONFIG_FILE = "config.yaml"
 TOKENIZER_FILE = "tokenizer.json"
+TOKENIZER_META_FILE = "tokenizer_meta.json"  # a checkpoint's special tokens and chat template (hf.read_tokenizer_meta)
 METRICS_FILE = "metrics.jsonl"
 RUN_INFO_FILE = "run_info.json"
 SUMMARY_FILE = "summary.json"
@@ -43,8 +44,8 @@ SET_ASIDE_DIR = CHECKPOINT_DIR + "_set_aside"
 MARKER_FILE = ".chipwise-run"
 LOCK_FILE = ".chipwise-lock"
 # Everything chipwise writes into a run directory: `--overwrite` removes these and nothing else.
-OWN_ENTRIES = {CONFIG_FILE, TOKENIZER_FILE, METRICS_FILE, RUN_INFO_FILE, SUMMARY_FILE, TENSORBOARD_DIR,
-               CHECKPOINT_DIR, SET_ASIDE_DIR, MARKER_FILE, LOCK_FILE, LOCK_FILE + ".takeover"}
+OWN_ENTRIES = {CONFIG_FILE, TOKENIZER_FILE, TOKENIZER_META_FILE, METRICS_FILE, RUN_INFO_FILE, SUMMARY_FILE,
+               TENSORBOARD_DIR, CHECKPOINT_DIR, SET_ASIDE_DIR, MARKER_FILE, LOCK_FILE, LOCK_FILE + ".takeover"}
 
 
 class RunDir:
@@ -186,6 +187,14 @@ class RunDir:
     def write_tokenizer(self, tokenizer) -> None:
         if is_leader():
             tokenizer.save(str(self.tokenizer_file))
+
+    def write_tokenizer_meta(self, meta: dict) -> None:
+        self._write_json(TOKENIZER_META_FILE, meta)
+
+    def read_tokenizer_meta(self) -> dict:
+        """The special tokens, chat template and generation ids of the checkpoint the run started from; {} for a
+        run trained from scratch (chipwise's own tokens)."""
+        return self._read_json(TOKENIZER_META_FILE)
 
     def read_tokenizer(self):
         from chipwise.data.tokenizer import load_tokenizer

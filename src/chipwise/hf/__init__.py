@@ -11,11 +11,12 @@ import json
 from pathlib import Path
 
 from chipwise.errors import ChipwiseError
-from chipwise.hf.checkpoint import parse_size, prepare_out_dir, read_checkpoint, read_config, write_checkpoint
+from chipwise.hf.checkpoint import (parse_size, prepare_out_dir, read_checkpoint, read_config, read_tokenizer_meta,
+                                   write_checkpoint)
 from chipwise.hf.convert import HFFormatError, model_config
 
 __all__ = ["HFFormatError", "check_model", "export_run", "init_overrides", "initial_params", "parse_size",
-           "read_checkpoint"]
+           "read_checkpoint", "read_tokenizer_meta"]
 
 
 def export_run(run_dir: str, out: str, max_shard_size: str = "5GB", overwrite: bool = False) -> list[str]:
@@ -35,7 +36,7 @@ def export_run(run_dir: str, out: str, max_shard_size: str = "5GB", overwrite: b
     params, _ = run.latest_params(cfg)
     params = jax.tree.map(lambda x: jax.device_get(x), params)
     prepare_out_dir(out_dir, overwrite)
-    return write_checkpoint(out_dir, cfg.model, params, run.tokenizer_file, limit)
+    return write_checkpoint(out_dir, cfg.model, params, run.tokenizer_file, limit, run.read_tokenizer_meta())
 
 
 def init_overrides(hf_dir: str) -> list[str]:

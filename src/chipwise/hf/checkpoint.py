@@ -70,8 +70,10 @@ def prepare_out_dir(out: Path, overwrite: bool, check_only: bool = False) -> Non
 
 
 def write_checkpoint(out: Path, m: ModelConfig, params: dict, tokenizer_file: Path,
-                     max_shard_bytes: int = 5 * 10**9) -> list[str]:
-    """Write config, weights and tokenizer files into an empty directory `out`; returns the weight files."""
+                     max_shard_bytes: int = 5 * 10**9, tokenizer_meta: dict | None = None) -> list[str]:
+    """Write config, weights and tokenizer files into an empty directory `out`; returns the weight files.
+    `tokenizer_meta` (read_tokenizer_meta's, kept by a run started from a checkpoint) gives the special tokens,
+    chat template and generation ids; without it, chipwise's own: <|endoftext|> ends and separates documents."""
     from tokenizers import Tokenizer
 
     tok = Tokenizer.from_file(str(tokenizer_file))
@@ -90,18 +92,59 @@ def write_checkpoint(out: Path, m: ModelConfig, params: dict, tokenizer_file: Pa
         index = {"metadata": {"total_size": sum(v.nbytes for v in tensors.values())},
                  "weight_map": {k: name for name, g in zip(files, groups) for k in g}}
         (out / INDEX_FILE).write_text(json.dumps(index, indent=2))
+    meta = tokenizer_meta or {}
+    generation = meta.get("generation") or {"bos_token_id": eos, "eos_token_id": eos}
+    config.update({k: generation.get(k) for k in ("bos_token_id", "eos_token_id") if k in generation})
     (out / "config.json").write_text(json.dumps(config, indent=2))
-    (out / "generation_config.json").write_text(json.dumps({"bos_token_id": eos, "eos_token_id": eos}, indent=2))
+    (out / "generation_config.json").write_text(json.dumps(generation, indent=2))
     shutil.copyfile(tokenizer_file, out / TOKENIZER_FILE)
-    # The tokenizer is used as it is: no BOS is prepended (chipwise never trained with one), hence the generic
-    # fast tokenizer class rather than LlamaTokenizerFast, which would add one.
-    special = {"bos_token": EOS_TOKEN, "eos_token": EOS_TOKEN}
+    # The tokenizer is used as it is (a BOS it adds is in its own post-processor), hence the generic fast tokenizer
+    # class rather than LlamaTokenizerFast, which would add one of its own. A model that came from a checkpoint
+    # keeps that checkpoint's special tokens and chat template (an instruct model must still end its turns).
+    special = meta.get("special_tokens") or {"bos_token": EOS_TOKEN, "eos_token": EOS_TOKEN}
+    template = {"chat_template": meta["chat_template"]} if meta.get("chat_template") else {}
     (out / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "PreTrainedTokenizerFast", **special, "model_max_length": m.max_seq_len,
-        "add_bos_token": False, "add_eos_token": False, "clean_up_tokenization_spaces": False,
+        "tokenizer_class": "PreTrainedTokenizerFast", **special, **template, "model_max_length": m.max_seq_len,
+        "add_bos_token": bool(meta.get("add_bos_token")), "add_eos_token": False,
+        "clean_up_tokenization_spaces": False,
         "model_input_names": ["input_ids", "attention_mask"]}, indent=2))  # Llama takes no token_type_ids
     (out / "special_tokens_map.json").write_text(json.dumps(special, indent=2))
     return files
+
+
+def _json_object(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    try:
+        value = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ChipwiseError(f"{path} is not valid JSON ({e})") from None
+    return value if isinstance(value, dict) else {}
+
+
+def read_tokenizer_meta(hf_dir: Path) -> dict:
+    """What a checkpoint says about its tokens beyond tokenizer.json: the special tokens' strings, the chat
+    template (tokenizer_config.json's, or chat_template.jinja), whether a BOS is added, and the generation ids
+    (generation_config.json's, which transformers' generate prefers, else config.json's). Empty where it says
+    nothing."""
+    hf_dir = Path(hf_dir)
+    tok_cfg = _json_object(hf_dir / "tokenizer_config.json")
+    config, generation = _json_object(hf_dir / "config.json"), _json_object(hf_dir / "generation_config.json")
+    special = {}
+    for key in ("bos_token", "eos_token", "pad_token", "unk_token"):
+        value = tok_cfg.get(key)
+        value = value.get("content") if isinstance(value, dict) else value
+        if isinstance(value, str):
+            special[key] = value
+    template = tok_cfg.get("chat_template")
+    if isinstance(template, list):  # several named templates: transformers uses "default"
+        template = next((t.get("template") for t in template if t.get("name") == "default"), None)
+    if template is None and (hf_dir / "chat_template.jinja").is_file():
+        template = (hf_dir / "chat_template.jinja").read_text()
+    ids = {k: generation.get(k, config.get(k)) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    meta = {"special_tokens": special, "chat_template": template, "add_bos_token": tok_cfg.get("add_bos_token"),
+            "generation": {k: v for k, v in ids.items() if v is not None}}
+    return {k: v for k, v in meta.items() if v not in (None, {}, "")}
 
 
 def read_config(hf_dir: Path) -> dict:

@@ -3,8 +3,6 @@ template, read from a chipwise run directory (its newest intact checkpoint) or a
 
 from __future__ import annotations
 
-import dataclasses
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +33,8 @@ class ServedModel:
 
 
 def from_run(run_dir: str, name: str | None = None) -> ServedModel:
+    """A chipwise run: its newest intact checkpoint, its tokenizer, and the special tokens and chat template of the
+    checkpoint it started from, if it started from one (else <|endoftext|> ends a reply, as in training)."""
     import sys
 
     from chipwise.data.tokenizer import EOS_TOKEN
@@ -44,74 +44,48 @@ def from_run(run_dir: str, name: str | None = None) -> ServedModel:
     cfg = run.read_config()
     tokenizer = run.read_tokenizer()
     params, graphdef = run.latest_params(cfg, log=lambda message: print(message, file=sys.stderr))
-    eos = tokenizer.token_to_id(EOS_TOKEN)
-    return ServedModel(name or run.name, graphdef, params, tokenizer, (eos,), None, {"eos_token": EOS_TOKEN})
+    meta = run.read_tokenizer_meta() or {"special_tokens": {"eos_token": EOS_TOKEN}}
+    return _served(name or run.name, graphdef, params, tokenizer, meta, run_dir)
 
 
 def from_hf(hf_dir: str, name: str | None = None, platform: str = "cpu") -> ServedModel:
-    """A local Hugging Face Llama directory: config.json, safetensors, tokenizer.json, and where present
-    generation_config.json (its eos_token_id wins over config.json's, as in transformers' generate) and the chat
-    template (tokenizer_config.json's `chat_template`, or chat_template.jinja). A GGUF file is converted to such a
-    directory first (hf/gguf_file.py), once."""
+    """A local Hugging Face Llama directory: config.json, safetensors, tokenizer.json, and its special tokens,
+    generation ids and chat template (hf.read_tokenizer_meta). A GGUF file is converted to such a directory first
+    (hf/gguf_file.py), once."""
     from flax import nnx
     from tokenizers import Tokenizer
 
-    from chipwise.hf.checkpoint import read_checkpoint, read_config
+    from chipwise.hf.checkpoint import read_checkpoint, read_tokenizer_meta
+    from chipwise.hf.gguf_file import hf_dir_for, is_gguf
     from chipwise.sharding import platform_rules
     from chipwise.train.step import abstract_model
-
-    from chipwise.hf.gguf_file import hf_dir_for, is_gguf
 
     if is_gguf(hf_dir):
         name, hf_dir = name or Path(hf_dir).stem, hf_dir_for(hf_dir)
     path = Path(hf_dir)
     if not (path / "tokenizer.json").is_file():
         raise ChipwiseError(f"{path} has no tokenizer.json; serving needs the model's own tokenizer")
-    config = read_config(path)
     m, params = read_checkpoint(path, scan_layers=platform_rules(platform)["scan_layers"])
     graphdef, _ = nnx.split(abstract_model(m))
     tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
-    tok_cfg = _json(path / "tokenizer_config.json")
-    eos = _token_ids(_json(path / "generation_config.json").get("eos_token_id", config.get("eos_token_id")))
-    template = tok_cfg.get("chat_template")
-    if isinstance(template, list):  # several named templates: transformers picks "default"
-        template = next((t.get("template") for t in template if t.get("name") == "default"), None)
-    if template is None and (path / "chat_template.jinja").is_file():
-        template = (path / "chat_template.jinja").read_text()
-    special = {k: _token_text(tok_cfg.get(k)) for k in ("bos_token", "eos_token") if tok_cfg.get(k)}
+    return _served(name or path.name, graphdef, params, tokenizer, read_tokenizer_meta(path), path)
+
+
+def _served(name, graphdef, params, tokenizer, meta: dict, where) -> ServedModel:
+    """The reply-ending tokens: the generation config's eos_token_id (one or several, as transformers' generate
+    reads it), else the eos_token string's id."""
+    special = meta.get("special_tokens", {})
+    eos = meta.get("generation", {}).get("eos_token_id")
+    eos = tuple(int(i) for i in (eos if isinstance(eos, list) else [eos])) if eos is not None else ()
     if not eos and special.get("eos_token") and tokenizer.token_to_id(special["eos_token"]) is not None:
         eos = (tokenizer.token_to_id(special["eos_token"]),)
     if not eos:
-        raise ChipwiseError(f"{path} names no eos_token_id (generation_config.json or config.json) and no "
+        raise ChipwiseError(f"{where} names no eos_token_id (generation_config.json or config.json) and no "
                             f"eos_token; serving must know which token ends a reply")
-    return ServedModel(name or path.name, graphdef, params, tokenizer, eos, template, special)
-
-
-def _json(path: Path) -> dict:
-    if not path.is_file():
-        return {}
-    try:
-        value = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ChipwiseError(f"{path} is not valid JSON ({e})") from None
-    return value if isinstance(value, dict) else {}
-
-
-def _token_ids(value) -> tuple[int, ...]:
-    if value is None:
-        return ()
-    return tuple(int(v) for v in (value if isinstance(value, list) else [value]))
-
-
-def _token_text(value) -> str:
-    return value.get("content", "") if isinstance(value, dict) else str(value)
+    return ServedModel(name, graphdef, params, tokenizer, eos, meta.get("chat_template"), special)
 
 
 def load(run: str | None, hf: str | None, name: str | None = None, platform: str = "cpu") -> ServedModel:
     if (run is None) == (hf is None):
         raise ChipwiseError("serve one model: pass --run RUN_DIR or --hf DIR")
     return from_run(run, name) if run is not None else from_hf(hf, name, platform)
-
-
-def with_params(served: ServedModel, params) -> ServedModel:
-    return dataclasses.replace(served, params=params)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import signal
 import time
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -65,6 +66,10 @@ class Trainer:
         cfg, t = self.cfg, self.cfg.train
         if not self.resume:  # sampling and export read the run's own copy of its tokenizer
             self.run_dir.write_tokenizer(self.data.tokenizer)
+            if t.init_from:  # its special tokens and chat template go where its tokenizer goes, to export and serve
+                from chipwise.hf import read_tokenizer_meta
+
+                self.run_dir.write_tokenizer_meta(read_tokenizer_meta(Path(t.init_from)))
             self.run_dir.write_config(cfg)  # a resumed run's config is written once the checkpoint accepts it
         with use_mesh(self.setup.mesh, self.setup.rules):
             compiled = build_train_step(cfg, self.setup.mesh, self.setup.platform, self.setup.attention,
