@@ -199,7 +199,8 @@ class Transformer(nnx.Module):
         KV caches, if given: written from position `cache_start`, a scalar, or per row a [batch] array, where each
         query then sees the cached keys up to its own position in `positions`: the serving engine's slots).
         `run_blocks(blocks, x, positions, segment_ids) -> x`, where given, runs the stacked blocks instead of the
-        scan (train/pipeline.py runs them as pipeline stages). `segment_ids` [batch, seq], where given, keep attention within each segment (packed documents)."""
+        scan (train/pipeline.py runs them as pipeline stages). `segment_ids` [batch, seq], where given, keep
+        attention within each segment (packed documents)."""
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
         x = constrain(self.embed[...].astype(dtype)[tokens], ("batch", "seq", "embed"))
