@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -110,9 +110,10 @@ class Attention(nnx.Module):
         else:
             # KV cache of fixed length: write this chunk at its position, attend to everything written so far.
             k_cache, v_cache, start = cache
-            if jnp.ndim(start) == 1:  # serving: each row (a decode slot) writes and reads at its own position
-                k_cache, v_cache = _write_rows(k_cache, k, start), _write_rows(v_cache, v, start)
-                out = constrain(reference.attend_cached(q, k_cache, v_cache, positions),
+            if isinstance(start, SlotPositions):  # serving: each row (a decode slot) at its own position
+                k_cache, v_cache = _write_rows(k_cache, k, start.starts), _write_rows(v_cache, v, start.starts)
+                seen = start.visible
+                out = constrain(reference.attend_cached(q, k_cache[:, :seen], v_cache[:, :seen], positions),
                                 ("batch", "seq", "heads", "head_dim"))
                 return project(out, self.wo, dt, contract=2), (k_cache, v_cache)
             k_cache = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), start, axis=1)
@@ -125,6 +126,15 @@ class Attention(nnx.Module):
             cache = (k_cache, v_cache)
         out = constrain(out, ("batch", "seq", "heads", "head_dim"))
         return project(out, self.wo, dt, contract=2), cache
+
+
+class SlotPositions(NamedTuple):
+    """How the serving engine addresses the KV cache: row b (a decode slot) writes from position starts[b], and
+    queries read the first `visible` positions only (a static bound on every row's length, from a few sizes), so
+    a step reads the part of the cache in use rather than all of it."""
+
+    starts: jax.Array  # [batch] int32
+    visible: int
 
 
 def _write_rows(cache, new, starts):
@@ -196,8 +206,8 @@ class Transformer(nnx.Module):
     def hidden(self, tokens, *, dtype=jnp.float32, attend: Callable = reference.attend, remat: str = "none",
                positions=None, caches=None, cache_start=0, run_blocks: Callable | None = None, segment_ids=None):
         """tokens [batch, seq] -> final hidden states [batch, seq, d_model] after the final norm (and the updated
-        KV caches, if given: written from position `cache_start`, a scalar, or per row a [batch] array, where each
-        query then sees the cached keys up to its own position in `positions`: the serving engine's slots).
+        KV caches, if given: written from position `cache_start`, a scalar, or a SlotPositions, where each row
+        writes from its own position and each query sees the cached keys up to its own one in `positions`).
         `run_blocks(blocks, x, positions, segment_ids) -> x`, where given, runs the stacked blocks instead of the
         scan (train/pipeline.py runs them as pipeline stages). `segment_ids` [batch, seq], where given, keep
         attention within each segment (packed documents)."""

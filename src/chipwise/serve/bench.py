@@ -161,7 +161,8 @@ def _cut(tok, pool: list[int], start: int, length: int) -> str:
 
 def request_body(endpoint: str, model: str, prompt: str, output_len: int) -> dict:
     """A streaming request forced to `output_len` tokens (`ignore_eos`/`min_tokens`: vLLM's names for it)."""
-    body = {"model": model, "max_tokens": output_len, "min_tokens": output_len, "ignore_eos": True,
+    # temperature 0, as vLLM's load generator sends: the same work on every server, whatever its default
+    body = {"model": model, "max_tokens": output_len, "min_tokens": output_len, "ignore_eos": True, "temperature": 0.0,
             "stream": True, "stream_options": {"include_usage": True}}
     if endpoint == CHAT:  # newer OpenAI-style servers read max_completion_tokens in chat, older ones max_tokens
         return {**body, "messages": [{"role": "user", "content": prompt}], "max_completion_tokens": output_len}

@@ -37,6 +37,7 @@ from jax.sharding import NamedSharding
 
 from chipwise import prng
 from chipwise.dots import matmul
+from chipwise.model import SlotPositions
 from chipwise.sample import pick_tokens
 from chipwise.serve.model_source import ServedModel
 from chipwise.serve.text import TextStream
@@ -102,6 +103,9 @@ class Engine:
         # chunk never runs past the end (dynamic_update_slice would move it back over real entries).
         self.cache_len = math.ceil(self.max_seq_len / self.chunk) * self.chunk
         self.buckets = sorted({min(2 ** k, self.chunk) for k in range(4, max(self.chunk.bit_length(), 4) + 1)})
+        # How much of the cache a step reads: the smallest of these that holds every row's tokens. Attention then
+        # costs what the requests use, not the whole context (8k positions for a model that allows 8k).
+        self.windows = sorted({min(2 ** k, self.cache_len) for k in range(7, self.cache_len.bit_length() + 1)})
         cast = jax.tree.map(lambda p: jnp.asarray(p, dtype), served.params)
         self.params = cast if shardings is None else jax.device_put(cast, shardings)
         self.cache = model.init_cache(slots, self.cache_len, dtype)
@@ -181,11 +185,12 @@ class Engine:
     def warm_up(self) -> None:
         """Compile both programs now, not on the first request (a greedy and a sampling decode step)."""
         with self._on_mesh():
-            for size in self.buckets:
+            for size in self.buckets:  # a whole prompt of each size (longer ones compile on first use)
                 self._run_prefill(0, [0] * size, 0)
-            for sampled in (False, True):
-                self._run_decode(np.zeros(self.num_slots, np.int32), np.zeros(self.num_slots, np.int32),
-                                 [None] * self.num_slots, sampled)
+            zeros = np.zeros(self.num_slots, np.int32)
+            for window in self.windows:
+                for sampled in (False, True):
+                    self._run_decode(zeros, zeros + window - 1, [None] * self.num_slots, sampled)
 
     def _on_mesh(self):
         """Trace and run under the tensor-parallel mesh, where there is one (the sharding hints need it)."""
@@ -291,13 +296,18 @@ class Engine:
         sampling = self._sampling_arrays([request])
         self.cache, token = _prefill(self.served.graphdef, self.params, self.cache, jnp.int32(slot), tokens,
                                      jnp.int32(start), jnp.int32(len(chunk) - 1), *sampling, dtype=self.dtype,
-                                     sampled=request is not None and request.sampling.temperature > 0)
+                                     sampled=request is not None and request.sampling.temperature > 0,
+                                     visible=self._window(start + tokens.shape[1]))
         return int(token[0])
 
     def _run_decode(self, tokens, positions, rows, sampled: bool):
         self.cache, out = _decode(self.served.graphdef, self.params, self.cache, tokens, positions,
-                                  *self._sampling_arrays(rows), dtype=self.dtype, sampled=sampled)
+                                  *self._sampling_arrays(rows), dtype=self.dtype, sampled=sampled,
+                                  visible=self._window(int(positions.max()) + 1))
         return np.asarray(out)
+
+    def _window(self, length: int) -> int:
+        return next(w for w in self.windows if w >= length)
 
 
 def _pick(logits, temperature, top_k, top_p, seeds, counters, sampled: bool):
@@ -313,26 +323,27 @@ def _batch_axis(model) -> int:
     return 1 if model.cfg.scanned else 0  # stacked caches carry a leading layers axis
 
 
-@partial(jax.jit, static_argnames=("graphdef", "dtype", "sampled"), donate_argnames=("cache",))
+@partial(jax.jit, static_argnames=("graphdef", "dtype", "sampled", "visible"), donate_argnames=("cache",))
 def _prefill(graphdef, params, cache, slot, tokens, start, last, temperature, top_k, top_p, seeds, counters, *,
-             dtype, sampled):
+             dtype, sampled, visible):
     """One chunk tokens [1, chunk] of the prompt in `slot`, from position `start`: its cache rows, and the token
     the logits after position start + `last` pick."""
     model = nnx.merge(graphdef, params)
     axis = _batch_axis(model)
     rows = jax.tree.map(lambda c: jax.lax.dynamic_slice_in_dim(c, slot, 1, axis=axis), cache)
     positions = start + jnp.arange(tokens.shape[1], dtype=jnp.int32)[None]
-    x, rows = model.hidden(tokens, dtype=dtype, positions=positions, caches=rows, cache_start=start[None])
+    x, rows = model.hidden(tokens, dtype=dtype, positions=positions, caches=rows,
+                           cache_start=SlotPositions(start[None], visible))
     logits = matmul(x[0, last][None], model.head(), dtype, out_dtype=jnp.float32)
     cache = jax.tree.map(lambda c, r: jax.lax.dynamic_update_slice_in_dim(c, r, slot, axis=axis), cache, rows)
     return cache, _pick(logits, temperature, top_k, top_p, seeds, counters, sampled)
 
 
-@partial(jax.jit, static_argnames=("graphdef", "dtype", "sampled"), donate_argnames=("cache",))
+@partial(jax.jit, static_argnames=("graphdef", "dtype", "sampled", "visible"), donate_argnames=("cache",))
 def _decode(graphdef, params, cache, tokens, positions, temperature, top_k, top_p, seeds, counters, *, dtype,
-            sampled):
+            sampled, visible):
     """Every slot's token tokens[i] at positions[i] -> every slot's next token."""
     model = nnx.merge(graphdef, params)
     logits, cache = model(tokens[:, None], dtype=dtype, positions=positions[:, None], caches=cache,
-                          cache_start=positions)
+                          cache_start=SlotPositions(positions, visible))
     return cache, _pick(logits[:, 0], temperature, top_k, top_p, seeds, counters, sampled)
