@@ -19,7 +19,7 @@ import httpx
 import pytest
 
 from chipwise.cli import main
-from chipwise.serve.bench_stats import resolve_pricing
+from chipwise.serve.pricing import resolve_pricing
 from chipwise.serve.engine import Engine
 from chipwise.serve.metrics import ServerMetrics
 from chipwise.serve.model_source import from_run

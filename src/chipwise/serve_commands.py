@@ -74,7 +74,7 @@ def _pricing(args, device_kind: str):
     """The serving chips' price and power for the metrics: the flags, else --accelerator's or the detected chip's
     catalog figures (an unknown chip has none: it never borrows another's)."""
     from chipwise import catalog
-    from chipwise.serve.bench_stats import resolve_pricing
+    from chipwise.serve.pricing import resolve_pricing
 
     accelerator = args.accelerator
     if accelerator is None:

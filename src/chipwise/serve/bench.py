@@ -289,10 +289,11 @@ def command(args) -> int:
     import sys
 
     from chipwise.serve import bench_stats
+    from chipwise.serve.pricing import resolve_pricing
 
     _check_args(args)
     slos = bench_stats.parse_goodput(args.goodput)
-    pricing = bench_stats.resolve_pricing(args.accelerator, args.chips, args.price_per_hour, args.power_watts)
+    pricing = resolve_pricing(args.accelerator, args.chips, args.price_per_hour, args.power_watts)
     for chatty in ("httpx", "httpcore"):  # one INFO line per request otherwise
         logging.getLogger(chatty).setLevel(logging.WARNING)
     tokenizer_path = args.tokenizer

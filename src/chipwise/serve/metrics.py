@@ -18,7 +18,7 @@ LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25
 
 class ServerMetrics:
     def __init__(self, engine, model: str, pricing=None):
-        """`pricing`: a bench_stats.Pricing (the chips' price and power, and where they come from), or None."""
+        """`pricing`: a pricing.Pricing (the chips' price and power, and where they come from), or None."""
         self.registry = r = CollectorRegistry()
         self.engine, self.started = engine, time.monotonic()
         labels = {"model_name": model}
