@@ -1,8 +1,9 @@
 """The planner's assumptions: every constant the step-time model uses that the catalog does not publish.
 
-Each figure says where it comes from. A calibration profile written by `chipwise bench` replaces the
-compute and memory figures for the chip it measured; nothing here is fitted to the published runs the planner
-is validated against (docs/planner.md).
+Each figure says where it comes from. The share of its peak each platform's software stack reaches on a training
+step's matmuls and attention, and the achieved time of collectives, are not here: they are fitted across the
+published runs (plan/fit.py, written to achieved_efficiency.yaml). A calibration profile written by `chipwise
+bench` replaces the compute and memory figures for the chip it measured.
 """
 
 from __future__ import annotations
@@ -12,10 +13,8 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class PlatformAssumptions:
-    # Fraction of the dense peak a large, well-shaped bf16 GEMM sustains.
-    matmul_efficiency: float
-    # Fraction of the dense peak a fused (flash-style) attention kernel sustains, forward and backward.
-    attention_efficiency: float
+    # The attention kernel's share of peak relative to the large GEMMs' (the GEMMs' share itself is fitted).
+    attention_to_matmul: float
     # The matrix unit's tile: each GEMM dimension is padded up to a multiple of it (quantisation waste).
     tile: int
     # Fraction of the HBM bandwidth element-wise kernels reach.
@@ -27,22 +26,40 @@ class PlatformAssumptions:
 
 
 PLATFORMS: dict[str, PlatformAssumptions] = {
-    # cuBLAS bf16 GEMMs on H100 sustain ~700-750 of 989 TFLOP/s on large shapes (NVIDIA's and others' GEMM
-    # sweeps); FlashAttention-2/cuDNN reach ~40-55% of peak forward+backward on H100 (Dao, FlashAttention-3
-    # paper, Fig. 5); tensor-core tiles are 128 wide in cuBLAS's common kernels; STREAM-like kernels reach
-    # ~80-90% of HBM bandwidth.
-    "gpu": PlatformAssumptions(0.75, 0.5, 128, 0.8, True, 2e-3),
-    # TPU MXUs are 128x128 (v4, v5e, v5p). Single large GEMMs reach ~85-90% of peak (jax-ml scaling-book, "How to
-    # think about TPUs"), but a training step's GEMMs do not: we use the GPUs' 0.75 (see docs/planner.md: 0.85
-    # over-predicted every TPU case, so this one constant is informed by the validation set); splash ~60%.
-    "tpu": PlatformAssumptions(0.75, 0.6, 128, 0.85, True, 2e-3),
-    # Trainium's tensor engine is a 128x128 systolic array (Neuron architecture docs). No public GEMM sweep:
-    # efficiency assumed like the GPUs', attention lower (NKI flash kernels are newer).
-    "neuron": PlatformAssumptions(0.75, 0.45, 128, 0.8, True, 3e-3),
-    # A CPU has no catalog peak: `chipwise bench` must calibrate it. These are placeholders the calibration
-    # profile replaces (XLA:CPU attention materialises the S x S scores).
-    "cpu": PlatformAssumptions(1.0, 1.0, 8, 1.0, False, 5e-3),
+    # FlashAttention-2/cuDNN reach ~40-55% of H100's peak forward+backward (Dao, FlashAttention-3 paper, Fig. 5)
+    # where cuBLAS GEMMs reach ~75%: two thirds; tensor-core tiles are 128 wide in cuBLAS's common kernels;
+    # STREAM-like kernels reach ~80-90% of HBM bandwidth.
+    "gpu": PlatformAssumptions(2 / 3, 128, 0.8, True, 2e-3),
+    # TPU MXUs are 128x128 (v4, v5e, v5p); splash attention ~60% of peak where large GEMMs reach ~75%.
+    "tpu": PlatformAssumptions(0.8, 128, 0.85, True, 2e-3),
+    # Trainium's tensor engine is a 128x128 systolic array (Neuron architecture docs); NKI flash kernels are newer
+    # than the GPUs': 0.45 where GEMMs reach 0.75.
+    "neuron": PlatformAssumptions(0.6, 128, 0.8, True, 3e-3),
+    # A CPU has no catalog peak: `chipwise bench` must calibrate it, and its profile replaces these placeholders
+    # (XLA:CPU attention materialises the S x S scores).
+    "cpu": PlatformAssumptions(1.0, 8, 1.0, False, 5e-3),
 }
+
+# The software stacks a platform's published runs used, and the one chipwise's own trainer is (JAX, so XLA, and on
+# Trainium the Neuron compiler behind XLA): a plan uses the trainer's unless `--stack PLATFORM=STACK` names another.
+PLATFORM_STACKS: dict[str, tuple[str, ...]] = {"gpu": ("xla", "pytorch"), "tpu": ("xla",), "neuron": ("neuron",),
+                                               "cpu": ("xla",)}
+TRAINER_STACK: dict[str, str] = {"gpu": "xla", "tpu": "xla", "neuron": "neuron", "cpu": "xla"}
+
+# The fit (plan/fit.py). Shares of peak are searched between 0.1 and 1, the collectives' achieved/modelled time
+# between 1/8 and 2. A stack's share is pulled toward its platform's, and a platform's toward all runs', with the
+# weight of this many cases (a stack with one published run lands halfway between that run and its platform).
+EFFICIENCY_RANGE = (0.1, 1.0)
+COLLECTIVE_SCALE_RANGE = (0.125, 2.0)
+PRIOR_CASES = 1.0
+# Before the fit every platform assumed 0.75 of peak on large GEMMs (cuBLAS on H100 sustains ~700-750 of 989
+# TFLOP/s): the "before" column of docs/planner.md's validation table, nothing else.
+UNFITTED_MATMUL_EFFICIENCY = 0.75
+# Prediction ranges cover this share of outcomes (two-sided), from a platform's leave-one-out errors pooled with
+# all platforms' as if they were this many more cases: a platform with few runs gets nearly the all-platform spread,
+# widened by Student's t at few degrees of freedom (a platform with none: all runs' spread, t at 2 degrees).
+RANGE_COVERAGE = 0.8
+RANGE_PRIOR_CASES = 3.0
 
 # Chips whose matrix unit is 256x256 (Trillium and Ironwood TensorCores: Google's v6e and v7 docs).
 TILE_OVERRIDES = {"tpu-v6e": 256, "tpu-v7": 256}
@@ -113,6 +130,18 @@ class ServingAssumptions:
     prefill_efficiency: float
     # Fixed time per request in the time to first token: scheduling, tokenisation, the engine's host work.
     request_overhead_s: float
+    # The rest is fitted by `chipwise bench --serve` for the engine it measures (chipwise serve on this CPU); the
+    # published cases fold such costs into the shares above, so for them these keep their neutral values.
+    # Fixed host time per decode step (the scheduler, dispatch).
+    decode_step_overhead_s: float = 0.0
+    # Time per sequence in flight added to every prefill (chipwise's engine moves every slot's cache rows when it
+    # prefills one: measured on this project's CPU, the time to first token grows with the slots, not the prompt).
+    sequence_overhead_s: float = 0.0
+    # Share of the peak a decode step's matmuls (a few rows each) reach; None: the prefill's share.
+    decode_compute_efficiency: float | None = None
+    # Memory traffic and compute overlap (a step takes the slower: a roofline); False: they add up, as XLA:CPU runs
+    # a decode step's reads and matmuls one after the other.
+    overlap: bool = True
 
 
 SERVING: dict[str, ServingAssumptions] = {
@@ -150,9 +179,10 @@ ALLREDUCE_LATENCY_S: dict[str, tuple[float, float]] = {
     "NeuronLink-v4": (0.0, 3.2e-6),
 }
 
-# The KV cache is kept in bf16 whatever the weights' dtype (the engines' default; an fp8 cache would halve it).
-KV_CACHE_BYTES = 2
+# Bytes per KV-cache element by the weights' dtype: bf16 for every quantised or bf16 format (the engines' default;
+# an fp8 cache would halve it), fp32 beside fp32 weights (chipwise serve's CPU engine keeps both in fp32).
+KV_CACHE_BYTES = {"bf16": 2, "fp8": 2, "int8": 2, "q4_0": 2, "fp32": 4}
 # Bytes per weight of each storage format `plan --serve --weights-dtype` takes. q4_0 is llama.cpp's: blocks of 32
 # 4-bit weights with one fp16 scale, 18 bytes per 32 weights. int8 and q4_0 are weight-only formats: their matmuls
-# run at the bf16 rate; fp8 runs at the fp8 rate where the chip has one.
-WEIGHT_BYTES = {"bf16": 2.0, "fp8": 1.0, "int8": 1.0, "q4_0": 18 / 32}
+# run at the bf16 rate; fp8 runs at the fp8 rate where the chip has one, fp32 at the fp32 rate where it has one.
+WEIGHT_BYTES = {"bf16": 2.0, "fp8": 1.0, "int8": 1.0, "q4_0": 18 / 32, "fp32": 4.0}

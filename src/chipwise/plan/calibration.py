@@ -18,7 +18,7 @@ import logging
 import math
 import platform
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import jax
@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from chipwise.catalog import Accelerator
+from chipwise.plan import assumptions as A
 from chipwise.config import ModelConfig
 from chipwise.errors import ConfigError
 from chipwise.process import usable_cores
@@ -94,7 +95,9 @@ def default_dir() -> Path:
 
 
 def profile_path(acc_id: str, directory: str | Path | None = None) -> Path:
-    return Path(directory) if str(directory or "").endswith(".json") else Path(directory or default_dir()) / f"{acc_id}.json"
+    if str(directory or "").endswith(".json"):
+        return Path(directory)
+    return Path(directory or default_dir()) / f"{acc_id}.json"
 
 
 def load_profile(path: str | Path) -> dict:
@@ -105,23 +108,41 @@ def load_profile(path: str | Path) -> dict:
         raise ConfigError(f"cannot read calibration profile {path}: {e.strerror or e}") from None
     except json.JSONDecodeError as e:
         raise ConfigError(f"calibration profile {path} is not valid JSON ({e.msg}); rerun `chipwise bench`") from None
-    if not isinstance(profile, dict) or profile.get("version") != PROFILE_VERSION or "chip_model" not in profile:
+    if (not isinstance(profile, dict) or profile.get("version") != PROFILE_VERSION
+            or not ("chip_model" in profile or "serving" in profile)):
         raise ConfigError(f"calibration profile {path} is not a version-{PROFILE_VERSION} chipwise profile; "
                           "rerun `chipwise bench`")
     profile["path"] = str(path)
     return profile
 
 
-def find_profile(acc: Accelerator, directory: str | Path | None = None) -> dict | None:
-    """The profile for this chip, if one was measured; a CPU profile only if it was measured on this CPU."""
+def find_profile(acc: Accelerator, directory: str | Path | None = None, need: str = "chip_model") -> dict | None:
+    """The profile for this chip, if one was measured; a CPU profile only if it was measured on this CPU. `need`:
+    the section wanted ("chip_model": training, written by `chipwise bench`; "serving": by `bench --serve`)."""
     path = profile_path(acc.id, directory)
     if not path.exists():
         return None
     profile = load_profile(path)
+    if need not in profile:
+        return None
     if acc.platform == "cpu" and profile.get("machine") != machine_id(jax.devices("cpu")[0]):
         log.warning("ignoring %s: measured on %s, not this machine", path, profile.get("machine"))
         return None
     return profile
+
+
+def calibrated_chip(acc: Accelerator, directory: str | None = None) -> tuple[Accelerator, A.ServingAssumptions | None]:
+    """The chip as `chipwise bench --serve` measured it, with its fitted constants; else as the catalog has it. Only
+    CPUs are looked up (a profile is valid on the processor it was measured on)."""
+    if acc.platform != "cpu":
+        return acc, None
+    profile = find_profile(acc, directory, need="serving")
+    if profile is None:
+        return acc, None
+    s = profile["serving"]
+    measured = replace(acc, bf16_tflops=s["peak_tflops"], fp32_tflops=s["peak_tflops"], hbm_tbps=s["memory_tbps"],
+                       hbm_gib=s["memory_gib"])
+    return measured, A.ServingAssumptions(**s["constants"])
 
 
 # ------------------------------------------------------------------------------------------- measuring

@@ -26,6 +26,9 @@ def add_commands(sub) -> None:
     pl.add_argument("--catalog-set", action="append", default=[], metavar="ID.FIELD=VALUE",
                     help="override one catalog figure, e.g. h100-sxm.price_per_chip_hour=2.1 (repeatable)")
     pl.add_argument("--calibration", metavar="DIR_OR_FILE", help="calibration profiles (default: the cache's)")
+    pl.add_argument("--stack", action="append", default=[], metavar="PLATFORM=STACK",
+                    help="plan a platform at what another software stack achieved in published runs, e.g. "
+                         "gpu=pytorch (default: chipwise's trainer, XLA; repeatable)")
     pl.add_argument("--json", action="store_true", help="print a JSON list, one object per accelerator")
     pl.add_argument("--chart", metavar="PNG", help="write a chart of time to train against cost")
     pl.add_argument("--emit-config", metavar="FILE",
@@ -43,6 +46,9 @@ def add_commands(sub) -> None:
     b.add_argument("--accelerator", metavar="ID", help="catalog id of the local chip (default: detected)")
     b.add_argument("--out", metavar="FILE", help="where to write the profile (default: the cache)")
     b.add_argument("--quick", action="store_true", help="shorter GEMM timings")
+    b.add_argument("--serve", action="store_true",
+                   help="calibrate the serving planner instead: time chipwise's serving engine (prefill and decode "
+                        "steps) and fit its constants for this machine (`plan --serve` then uses them)")
 
 
 def finite_float(text: str) -> float:
@@ -71,6 +77,17 @@ def check_finite_settings(settings: list[str]) -> None:
             raise ChipwiseError(f"--catalog-set {text!r}: {raw.strip()} is not a finite number; give a real figure")
 
 
+def parse_stacks(settings: list[str]) -> dict[str, str] | None:
+    """--stack gpu=pytorch ... -> {"gpu": "pytorch"}; which pairs exist is checked by the planner."""
+    stacks = {}
+    for text in settings:
+        platform, sep, stack = text.partition("=")
+        if not sep or not platform.strip() or not stack.strip():
+            raise ChipwiseError(f"--stack {text!r}: write PLATFORM=STACK, e.g. gpu=pytorch")
+        stacks[platform.strip()] = stack.strip()
+    return stacks or None
+
+
 def plan_command(args) -> int:
     check_finite_settings(args.catalog_set)
     if args.serve:
@@ -96,7 +113,8 @@ def plan_command(args) -> int:
     mesh = parse_mesh(args.mesh, args.chips) if args.mesh else None
     req = PlanRequest(load_model(args.model), ids, args.chips, args.seq_len, args.global_batch, args.tokens, mesh,
                       args.remat, args.microbatches, args.baseline,
-                      catalog_overrides(args.catalog, args.catalog_set), args.calibration)
+                      catalog_overrides(args.catalog, args.catalog_set), args.calibration,
+                      stacks=parse_stacks(args.stack))
     rows = rank(plan(req))
     if args.emit_config:  # checked now, written last: a command refused on the way writes nothing
         from chipwise.plan.emit import config_text, write_new_file
@@ -129,7 +147,7 @@ def bench_command(args) -> int:
     import jax
 
     from chipwise import catalog
-    from chipwise.plan.calibration import calibrate, profile_path, save_profile
+    from chipwise.plan.calibration import calibrate, find_profile, profile_path, save_profile
 
     device = jax.devices()[0]
     if args.accelerator:
@@ -142,8 +160,20 @@ def bench_command(args) -> int:
     if acc.platform != device.platform:
         raise ChipwiseError(f"--accelerator {acc.id} is a {acc.platform} chip but this machine's devices are "
                             f"{device.platform}")
+    if args.serve:
+        from chipwise.plan.serving_calibration import calibrate_serving, print_serving, write_serving
+
+        path = profile_path(acc.id, args.out)
+        section = calibrate_serving(acc, device, rounds=2 if args.quick else 4)
+        write_serving(path, acc, device, section)
+        print_serving(acc, path, section)
+        return 0
     profile = calibrate(acc, device, quick=args.quick)
-    path = save_profile(profile, profile_path(acc.id, args.out))
+    path = profile_path(acc.id, args.out)
+    kept = find_profile(acc, path, need="serving") if path.exists() else None
+    if kept is not None:  # a serving calibration of this machine stays beside the new training one
+        profile["serving"] = kept["serving"]
+    path = save_profile(profile, path)
     cm = profile["chip_model"]
     print(f"{acc.id} on {profile['machine']} (measured, {profile['dtype']}):")
     print(f"  GEMM peak {cm['peak_tflops'] * 1e3:,.1f} GFLOP/s, large-shape efficiency {cm['matmul_efficiency']:.2f}, "

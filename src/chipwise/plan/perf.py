@@ -17,6 +17,7 @@ from chipwise.config import ModelConfig
 from chipwise.config_checks import context_splits, pipeline_schedule_problem
 from chipwise.errors import ConfigError
 from chipwise.flops import forward_flops_per_token, training_flops_per_token
+from chipwise.plan import achieved
 from chipwise.plan import assumptions as A
 from chipwise.plan.memory import (DTYPE_BYTES, GIB, USABLE_HBM_FRACTION, MemoryEstimate, kv_elements_per_token,
                                   stage_param_count, training_memory)
@@ -70,24 +71,40 @@ class ChipModel:
     attention_scale: float = 1.0
     elementwise_scale: float = 1.0
     loss_scale: float = 1.0
+    collective_scale: float = 1.0  # achieved / modelled time of collectives (fitted across the published runs)
     layer_overhead_s: float = 0.0  # fixed time per layer and micro-batch (kernel dispatch), forward + backward
     source: str = "catalog + platform assumptions"
+    stack: str = ""  # the software stack whose achieved efficiency this is (plan/achieved.py)
+    efficiency_basis: str = ""  # which published runs (or measurement) the efficiency comes from
+    range_half_width: float = 0.0  # the prediction's range: x exp(-w) .. x exp(+w) (0: none known)
 
     @property
     def hbm_gib(self) -> float | None:
         return self.accelerator.hbm_gib
 
 
-def chip_model(acc: Accelerator, calibration: dict | None = None) -> ChipModel:
-    """The chip's model; a calibration profile (plan/calibration.py) replaces what it measured."""
+def catalog_chip(acc: Accelerator, efficiency: float, collective_scale: float = 1.0, **fields) -> ChipModel:
+    """A catalog chip whose large GEMMs reach `efficiency` of its dense peak (attention the platform's fraction of
+    that) and whose collectives take `collective_scale` times the modelled time."""
     base = A.PLATFORMS[acc.platform]
-    peak = acc.bf16_tflops
-    cm = ChipModel(acc, peak or 0.0, base.matmul_efficiency, 0.0, base.attention_efficiency,
-                   A.TILE_OVERRIDES.get(acc.id, base.tile), acc.hbm_tbps or 0.0, base.memory_efficiency,
-                   base.flash_attention, base.step_overhead_s)
+    return ChipModel(acc, acc.bf16_tflops or 0.0, efficiency, 0.0, efficiency * base.attention_to_matmul,
+                     A.TILE_OVERRIDES.get(acc.id, base.tile), acc.hbm_tbps or 0.0, base.memory_efficiency,
+                     base.flash_attention, base.step_overhead_s, collective_scale=collective_scale, **fields)
+
+
+def chip_model(acc: Accelerator, calibration: dict | None = None, view: str = "achieved",
+               stack: str | None = None) -> ChipModel:
+    """The chip's model: the catalog's figures at what its platform's software `stack` achieved in the published runs
+    (view "achieved"), or at the share of peak common to all runs (view "peak"); a calibration profile
+    (plan/calibration.py) replaces what it measured, in both views."""
+    got = achieved.for_platform(acc.platform, view, stack)
+    cm = catalog_chip(acc, got.matmul_efficiency, got.collective_scale, source="catalog",
+                      stack=got.stack, efficiency_basis=got.basis, range_half_width=got.range_half_width)
     if calibration is not None:
         cm = replace(cm, **{k: v for k, v in calibration["chip_model"].items()},
-                     source=f"calibrated ({calibration.get('path', 'profile')}, {calibration.get('measured_on', '?')})")
+                     source=f"calibrated ({calibration.get('path', 'profile')}, {calibration.get('measured_on', '?')})",
+                     efficiency_basis="measured by chipwise bench",
+                     range_half_width=achieved.from_calibration(calibration) or 0.0)
     if not cm.peak_tflops:
         raise ConfigError(f"accelerator {acc.id} has no published bf16 peak; run `chipwise bench` on it to "
                           f"calibrate, or set one with --catalog-set {acc.id}.bf16_tflops=TFLOPS")
@@ -176,7 +193,7 @@ def _collective_time(chip: ChipModel, group: int, stride: int, bytes_per_chip: f
             raise ConfigError(f"{acc.id} has no scale-out bandwidth in the catalog, so a group of {group} chips "
                               f"cannot leave its {domain}-chip fabric domain; set scaleout_gbps_per_chip")
         t += factor * (remote - 1) / remote * bytes_per_chip / local / net_bw + A.NETWORK_LATENCY_S * factor
-    return t
+    return t * chip.collective_scale
 
 
 def _fabric_efficiency(kind: str | None) -> float:

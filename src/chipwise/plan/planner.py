@@ -5,14 +5,17 @@ Everything here is modelled, not measured; each row carries the FLOPs convention
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from chipwise import catalog
 from chipwise.config import ModelConfig
 from chipwise.errors import ConfigError
 from chipwise.flops import CONVENTION
+from chipwise.plan import achieved
+from chipwise.plan import assumptions as A
 from chipwise.plan.calibration import find_profile
-from chipwise.plan.perf import ChipModel, Layout, StepEstimate, chip_model
+from chipwise.plan.perf import ChipModel, Layout, StepEstimate, chip_model, estimate
 from chipwise.plan.search import REMATS, ZERO1, SearchResult, search
 
 
@@ -34,6 +37,7 @@ class PlanRequest:
     param_dtype: str = "float32"  # train.param_dtype the run will use
     moments_dtype: str = "float32"  # train.moments_dtype
     loss_chunk_tokens: int = 0  # train.loss_chunk_tokens (0: the trainer's default for the vocabulary)
+    stacks: dict[str, str] | None = None  # platform -> software stack to plan with (default: chipwise's trainer's)
 
 
 @dataclass
@@ -44,9 +48,17 @@ class PlanRow:
     estimate: StepEstimate  # the best fitting layout, or the smallest-memory one when nothing fits
     fits: bool
     tokens: float | None
+    peak: StepEstimate | None = None  # the same layout with the chip at the share of peak common to all runs
+    peak_chip: ChipModel | None = None
+
+    def band(self, value: float) -> tuple[float, float]:
+        """(low, high) of a figure proportional to throughput: its range from the chip's range half-width."""
+        w = self.chip.range_half_width
+        return value * math.exp(-w), value * math.exp(w)
 
     def as_dict(self, baseline: "PlanRow | None" = None) -> dict:
         e, acc, watts = self.estimate, self.accelerator, self.accelerator.power_range()
+        tok_low, tok_high = self.band(e.tokens_per_s_per_chip)
         row = {
             "accelerator": acc.id,
             "chips": e.layout.chips,
@@ -57,7 +69,11 @@ class PlanRow:
             "remat": e.layout.remat,
             "shard_optimizer": e.layout.shard_optimizer,
             "step_time_s": e.step_time_s,
+            "step_time_s_low": e.step_time_s * e.tokens_per_s_per_chip / tok_high,
+            "step_time_s_high": e.step_time_s * e.tokens_per_s_per_chip / tok_low,
             "tokens_per_s_per_chip": e.tokens_per_s_per_chip,
+            "tokens_per_s_per_chip_low": tok_low,
+            "tokens_per_s_per_chip_high": tok_high,
             "model_tflops_per_chip": e.model_tflops_per_chip,
             "mfu": e.mfu,
             "memory_per_chip_gib": e.memory_gib,
@@ -69,6 +85,7 @@ class PlanRow:
         if baseline is not None:
             row["baseline"] = baseline.accelerator.id
             row.update(self.relative_to(baseline))
+        row.update(self.efficiency_dict())
         row.update({
             "modelled": True,
             "flops_convention": CONVENTION,
@@ -87,18 +104,41 @@ class PlanRow:
         })
         return row
 
+    def efficiency_dict(self) -> dict:
+        """What the chip is planned at, where that comes from, and the same layout at the common share of peak."""
+        c, peak = self.chip, self.peak
+        out = {"stack": c.stack, "calibrated": c.source.startswith("calibrated"),
+               "achieved_efficiency": {"matmul_share_of_peak": c.matmul_efficiency,
+                                       "attention_share_of_peak": c.attention_efficiency,
+                                       "collective_time_scale": c.collective_scale, "basis": c.efficiency_basis},
+               "range_coverage": A.RANGE_COVERAGE, "range_half_width_log": c.range_half_width}
+        if peak is not None:
+            out["at_vendor_peak"] = {"matmul_share_of_peak": self.peak_chip.matmul_efficiency,
+                                     "tokens_per_s_per_chip": peak.tokens_per_s_per_chip,
+                                     "step_time_s": peak.step_time_s, "mfu": peak.mfu}
+            out["achieved_vs_vendor_peak_view"] = self.estimate.tokens_per_s_per_chip / peak.tokens_per_s_per_chip
+        return out
+
     def training_cost(self) -> dict:
         e, acc = self.estimate, self.accelerator
         hours = self.tokens / (e.tokens_per_s_per_chip * e.layout.chips) / 3600
         chip_hours = hours * e.layout.chips
         cost = chip_hours * acc.price_per_chip_hour if acc.price_per_chip_hour else None
-        return {
+        out = {
             "time_to_train_h": hours,
             "chip_hours": chip_hours,
             "cost_usd": cost,
             "tokens_per_usd": self.tokens / cost if cost else None,
             **_energy(acc, chip_hours, self.tokens),
         }
+        # The range: time, chip-hours and cost scale inversely with throughput; energy also spans the power's range.
+        slow, fast = (1 / x for x in self.band(1.0))
+        out.update({"time_to_train_h_low": hours * fast, "time_to_train_h_high": hours * slow,
+                    "cost_usd_low": cost * fast if cost else None, "cost_usd_high": cost * slow if cost else None})
+        kwh = out["energy_kwh_range"]
+        out.update({"energy_kwh_low": kwh[0] * fast if kwh else None,
+                    "energy_kwh_high": kwh[1] * slow if kwh else None})
+        return out
 
     def relative_to(self, base: "PlanRow") -> dict:
         """Efficiency against the baseline chip: tokens per dollar and per kWh, as ratios (1.5 = 50% better); a
@@ -169,6 +209,7 @@ def plan(req: PlanRequest) -> list[PlanRow]:
     remats = (req.remat,) if req.remat else REMATS
     if req.remat and req.remat not in REMATS:
         raise ConfigError(f"--remat {req.remat!r} is not one of {', '.join(REMATS)}")
+    check_stacks(req.stacks)
     rows = []
     for acc_id in ids:
         acc = catalog.get(acc_id, cat)
@@ -176,14 +217,18 @@ def plan(req: PlanRequest) -> list[PlanRow]:
             alternatives = [a.id for a in cat.values() if a.trains and a.platform == acc.platform] or ["another chip"]
             raise ConfigError(f"{acc.id} ({acc.name}) is an inference chip (the catalog says trains: false); "
                               f"use {', '.join(alternatives)} for a training plan")
-        chip = chip_model(acc, find_profile(acc, req.calibration_dir))
+        profile, stack = find_profile(acc, req.calibration_dir), achieved.stack_for(acc.platform, req.stacks)
+        chip = chip_model(acc, profile, "achieved", stack)
+        precision = dict(param_dtype=req.param_dtype, moments_dtype=req.moments_dtype,
+                         loss_chunk_tokens=req.loss_chunk_tokens)
         result = search(req.model, req.seq_len, req.global_batch, req.chips, chip, fixed=req.mesh, remats=remats,
                         microbatches=req.microbatches,
-                        zero1s=ZERO1 if req.shard_optimizer is None else (req.shard_optimizer,),
-                        param_dtype=req.param_dtype, moments_dtype=req.moments_dtype,
-                        loss_chunk_tokens=req.loss_chunk_tokens)
+                        zero1s=ZERO1 if req.shard_optimizer is None else (req.shard_optimizer,), **precision)
         best = result.best or result.least_memory
-        rows.append(PlanRow(acc, chip, result, best, result.best is not None, req.tokens))
+        # The "at vendor peak" view: the same layout, the chip at the share of peak common to all published runs.
+        peak_chip = chip_model(acc, profile, "peak", stack)
+        peak = estimate(req.model, req.seq_len, req.global_batch, peak_chip, best.layout, **precision)
+        rows.append(PlanRow(acc, chip, result, best, result.best is not None, req.tokens, peak, peak_chip))
     if not any(r.fits for r in rows):
         least = min(rows, key=lambda r: r.estimate.memory.total)
         raise ConfigError(
@@ -196,3 +241,11 @@ def plan(req: PlanRequest) -> list[PlanRow]:
 def rank(rows: list[PlanRow]) -> list[PlanRow]:
     """Fitting chips first, fastest training first (the same chip count for all, so step time ranks them)."""
     return sorted(rows, key=lambda r: (not r.fits, r.estimate.step_time_s))
+
+
+def check_stacks(stacks: dict[str, str] | None) -> None:
+    for platform, stack in (stacks or {}).items():
+        if stack not in A.PLATFORM_STACKS.get(platform, ()):
+            known = ", ".join(f"{p}={s}" for p, ss in A.PLATFORM_STACKS.items() for s in ss)
+            raise ConfigError(f"--stack {platform}={stack}: no published runs of that platform and stack; use one "
+                              f"of {known}")

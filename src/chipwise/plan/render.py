@@ -12,9 +12,14 @@ from rich.table import Table
 from chipwise.catalog.power import format_range
 from chipwise.errors import ConfigError
 from chipwise.flops import CONVENTION
+from chipwise.plan import achieved
+from chipwise.plan import assumptions as A
 from chipwise.plan.planner import PlanRequest, PlanRow
 from chipwise.plan.search import trainer_tensor_cap
 from chipwise.sharding import pipeline_stage_layers
+
+
+RANGE = f"{A.RANGE_COVERAGE:.0%}"
 
 
 def _fmt(value, spec: str, unknown: str = "n/a") -> str:
@@ -71,8 +76,8 @@ def print_table(rows: list[PlanRow], req: PlanRequest, console: Console | None =
     title = (f"chipwise plan (modelled): {m.num_layers} layers x d_model {m.d_model}, {req.chips} chips, "
              f"seq {req.seq_len}, global batch {req.global_batch} sequences; fastest first")
     perf = Table(title=title, title_justify="left")
-    for c in ("#", "accelerator", "chips", "mesh", "mb", "remat", "step s", "tok/s/chip", "TFLOP/s/chip", "MFU",
-              "GiB/chip", "fits"):
+    for c in ("#", "accelerator", "chips", "mesh", "mb", "remat", "step s", "tok/s/chip", f"{RANGE} range",
+              "TFLOP/s/chip", "MFU", "GiB/chip", "fits"):
         perf.add_column(c, justify="left" if c in ("accelerator", "mesh", "remat") else "right", no_wrap=True)
     for i, r in enumerate(data, 1):
         fits = "yes" if r["fits"] else f"NO (> {r['usable_memory_per_chip_gib']:.0f})"
@@ -80,8 +85,10 @@ def print_table(rows: list[PlanRow], req: PlanRequest, console: Console | None =
         mesh = short_mesh(r["mesh"]) + passes + (" zero1" if r["shard_optimizer"] else "")
         perf.add_row(str(i), r["accelerator"], str(r["chips"]), mesh, str(r["microbatches"]),
                      r["remat"], f"{r['step_time_s']:.3g}", f"{r['tokens_per_s_per_chip']:,.0f}",
+                     format_range(r["tokens_per_s_per_chip_low"], r["tokens_per_s_per_chip_high"], ",.0f"),
                      f"{r['model_tflops_per_chip']:.3g}", f"{r['mfu']:.1%}", f"{r['memory_per_chip_gib']:.1f}", fits)
     console.print(perf)
+    print_views(data, console)
     if req.tokens or req.baseline:
         what = f"{req.tokens:.3g} tokens" if req.tokens else "per hour of training"
         cost = Table(title=f"Cost and energy, {what}" + (f"; efficiency relative to {req.baseline}"
@@ -96,8 +103,12 @@ def print_table(rows: list[PlanRow], req: PlanRequest, console: Console | None =
         for i, r in enumerate(data, 1):
             cells = [str(i), r["accelerator"]]
             if req.tokens:
-                cells += [_fmt(r["time_to_train_h"] / 24, ".1f"), _fmt(r["chip_hours"], ",.0f"), _money(r["cost_usd"]),
-                          _span(r["energy_kwh_range"], 1e-3, ",.0f"),
+                cells += [_ranged(r, "time_to_train_h", 1 / 24, ".1f"), _fmt(r["chip_hours"], ",.0f"),
+                          _money(r["cost_usd"]) + (f" ({_money(r['cost_usd_low'])}-{_money(r['cost_usd_high'])})"
+                                                   if r["cost_usd"] else ""),
+                          _span(r["energy_kwh_range"], 1e-3, ",.0f") + (
+                              f" ({_span((r['energy_kwh_low'], r['energy_kwh_high']), 1e-3, ',.0f')})"
+                              if r["energy_kwh_low"] else ""),
                           _fmt(r["tokens_per_usd"] and r["tokens_per_usd"] / 1e6, ".2f"),
                           _span(r["tokens_per_kwh_range"], 1e-6, ".2f")]
             if req.baseline:
@@ -105,7 +116,10 @@ def print_table(rows: list[PlanRow], req: PlanRequest, console: Console | None =
                           _span(r["tokens_per_kwh_vs_baseline_range"], 1, ".2f", "x")]
             cost.add_row(*cells)
         console.print(cost)
-    console.print(f"All figures are MODELLED, not measured. MFU = model FLOPs ({CONVENTION}) / the chip's peak "
+    console.print(f"All figures are MODELLED, not measured. Each chip at the share of its peak its platform's "
+                  f"software stack reached in published runs; in brackets the {RANGE} range, from how far the model "
+                  "missed that platform's published runs when each was left out of the fit (docs/planner.md). "
+                  f"MFU = model FLOPs ({CONVENTION}) / the chip's peak "
                   "(below: the catalog's dense bf16 peak, or one measured by `chipwise bench`). "
                   "Energy at the chip's rated power; cost at the catalog's on-demand price unless overridden; "
                   "n/a = not published (set it with --catalog-set ID.FIELD=VALUE).")
@@ -113,7 +127,7 @@ def print_table(rows: list[PlanRow], req: PlanRequest, console: Console | None =
         console.print("Energy from an estimated power is marked below; where the catalog's power is a range (no one "
                       "figure is published), energy is the range, low-high.")
     for r in rows:
-        notes = [f"peak {r.chip.peak_tflops:g} TFLOP/s ({r.chip.source})",
+        notes = [f"peak {r.chip.peak_tflops:g} TFLOP/s ({r.chip.source})", efficiency_note(r.chip),
                  f"{r.search.considered} layouts weighed"]
         notes += power_notes(r.accelerator)
         if r.search.rejected:
@@ -140,6 +154,42 @@ def print_table(rows: list[PlanRow], req: PlanRequest, console: Console | None =
                          "trainer's context-parallel attention is blockwise XLA (a block of queries at a time, "
                          "recomputed backward) and also computes the masked half of the scores")
         console.print(f"  {r.accelerator.id}: " + "; ".join(notes))
+
+
+def print_views(data: list[dict], console: Console) -> None:
+    """The "at vendor peak" view beside the "as achieved" one: how much of each chip's advertised advantage survives
+    what its software stack reaches (docs/planner.md, Achieved efficiency)."""
+    if not data or all(r["calibrated"] for r in data):  # a measured chip has one view: what it measured
+        return
+    first = data[0]
+    table = Table(title=f"At vendor peak (every chip at the share of peak common to all published runs, "
+                        f"{achieved.fitted()['common_efficiency']:.2f}) and as achieved (its platform's stack's "
+                        f"share; a calibrated chip's measured); ratios against {first['accelerator']}",
+                  title_justify="left")
+    for c in ("#", "accelerator", "peak TFLOP/s", "stack", "share of peak", "tok/s/chip at peak view",
+              "as achieved", "survives", "vs #1 at peak", "vs #1 achieved"):
+        table.add_column(c, justify="left" if c in ("accelerator", "stack") else "right", no_wrap=True)
+    for i, r in enumerate(data, 1):
+        peak, got = r["at_vendor_peak"]["tokens_per_s_per_chip"], r["tokens_per_s_per_chip"]
+        share = r["achieved_efficiency"]["matmul_share_of_peak"]
+        table.add_row(str(i), r["accelerator"], f"{r['peak_tflops_per_chip']:,.4g}", r["stack"],
+                      f"{share:.2f}" + (" measured" if r["calibrated"] else ""), f"{peak:,.0f}", f"{got:,.0f}",
+                      f"{got / peak:.0%}", f"{peak / first['at_vendor_peak']['tokens_per_s_per_chip']:.2f}x",
+                      f"{got / first['tokens_per_s_per_chip']:.2f}x")
+    console.print(table)
+
+
+def efficiency_note(chip) -> str:
+    w = chip.range_half_width
+    spread = f", {RANGE} range x{math.exp(-w):.2f}-x{math.exp(w):.2f}" if w else ", no range known"
+    return f"GEMMs at {chip.matmul_efficiency:.2f} of peak ({chip.efficiency_basis}{spread})"
+
+
+def _ranged(row: dict, key: str, scale: float, spec: str) -> str:
+    """A figure with its range in brackets, e.g. days 21.8 (18.9-25.1)."""
+    value, low, high = row[key], row.get(f"{key}_low"), row.get(f"{key}_high")
+    text = _fmt(value and value * scale, spec)
+    return text if low is None else f"{text} ({format_range(low * scale, high * scale, spec)})"
 
 
 def _runs(counts) -> str:

@@ -51,6 +51,7 @@ class ServeRequest:
     tensor: int | None = None  # pins the tensor-parallel degree (else chosen)
     max_tpot_s: float | None = None  # a latency target: the TP degree (and concurrency, if not given) meet it
     catalog_overrides: dict | None = None
+    calibration_dir: str | None = None  # where `chipwise bench --serve` profiles are (default: the cache's)
 
 
 @dataclass
@@ -70,6 +71,7 @@ class ServeEstimate:
     weights_dtype: str = "bf16"
     meets_target: bool | None = None  # against max_tpot_s; None without one
     considered: list = field(default_factory=list)  # (tensor, reason not chosen) for the other degrees
+    assumptions: A.ServingAssumptions | None = None  # the constants used (a calibration's, or the platform's)
 
     @property
     def replicas(self) -> int:
@@ -122,9 +124,9 @@ def weights_bytes(cfg: ModelConfig, dtype: str) -> float:
     return param_count(cfg) * WEIGHT_BYTES[dtype]
 
 
-def kv_bytes_per_token(cfg: ModelConfig, tensor: int) -> float:
+def kv_bytes_per_token(cfg: ModelConfig, tensor: int, weights_dtype: str = "bf16") -> float:
     """K and V of one token, every layer, on one chip of a tensor group (KV heads replicate past their count)."""
-    return 2 * cfg.num_layers * kv_elements_per_token(cfg, tensor) * A.KV_CACHE_BYTES
+    return 2 * cfg.num_layers * kv_elements_per_token(cfg, tensor) * A.KV_CACHE_BYTES[weights_dtype]
 
 
 def allreduce_s(acc: Accelerator, tensor: int, nbytes: float) -> float:
@@ -141,24 +143,27 @@ def allreduce_s(acc: Accelerator, tensor: int, nbytes: float) -> float:
 
 
 def _peak_flops(acc: Accelerator, dtype: str) -> float:
-    peak = acc.fp8_tflops if dtype == "fp8" and acc.fp8_tflops else acc.bf16_tflops
+    peak = {"fp8": acc.fp8_tflops, "fp32": acc.fp32_tflops}.get(dtype) or acc.bf16_tflops
     if not peak or not acc.hbm_tbps or not acc.hbm_gib:
-        raise ConfigError(f"{acc.id} has no bf16 peak, memory bandwidth or memory size in the catalog; pick a chip "
+        raise ConfigError(f"{acc.id} has no bf16 peak, memory bandwidth or memory size in the catalog; calibrate this "
+                          "machine's CPU with `chipwise bench --serve`, pick a chip "
                           "that has them or set them with --catalog-set")
     return peak * 1e12
 
 
 @dataclass(frozen=True)
 class _Chip:
-    """What one chip of a replica does: the platform's efficiencies applied to the catalog's figures."""
+    """What one chip of a replica does: the platform's efficiencies (or a `chipwise bench --serve` calibration's)
+    applied to the catalog's figures (or the measured ones)."""
     acc: Accelerator
     cfg: ModelConfig
     tensor: int
     dtype: str
+    calibrated: A.ServingAssumptions | None = None
 
     @property
     def assume(self) -> A.ServingAssumptions:
-        return A.SERVING[self.acc.platform]
+        return self.calibrated or A.SERVING[self.acc.platform]
 
     @property
     def bandwidth(self) -> float:
@@ -167,6 +172,15 @@ class _Chip:
     @property
     def flops_rate(self) -> float:
         return _peak_flops(self.acc, self.dtype) * self.assume.prefill_efficiency
+
+    @property
+    def decode_flops_rate(self) -> float:
+        return _peak_flops(self.acc, self.dtype) * (self.assume.decode_compute_efficiency
+                                                     or self.assume.prefill_efficiency)
+
+    def combine(self, memory: float, compute: float) -> float:
+        """A roofline (the slower of the two) where traffic and compute overlap, else their sum."""
+        return max(memory, compute) if self.assume.overlap else memory + compute
 
     def weights_read_s(self) -> float:
         """A pass over the weights that multiply: every layer and the LM head (the embedding is a lookup)."""
@@ -177,20 +191,24 @@ class _Chip:
         return 2 * self.cfg.num_layers * allreduce_s(self.acc, self.tensor, nbytes)
 
     def decode_step(self, batch: int, context: float) -> dict[str, float]:
-        kv = batch * context * kv_bytes_per_token(self.cfg, self.tensor) / self.bandwidth
+        kv = batch * context * kv_bytes_per_token(self.cfg, self.tensor, self.dtype) / self.bandwidth
         flops = batch * forward_flops_per_token(self.cfg, max(1, round(context)), causal=False).total
-        compute = flops / self.tensor / self.flops_rate
+        compute = flops / self.tensor / self.decode_flops_rate
         memory = self.weights_read_s() + kv
+        step = self.combine(memory, compute) + self.comm_s(batch) + self.assume.decode_step_overhead_s
         return {"decode_weights_s": self.weights_read_s(), "decode_kv_s": kv, "decode_compute_s": compute,
-                "decode_comm_s": self.comm_s(batch), "decode_step_s": max(memory, compute) + self.comm_s(batch)}
+                "decode_comm_s": self.comm_s(batch), "decode_step_s": step}
 
-    def prefill(self, sequences: int, input_len: int) -> float:
-        """Device time to prefill `sequences` prompts together; only each prompt's last token needs its logits."""
+    def prefill_compute_s(self, sequences: int, input_len: int) -> float:
+        """The prompts' FLOPs at the prefill rate; only each prompt's last token needs its logits."""
         per_token = forward_flops_per_token(self.cfg, input_len).total
         head = 2 * self.cfg.d_model * self.cfg.vocab_size
-        flops = sequences * (input_len * per_token - (input_len - 1) * head)
-        compute = flops / self.tensor / self.flops_rate
-        return max(compute, self.weights_read_s()) + self.comm_s(sequences * input_len)
+        return sequences * (input_len * per_token - (input_len - 1) * head) / self.tensor / self.flops_rate
+
+    def prefill(self, sequences: int, input_len: int) -> float:
+        """Device time to prefill `sequences` prompts together."""
+        return (self.combine(self.weights_read_s(), self.prefill_compute_s(sequences, input_len))
+                + self.comm_s(sequences * input_len))
 
 
 def tensor_degrees(cfg: ModelConfig, acc: Accelerator, chips: int) -> list[int]:
@@ -202,9 +220,13 @@ def tensor_degrees(cfg: ModelConfig, acc: Accelerator, chips: int) -> list[int]:
             if chips % t == 0 and cfg.num_heads % t == 0 and (kv % t == 0 or t % kv == 0)]
 
 
-def estimate(req: ServeRequest, acc: Accelerator, tensor: int, per_replica: int | None = None) -> ServeEstimate:
-    """One layout: `tensor` chips a replica, `per_replica` sequences each (else from --batch or --concurrency)."""
-    cfg, chip = req.model, _Chip(acc, req.model, tensor, req.weights_dtype)
+def estimate(req: ServeRequest, acc: Accelerator, tensor: int, per_replica: int | None = None,
+             calibrated: A.ServingAssumptions | None = None) -> ServeEstimate:
+    """One layout: `tensor` chips a replica, `per_replica` sequences each (else from --batch or --concurrency);
+    `calibrated`: the constants `chipwise bench --serve` fitted for this chip (`acc` then carries its measured
+    peak, bandwidth and memory)."""
+    cfg, chip = req.model, _Chip(acc, req.model, tensor, req.weights_dtype, calibrated)
+    _peak_flops(acc, req.weights_dtype)  # refuses a chip without the figures the model needs, in one line
     replicas = req.chips // tensor
     mode = "batch" if req.batch else "concurrency"
     wanted = req.batch or req.concurrency or 1
@@ -213,37 +235,40 @@ def estimate(req: ServeRequest, acc: Accelerator, tensor: int, per_replica: int 
     i, o = req.input_len, req.output_len
     decode = chip.decode_step(b, i + o / 2)  # the KV cache grows from i to i + o over the output: its mean
     step, overhead = decode["decode_step_s"], chip.assume.request_overhead_s
+    # Every prefill also pays the engine's cost per sequence in flight (0 for the published engines).
+    seqs = b * chip.assume.sequence_overhead_s
     if mode == "batch":
-        prefill = chip.prefill(b, i)
+        prefill = chip.prefill(b, i) + seqs
         ttft, tpot = prefill + overhead, step
         busy = prefill + (o - 1) * step  # a static batch: prefill, then decode to the end
     else:
-        prefill = chip.prefill(1, i)
+        prefill = chip.prefill(1, i) + seqs
         ttft, tpot = prefill + overhead, step + (b - 1) * prefill / max(o - 1, 1)
         busy = b * prefill + (o - 1) * step  # each slot turns over once: b prefills between the steps
     usable = acc.hbm_gib * USABLE_HBM_FRACTION
     weights = weights_bytes(cfg, req.weights_dtype) / tensor
-    per_sequence = (i + o) * kv_bytes_per_token(cfg, tensor)  # a slot holds the cache of its whole length
+    per_sequence = (i + o) * kv_bytes_per_token(cfg, tensor, req.weights_dtype)  # a slot holds its whole length
     max_per_replica = max(0, math.floor((usable * GIB - weights) / per_sequence))
     return ServeEstimate(acc, req.chips, tensor, mode, b, ttft, tpot, active * b * o / busy,
                          max_per_replica * replicas, (weights + b * per_sequence) / GIB, usable,
-                         {**decode, "prefill_s": prefill, "request_overhead_s": overhead}, req.weights_dtype)
+                         {**decode, "prefill_s": prefill, "request_overhead_s": overhead}, req.weights_dtype,
+                         assumptions=chip.assume)
 
 
-def _largest_meeting(req: ServeRequest, acc: Accelerator, tensor: int) -> ServeEstimate:
+def _largest_meeting(req: ServeRequest, acc: Accelerator, tensor: int, calibrated=None) -> ServeEstimate:
     """The most sequences per replica whose KV cache fits and whose TPOT meets the target (TPOT grows with them)."""
-    one = estimate(req, acc, tensor, 1)
+    one = estimate(req, acc, tensor, 1, calibrated)
     lo, hi = 1, max(1, one.max_batch // one.replicas)
     while lo < hi:
         mid = (lo + hi + 1) // 2
-        if estimate(req, acc, tensor, mid).tpot_s <= req.max_tpot_s:
+        if estimate(req, acc, tensor, mid, calibrated).tpot_s <= req.max_tpot_s:
             lo = mid
         else:
             hi = mid - 1
-    return estimate(req, acc, tensor, lo)
+    return estimate(req, acc, tensor, lo, calibrated)
 
 
-def plan_one(req: ServeRequest, acc: Accelerator) -> ServeEstimate:
+def plan_one(req: ServeRequest, acc: Accelerator, calibrated: A.ServingAssumptions | None = None) -> ServeEstimate:
     """The tensor-parallel degree to serve with. Rule: of the degrees whose memory fits and whose TPOT meets the
     target (all that fit, without one), the most output tokens per second, which at a fixed chip count is also the
     fewest dollars and kWh per token; ties go to the lower TPOT. None meets the target: the lowest TPOT that fits.
@@ -255,7 +280,8 @@ def plan_one(req: ServeRequest, acc: Accelerator) -> ServeEstimate:
     else:
         degrees = tensor_degrees(req.model, acc, req.chips)
     searched = req.batch is None and req.concurrency is None
-    options = [_largest_meeting(req, acc, t) if searched else estimate(req, acc, t) for t in degrees]
+    options = [_largest_meeting(req, acc, t, calibrated) if searched else estimate(req, acc, t, None, calibrated)
+               for t in degrees]
     fitting = [e for e in options if e.fits]
     if not fitting:
         return min(options, key=lambda e: e.memory_per_chip_gib)
@@ -279,7 +305,10 @@ def plan_serving(req: ServeRequest) -> list[ServeEstimate]:
     if req.weights_dtype not in WEIGHT_BYTES:
         raise ConfigError(f"--weights-dtype {req.weights_dtype!r}: use one of {', '.join(WEIGHT_BYTES)}")
     cat = catalog.load_catalog(req.catalog_overrides)
-    rows = [plan_one(req, catalog.get(acc_id, cat)) for acc_id in dict.fromkeys(req.accelerators)]
+    from chipwise.plan.calibration import calibrated_chip
+
+    rows = [plan_one(req, *calibrated_chip(catalog.get(acc_id, cat), req.calibration_dir))
+            for acc_id in dict.fromkeys(req.accelerators)]
     if not any(r.fits for r in rows):
         raise ConfigError(_nothing_fits(req, rows))
     return sorted(rows, key=lambda r: (not r.fits, -r.output_tokens_per_s / r.chips))

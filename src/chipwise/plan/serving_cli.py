@@ -6,8 +6,8 @@ from chipwise.errors import ChipwiseError
 
 # Flags of a training plan that mean nothing to a serving one, and the reverse: either given to the other is a
 # mistake, said in one line rather than ignored.
-TRAINING_ONLY = ("seq_len", "global_batch", "tokens", "mesh", "remat", "microbatches", "baseline", "calibration",
-                 "chart", "emit_config")
+TRAINING_ONLY = ("seq_len", "global_batch", "tokens", "mesh", "remat", "microbatches", "baseline", "chart",
+                 "emit_config", "stack")
 SERVING_ONLY = ("input_len", "output_len", "batch", "concurrency", "tensor_parallel", "max_tpot_ms")
 
 
@@ -31,7 +31,7 @@ def add_serve_arguments(pl, finite_float) -> None:
 
 
 def _given(args, names) -> list[str]:
-    return ["--" + n.replace("_", "-") for n in names if getattr(args, n, None) not in (None, False)]
+    return ["--" + n.replace("_", "-") for n in names if getattr(args, n, None) not in (None, False, [])]
 
 
 def refuse_serving_flags(args) -> None:
@@ -62,7 +62,8 @@ def serve_command(args) -> int:
     req = ServeRequest(load_model(args.model), ids, args.chips, args.input_len, args.output_len, batch=args.batch,
                        concurrency=args.concurrency, weights_dtype=args.weights_dtype, tensor=args.tensor_parallel,
                        max_tpot_s=args.max_tpot_ms / 1e3 if args.max_tpot_ms else None,
-                       catalog_overrides=catalog_overrides(args.catalog, args.catalog_set))
+                       catalog_overrides=catalog_overrides(args.catalog, args.catalog_set),
+                       calibration_dir=args.calibration)
     rows = plan_serving(req)
     if args.json:
         print(serving_json(rows))

@@ -8,6 +8,7 @@ from rich.console import Console
 from rich.table import Table
 
 from chipwise.catalog.power import format_range
+from chipwise.plan import assumptions as A
 from chipwise.plan.render import _finite
 from chipwise.plan.serving import ServeEstimate, ServeRequest
 
@@ -56,7 +57,13 @@ def print_serving_table(rows: list[ServeEstimate], req: ServeRequest, console: C
         if r.considered:
             notes.append("other TP: " + ", ".join(f"{t} ({why})" for t, why in r.considered))
         ms = {k: v * 1e3 for k, v in r.parts.items()}
-        notes.append(f"decode step {ms['decode_step_s']:.2f} ms = max(weights {ms['decode_weights_s']:.2f} + KV "
-                     f"{ms['decode_kv_s']:.2f}, compute {ms['decode_compute_s']:.2f}) + all-reduces "
-                     f"{ms['decode_comm_s']:.2f}")
+        c = r.assumptions or A.SERVING[r.accelerator.platform]
+        if c is not A.SERVING.get(r.accelerator.platform):
+            notes.append("constants measured on this machine by `chipwise bench --serve`")
+        memory = f"weights {ms['decode_weights_s']:.2f} + KV {ms['decode_kv_s']:.2f}"
+        compute = f"compute {ms['decode_compute_s']:.2f}"
+        step = f"max({memory}, {compute})" if c.overlap else f"{memory} + {compute}"
+        extra = f" + overhead {c.decode_step_overhead_s * 1e3:.2f}" if c.decode_step_overhead_s else ""
+        notes.append(f"decode step {ms['decode_step_s']:.2f} ms = {step} + all-reduces "
+                     f"{ms['decode_comm_s']:.2f}{extra}")
         console.print(f"  {r.accelerator.id}: " + "; ".join(notes))
