@@ -41,7 +41,11 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory, corpus):
-    tmp = tmp_path_factory.mktemp("serve")
+    # Trained once per session: pytest-xdist may interleave another module's tests on this worker, and then the
+    # module's fixtures are made again; the run need not be.
+    tmp = tmp_path_factory.getbasetemp() / "serve-run"
+    if (tmp / "run" / "summary.json").is_file():
+        return tmp / "run"
     settings = [*MODEL, "train.seq_len=32", "train.batch_size=8", "train.steps=12", "train.log_every=4",
                 "train.eval_every=12", "train.checkpoint_every=12", "train.eval_batches=1", "train.warmup_steps=2",
                 "train.lr=1e-2", f"data.sources=[{corpus}]", f"data.cache_dir={tmp / 'cache'}",
