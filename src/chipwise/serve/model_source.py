@@ -20,17 +20,6 @@ class ServedModel:
     chat_template: str | None  # Jinja source, as transformers applies it; None: no /v1/chat/completions
     special_tokens: dict[str, str]  # bos_token / eos_token strings the template may refer to
 
-    @property
-    def config(self):
-        """The ModelConfig the graph was built from."""
-        from flax import nnx
-
-        from chipwise.model import Transformer
-
-        model = nnx.merge(self.graphdef, self.params)
-        assert isinstance(model, Transformer)
-        return model.cfg
-
 
 def from_run(run_dir: str, name: str | None = None) -> ServedModel:
     """A chipwise run: its newest intact checkpoint, its tokenizer, and the special tokens and chat template of the
