@@ -28,6 +28,26 @@ def test_reference_is_causal_grouped_query_attention():
     np.testing.assert_allclose(reference.attend(q, k, v, is_causal=True), naive(q, k, v), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_cached_attention_sees_each_query_up_to_its_own_position(dtype):
+    """The serving engine's attention over a KV cache: rows at different positions (a prefill chunk from 3, a
+    single decode query at 9), and stale entries past them that no query may reach."""
+    q, k, v = qkv(b=2, t=16, h=6, kv=2, d=32, seed=3)
+    q, k, v = q.astype(dtype), k.astype(dtype), v.astype(dtype)
+    positions = jnp.array([np.arange(3, 7), [9, 9, 9, 9]])  # row 1 repeats one query
+    got = reference.attend_cached(q[:, :4], k, v, positions)
+    for b in range(2):
+        for i in range(4):
+            n = int(positions[b, i]) + 1  # the keys this query may see
+            scores = jnp.einsum("hd,shd->hs", q[b, i].astype(jnp.float32),
+                                jnp.repeat(k[b, :n], 3, axis=1).astype(jnp.float32)) / np.sqrt(32)
+            want = jnp.einsum("hs,shd->hd", jax.nn.softmax(scores, -1), jnp.repeat(v[b, :n], 3, axis=1)
+                              .astype(jnp.float32))
+            tol = 1e-5 if dtype == jnp.float32 else 3e-2
+            np.testing.assert_allclose(np.asarray(got[b, i], np.float32), want, rtol=tol, atol=tol)
+    assert got.dtype == dtype
+
+
 def test_registry_prefers_each_backends_kernel_and_explains_fallbacks():
     def pick(platform, seq_len=256, dtype=jnp.bfloat16):
         return attention.select(platform, seq_len=seq_len, head_dim=64, num_heads=4, num_kv_heads=2, dtype=dtype)

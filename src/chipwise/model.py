@@ -111,10 +111,9 @@ class Attention(nnx.Module):
             # KV cache of fixed length: write this chunk at its position, attend to everything written so far.
             k_cache, v_cache, start = cache
             if isinstance(start, SlotPositions):  # serving: each row (a decode slot) at its own position
-                k_cache, v_cache = _write_rows(k_cache, k, start.starts), _write_rows(v_cache, v, start.starts)
-                seen = start.visible
-                out = constrain(reference.attend_cached(q, k_cache[:, :seen], v_cache[:, :seen], positions),
-                                ("batch", "seq", "heads", "head_dim"))
+                k_cache, v_cache = _write_rows(k_cache, k, start), _write_rows(v_cache, v, start)
+                out = reference.attend_cached(q, _read_rows(k_cache, start), _read_rows(v_cache, start), positions)
+                out = constrain(out, ("batch", "seq", "heads", "head_dim"))
                 return project(out, self.wo, dt, contract=2), (k_cache, v_cache)
             k_cache = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), start, axis=1)
             v_cache = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), start, axis=1)
@@ -129,18 +128,35 @@ class Attention(nnx.Module):
 
 
 class SlotPositions(NamedTuple):
-    """How the serving engine addresses the KV cache: row b (a decode slot) writes from position starts[b], and
-    queries read the first `visible` positions only (a static bound on every row's length, from a few sizes), so
-    a step reads the part of the cache in use rather than all of it."""
+    """How the serving engine addresses the KV cache: batch row b writes into cache row rows[b] (a decode slot;
+    row b itself without `rows`) from position starts[b], and queries read the first `visible` positions only (a
+    static bound on every row's length, from a few sizes), so a step reads the part of the cache in use rather
+    than all of it. With `rows`, a program runs only the slots it names, and writes them in place: the cache is
+    never sliced out and written back whole."""
 
     starts: jax.Array  # [batch] int32
     visible: int
+    rows: jax.Array | None = None  # [batch] int32, distinct
 
 
-def _write_rows(cache, new, starts):
-    """cache [batch, length, ...] with new [batch, n, ...] written at row b from position starts[b]."""
-    write = jax.vmap(lambda c, x, s: jax.lax.dynamic_update_slice_in_dim(c, x.astype(c.dtype), s, axis=0))
-    return write(cache, new, starts)
+def _write_rows(cache, new, at: SlotPositions):
+    """cache [slots, length, ...] with new [batch, n, ...] written at cache row rows[b] from position starts[b]."""
+    new = new.astype(cache.dtype)
+    if at.rows is None:
+        write = jax.vmap(lambda c, x, s: jax.lax.dynamic_update_slice_in_dim(c, x, s, axis=0))
+        return write(cache, new, at.starts)
+    for b in range(new.shape[0]):  # a few small in-place updates (the batch is 1 to the slot count)
+        zeros = (0,) * (cache.ndim - 2)
+        cache = jax.lax.dynamic_update_slice(cache, new[b: b + 1], (at.rows[b], at.starts[b], *zeros))
+    return cache
+
+
+def _read_rows(cache, at: SlotPositions):
+    """The first `visible` positions of the cache rows the batch uses: [batch, visible, ...]."""
+    if at.rows is None:
+        return cache[:, : at.visible]
+    size = (1, at.visible, *cache.shape[2:])
+    return jax.vmap(lambda r: jax.lax.dynamic_slice(cache, (r,) + (0,) * (cache.ndim - 1), size)[0])(at.rows)
 
 
 class MLP(nnx.Module):

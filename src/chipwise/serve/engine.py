@@ -2,15 +2,14 @@
 KV cache, filled from a bounded queue as requests arrive and freed the moment one ends or its client goes away.
 
 Every compiled program has a static shape, so one engine runs on CPUs, GPUs, TPUs and Trainium alike:
-- `decode` feeds every slot's newest token at that slot's own position (model.py's per-row cache) and picks the
-  next token of each slot with that slot's own sampling settings (sample.pick_tokens);
-- `prefill` runs one chunk of one slot's prompt (`prefill_chunk` tokens) into that slot's cache rows. One chunk
-  runs between decode steps, so a long prompt never stalls the replies already streaming. A prompt's last (or
-  only) chunk is padded to the smallest of a few bucket sizes (powers of two up to `prefill_chunk`) that holds it:
-  a short prompt costs a short program, and there are still only a handful of shapes to compile.
-
-A slot that is not decoding still takes part in the decode step (its shape is fixed): it feeds a dummy token at
-the position its next real write will overwrite, so it never disturbs a prompt half prefilled.
+- `decode` feeds each decoding slot's newest token at that slot's own position (model.py's per-row cache) and
+  picks its next token with that slot's own sampling settings (sample.pick_tokens). It runs only the slots that
+  decode, in a program sized to the next power of two of their number (padded with idle slots, whose dummy token
+  lands where their next real write will overwrite it), so a lone request pays for one row, not for every slot;
+- `prefill` runs one chunk of one slot's prompt (`prefill_chunk` tokens) into that slot's cache rows, in place.
+  One chunk runs between decode steps, so a long prompt never stalls the replies already streaming. A prompt's
+  last (or only) chunk is padded to the smallest of a few bucket sizes (powers of two up to `prefill_chunk`)
+  that holds it: a short prompt costs a short program, and there are still only a handful of shapes to compile.
 
 The scheduler runs on one thread that owns the device; requests arrive from any thread (`submit`) and receive
 their text through a callback (`Request.on_event`), which the HTTP server hands to its event loop.
@@ -106,8 +105,15 @@ class Engine:
         # How much of the cache a step reads: the smallest of these that holds every row's tokens. Attention then
         # costs what the requests use, not the whole context (8k positions for a model that allows 8k).
         self.windows = sorted({min(2 ** k, self.cache_len) for k in range(7, self.cache_len.bit_length() + 1)})
+        # How many slots a decode program runs: the smallest of these that holds every decoding slot.
+        self.row_counts = sorted({min(2 ** k, slots) for k in range(slots.bit_length() + 1)})
         cast = jax.tree.map(lambda p: jnp.asarray(p, dtype), served.params)
         self.params = cast if shardings is None else jax.device_put(cast, shardings)
+        # The LM head as its own [d_model, vocab] array. Tied to the embedding, the head is the embedding's transpose,
+        # which XLA:CPU otherwise copies out in full (113 MB for SmolLM2-135M) in every prefill and decode step.
+        head = jnp.asarray(model.head(), dtype)
+        self.head = head if mesh is None else jax.device_put(head, NamedSharding(
+            mesh, logical_to_spec(("embed", "vocab"), head.shape, mesh)))
         self.cache = model.init_cache(slots, self.cache_len, dtype)
         self.mesh = mesh
         if mesh is not None:  # each device holds its KV heads' share of every slot, as the attention reads it
@@ -187,10 +193,11 @@ class Engine:
         with self._on_mesh():
             for size in self.buckets:  # a whole prompt of each size (longer ones compile on first use)
                 self._run_prefill(0, [0] * size, 0)
-            zeros = np.zeros(self.num_slots, np.int32)
-            for window in self.windows:
-                for sampled in (False, True):
-                    self._run_decode(zeros, zeros + window - 1, [None] * self.num_slots, sampled)
+            for size in self.row_counts:
+                zeros, rows = np.zeros(size, np.int32), np.arange(size, dtype=np.int32)
+                for window in self.windows:
+                    for sampled in (False, True):
+                        self._run_decode(rows, zeros, zeros + window - 1, [None] * size, sampled)
 
     def _on_mesh(self):
         """Trace and run under the tensor-parallel mesh, where there is one (the sharding hints need it)."""
@@ -239,23 +246,24 @@ class Engine:
             self._accept(i, token)
 
     def _decode_step(self) -> None:
-        tokens = np.zeros(self.num_slots, np.int32)
-        positions = np.zeros(self.num_slots, np.int32)
-        decoding = []
-        for i, r in enumerate(self.slots):
-            if r is None:
-                continue
-            if r.output_ids:  # feed the newest token at its position: prompt + earlier outputs come before it
-                tokens[i], positions[i] = r.output_ids[-1], len(r.prompt_ids) + len(r.output_ids) - 1
-                decoding.append(i)
-            else:  # mid-prefill: the dummy write lands where its next chunk will write
-                positions[i] = r.prefilled
-        rows = [self.slots[i] if i in decoding else None for i in range(self.num_slots)]
-        sampled = any(r is not None and r.sampling.temperature > 0 for r in rows)
-        out = self._run_decode(tokens, positions, rows, sampled)
+        decoding = [i for i, r in enumerate(self.slots) if r is not None and r.output_ids]
+        # Pad to the next of the programs' sizes with slots that are not decoding: their dummy token lands where
+        # their next real write goes (an empty slot's position 0, a half-prefilled prompt's next chunk).
+        size = next(n for n in self.row_counts if n >= len(decoding))
+        rows = decoding + [i for i in range(self.num_slots) if i not in decoding][: size - len(decoding)]
+        tokens, positions = np.zeros(size, np.int32), np.zeros(size, np.int32)
+        for j, i in enumerate(rows):
+            r = self.slots[i]
+            if i in decoding:  # the newest token at its position: prompt + earlier outputs come before it
+                tokens[j], positions[j] = r.output_ids[-1], len(r.prompt_ids) + len(r.output_ids) - 1
+            elif r is not None:
+                positions[j] = r.prefilled
+        requests = [self.slots[i] if i in decoding else None for i in rows]
+        sampled = any(r is not None and r.sampling.temperature > 0 for r in requests)
+        out = self._run_decode(np.asarray(rows, np.int32), tokens, positions, requests, sampled)
         self.decode_steps += 1
-        for i in decoding:
-            self._accept(i, int(out[i]))
+        for j, i in enumerate(decoding):
+            self._accept(i, int(out[j]))
 
     def _accept(self, i: int, token: int) -> None:
         """Slot i produced `token`: pass its text on, and end the request if it is done."""
@@ -294,15 +302,15 @@ class Engine:
         tokens = np.zeros((1, next(b for b in self.buckets if b >= len(chunk))), np.int32)
         tokens[0, : len(chunk)] = chunk
         sampling = self._sampling_arrays([request])
-        self.cache, token = _prefill(self.served.graphdef, self.params, self.cache, jnp.int32(slot), tokens,
-                                     jnp.int32(start), jnp.int32(len(chunk) - 1), *sampling, dtype=self.dtype,
+        self.cache, token = _prefill(self.served.graphdef, self.params, self.head, self.cache, jnp.int32(slot),
+                                     tokens, jnp.int32(start), jnp.int32(len(chunk) - 1), *sampling, dtype=self.dtype,
                                      sampled=request is not None and request.sampling.temperature > 0,
                                      visible=self._window(start + tokens.shape[1]))
         return int(token[0])
 
-    def _run_decode(self, tokens, positions, rows, sampled: bool):
-        self.cache, out = _decode(self.served.graphdef, self.params, self.cache, tokens, positions,
-                                  *self._sampling_arrays(rows), dtype=self.dtype, sampled=sampled,
+    def _run_decode(self, rows, tokens, positions, requests, sampled: bool):
+        self.cache, out = _decode(self.served.graphdef, self.params, self.head, self.cache, rows, tokens, positions,
+                                  *self._sampling_arrays(requests), dtype=self.dtype, sampled=sampled,
                                   visible=self._window(int(positions.max()) + 1))
         return np.asarray(out)
 
@@ -319,31 +327,26 @@ def _pick(logits, temperature, top_k, top_p, seeds, counters, sampled: bool):
     return pick_tokens(logits, temperature, top_k, top_p, keys)
 
 
-def _batch_axis(model) -> int:
-    return 1 if model.cfg.scanned else 0  # stacked caches carry a leading layers axis
-
-
 @partial(jax.jit, static_argnames=("graphdef", "dtype", "sampled", "visible"), donate_argnames=("cache",))
-def _prefill(graphdef, params, cache, slot, tokens, start, last, temperature, top_k, top_p, seeds, counters, *,
+def _prefill(graphdef, params, head, cache, slot, tokens, start, last, temperature, top_k, top_p, seeds, counters, *,
              dtype, sampled, visible):
-    """One chunk tokens [1, chunk] of the prompt in `slot`, from position `start`: its cache rows, and the token
-    the logits after position start + `last` pick."""
+    """One chunk tokens [1, chunk] of the prompt in `slot`, from position `start`, written into that slot's cache
+    rows in place; and the token the logits after position start + `last` pick."""
     model = nnx.merge(graphdef, params)
-    axis = _batch_axis(model)
-    rows = jax.tree.map(lambda c: jax.lax.dynamic_slice_in_dim(c, slot, 1, axis=axis), cache)
     positions = start + jnp.arange(tokens.shape[1], dtype=jnp.int32)[None]
-    x, rows = model.hidden(tokens, dtype=dtype, positions=positions, caches=rows,
-                           cache_start=SlotPositions(start[None], visible))
-    logits = matmul(x[0, last][None], model.head(), dtype, out_dtype=jnp.float32)
-    cache = jax.tree.map(lambda c, r: jax.lax.dynamic_update_slice_in_dim(c, r, slot, axis=axis), cache, rows)
+    x, cache = model.hidden(tokens, dtype=dtype, positions=positions, caches=cache,
+                            cache_start=SlotPositions(start[None], visible, slot[None]))
+    logits = matmul(x[0, last][None], head, dtype, out_dtype=jnp.float32)
     return cache, _pick(logits, temperature, top_k, top_p, seeds, counters, sampled)
 
 
 @partial(jax.jit, static_argnames=("graphdef", "dtype", "sampled", "visible"), donate_argnames=("cache",))
-def _decode(graphdef, params, cache, tokens, positions, temperature, top_k, top_p, seeds, counters, *, dtype,
-            sampled, visible):
-    """Every slot's token tokens[i] at positions[i] -> every slot's next token."""
+def _decode(graphdef, params, head, cache, rows, tokens, positions, temperature, top_k, top_p, seeds, counters, *,
+            dtype, sampled, visible):
+    """The slots `rows` [n] feed tokens[j] at positions[j] -> each one's next token [n]. A program per n (a few
+    sizes), so a lone request pays for one row, not for every slot."""
     model = nnx.merge(graphdef, params)
-    logits, cache = model(tokens[:, None], dtype=dtype, positions=positions[:, None], caches=cache,
-                          cache_start=SlotPositions(positions, visible))
-    return cache, _pick(logits[:, 0], temperature, top_k, top_p, seeds, counters, sampled)
+    x, cache = model.hidden(tokens[:, None], dtype=dtype, positions=positions[:, None], caches=cache,
+                            cache_start=SlotPositions(positions, visible, rows))
+    logits = matmul(x[:, 0], head, dtype, out_dtype=jnp.float32)
+    return cache, _pick(logits, temperature, top_k, top_p, seeds, counters, sampled)
