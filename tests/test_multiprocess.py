@@ -90,6 +90,36 @@ def test_two_processes_train_like_one(tmp_path, corpus):
     assert meta["data_iterator"]["step"] == 10
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=0, atol=1e-5), got, want)
 
+    # Each process hashed the files it wrote (train/integrity.py), and this process's restore verified both parts.
+    step_dir = two / "checkpoints" / "10"
+    top = json.loads((step_dir / "chipwise_checksums.json").read_text())
+    other = json.loads((step_dir / "chipwise_checksums.process_1.json").read_text())
+    assert (top["processes"], other["process"], other["hashed_by"]) == (2, 1, 1)
+    assert any("ocdbt.process_1/" in name for name in other["files"])
+    assert all("process_1" in name for name in other["files"])
+    assert not any("process_1" in name for name in top["files"]) and any("ocdbt.process_0/" in n for n in top["files"])
+
+
+def test_a_damaged_part_found_by_one_process_sets_the_checkpoint_aside_on_all(tmp_path, corpus):
+    """Resumed by two processes, each checks the files its counterpart wrote; a bit flipped in process 1's part
+    is found there, and both processes agree to set the checkpoint aside and resume from the one before it."""
+    run = tmp_path / "run"
+    done = subprocess.run(launch_cmd(2, 4, "--", "chipwise", *train_args(run, corpus, 4, 2)), capture_output=True,
+                          text=True, timeout=400)
+    assert done.returncode == 0, done.stderr[-3000:]
+    victim = max((run / "checkpoints" / "4" / "state").glob("ocdbt.process_1/d/*"), key=lambda p: p.stat().st_size)
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    victim.write_bytes(bytes(data))
+    done = subprocess.run(launch_cmd(2, 4, "--", "chipwise", "train", "--resume", str(run), "--set",
+                                     "train.steps=6"), capture_output=True, text=True, timeout=400)
+    assert done.returncode == 0, done.stderr[-3000:]
+    name = victim.relative_to(run / "checkpoints" / "4")
+    assert f"checkpoint at step 4 is damaged ({name} does not match its checksum)" in done.stdout, done.stdout
+    assert "resumed from step 2" in done.stdout
+    assert (run / "checkpoints_set_aside" / "4-damaged").is_dir()
+    assert sorted(int(p.name) for p in (run / "checkpoints").iterdir()) == [2, 4, 6]  # 4: saved again
+
 
 class Launched:
     """`chipwise launch` in the background, its output read line by line (stdout and stderr together)."""

@@ -4,10 +4,15 @@ Saves are asynchronous (Orbax writes in the background while training goes on) a
 STEP.orbax-checkpoint-tmp and renames it to STEP only when every item is complete, and never lists a temporary
 directory as a step (leftovers of a killed save are removed when the next run opens the directory).
 
-Just before that rename, Orbax's post-finalization callback lets us write `chipwise_checksums.json` (the sha256 of
-every file) into the temporary directory, so a published checkpoint always carries its checksums. A restore
-verifies them: a checkpoint damaged afterwards (truncated, bit-flipped, files lost) is reported, moved aside to
-checkpoints_set_aside/, and the previous good one is used. Nothing is ever deleted except by the retention policy.
+Every process writes the checksums of the files it wrote (train/integrity.py: one manifest per process, xxh3_128
+hashed by a thread pool) into the temporary directory before the rename, so a published checkpoint always carries
+them: with several processes each hashes its own part before Orbax's barrier at the end of the writes, and
+process 0 adds the shared metadata files in Orbax's post-finalization callback. Both run in Orbax's background
+thread; `save()` blocks only for the device-to-host copy. A restore has each process check its share of the
+manifests, in parallel threads, and the processes agree on the verdict: a checkpoint damaged afterwards
+(truncated, bit-flipped, files lost) is reported, moved aside to checkpoints_set_aside/, and the previous good one
+is used. Older checkpoints (one chipwise_checksums.json of sha256 digests) are still checked. Nothing is ever
+deleted except by the retention policy.
 
 A save that fails (disk full, permission denied) is reported and leaves the earlier checkpoints as they were
 (the failed one never left its temporary directory, which is then removed so that failures do not pile up and
@@ -19,8 +24,6 @@ shardings, so the mesh and the device count may change between save and restore.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import shutil
 import time
@@ -31,24 +34,14 @@ import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
-from chipwise.data.cache import atomic_path
+from chipwise.distributed import barrier
 from chipwise.errors import ChipwiseError
+from chipwise.train import integrity
+from chipwise.train.integrity import MANIFEST as CHECKSUMS
+from chipwise.train.integrity import one_line
 
-CHECKSUMS = "chipwise_checksums.json"
 TMP_SUFFIX = ".orbax-checkpoint-tmp"  # how Orbax names a step directory until it is complete
-
-
-def one_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return f"{type(e).__name__}: {text.splitlines()[0][:200]}" if text else type(e).__name__
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+WRITES_DONE = "async_write_complete"  # Orbax's barrier after every process's own writes, before the finalize
 
 
 def _wait_until_still(path: Path, quiet: float = 0.2, limit: float = 5.0) -> None:
@@ -73,10 +66,8 @@ def _wait_until_still(path: Path, quiet: float = 0.2, limit: float = 5.0) -> Non
         before = now
 
 
-def _file_digests(step_dir: Path) -> dict[str, str]:
-    """Every file of the saved items (state/, meta/). Orbax rewrites its own step-level files
-    (_CHECKPOINT_METADATA, commit_success.txt) as it publishes the step, after our callback, so they are left out."""
-    return {str(p.relative_to(step_dir)): _sha256(p) for p in sorted(step_dir.glob("*/**/*")) if p.is_file()}
+def _mtimes(root: Path, files: dict[str, str]) -> dict[str, tuple[int, int]]:
+    return {n: (st.st_size, st.st_mtime_ns) for n, path in files.items() for st in [os.stat(root / path)]}
 
 
 class Checkpoints:
@@ -88,6 +79,8 @@ class Checkpoints:
         self._saving: int | None = None  # the step whose save is in flight (Orbax runs one at a time)
         self._leftovers: set[int] = set()  # steps whose save failed: their temporary directories are removed
         self._unverified: set[int] = set()  # steps already reported as having no checksums
+        self._own: tuple = (None, {}, {})  # process 0: (step, digests, mtimes) of its files hashed before finalize
+        self._real_barrier = None
         keep_policies = [policies.LatestN(n=keep)] + ([policies.EveryNSteps(keep_every)] if keep_every else [])
         options = ocp.CheckpointManagerOptions(
             # when a checkpoint is due is the training loop's decision alone (train/cadence.py): every save asked
@@ -95,7 +88,8 @@ class Checkpoints:
             save_interval_steps=1, enable_async_checkpointing=True, create=True,
             preservation_policy=policies.AnyPreservationPolicy(keep_policies),
             cleanup_tmp_directories=True,  # a save cut short by a kill leaves STEP.orbax-checkpoint-tmp behind
-            async_options=ocp.AsyncOptions(post_finalization_callback=self._write_checksums))
+            async_options=ocp.AsyncOptions(post_finalization_callback=self._write_checksums,
+                                           barrier_sync_fn=self._barrier))
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
 
     # ---- saving -------------------------------------------------------------------------------------------
@@ -186,41 +180,74 @@ class Checkpoints:
                 if path.exists():
                     self.log(f"could not remove {path} yet (the failed save at step {step}); retrying later")
 
+    def _in_progress(self, step: int) -> Path:
+        candidates = sorted(self.directory.glob(f"{step}{TMP_SUFFIX}*")) or [self.directory / str(step)]
+        return candidates[0]
+
+    def _barrier(self, *, key: str, timeout_ms: int) -> None:
+        """Orbax's barriers (several processes only). At the one after the writes, each process first hashes the
+        files it wrote, in parallel with the others."""
+        if WRITES_DONE in key:
+            self._hash_own_part()
+        if self._real_barrier is None:
+            self._real_barrier = ocp.multihost.get_barrier_sync_fn()
+        self._real_barrier(key=key, timeout_ms=timeout_ms)
+
+    def _hash_own_part(self) -> None:
+        step, me = self._saving, jax.process_index()
+        if step is None:
+            return
+        try:
+            step_dir = self._in_progress(step)
+            files = integrity.item_files(step_dir, me, explicit=True)  # {name once published: path now}
+            stamps = _mtimes(step_dir, files)
+            digests = integrity.digest_files(step_dir, files)
+            if me == 0:
+                self._own = (step, digests, stamps)  # the shared files are still to come: written at the finalize
+            else:
+                integrity.write_manifest(step_dir, me, digests)
+        except Exception as e:  # noqa: BLE001 - never fail the save: process 0 hashes a part it misses
+            self.log(f"process {me} could not hash its part of the checkpoint at step {step} ({one_line(e)})")
+
     def _write_checksums(self) -> None:
-        """Runs in Orbax's finalize thread after every item is written and before the directory is renamed."""
+        """Runs on process 0 in Orbax's finalize thread after every item is written and finalized, and before the
+        directory is renamed: the shared files and the parts no process hashed (all of them for one process)."""
         step = self._saving
         if step is None or jax.process_index() != 0:
             return
-        candidates = sorted(self.directory.glob(f"{step}{TMP_SUFFIX}*")) or [self.directory / str(step)]
-        step_dir = candidates[0]
+        step_dir, processes = self._in_progress(step), jax.process_count()
         try:
-            digests = _file_digests(step_dir)
-            with atomic_path(step_dir / CHECKSUMS) as tmp:
-                tmp.write_text(json.dumps({"sha256": digests}, indent=0))
+            names = integrity.item_files(step_dir, 0)  # the items are renamed: names and paths agree now
+            if self._own[0] == step:  # hashed before the finalize; reused where the file has not changed since
+                now = _mtimes(step_dir, {n: p for n, p in names.items() if n in self._own[1]})
+                cached = {n: d for n, d in self._own[1].items() if n in now and now[n] == self._own[2].get(n)}
+            else:
+                cached = {}
+            digests = {**integrity.digest_files(step_dir, {n: p for n, p in names.items() if n not in cached}),
+                       **{n: cached[n] for n in names if n in cached}}
+            for other in range(1, processes):
+                if not (step_dir / integrity.manifest_name(other)).is_file():
+                    integrity.write_manifest(step_dir, other, integrity.digest_files(
+                        step_dir, integrity.item_files(step_dir, other)), hashed_by=0)
+            integrity.write_manifest(step_dir, 0, dict(sorted(digests.items())), processes=processes)
         except OSError as e:  # the checkpoint is still complete; a restore will treat it as unverified
             self.log(f"could not write checksums for the checkpoint at step {step} ({one_line(e)})")
+        finally:
+            self._own = (None, {}, {})
 
     # ---- restoring ----------------------------------------------------------------------------------------
     def verify(self, step: int) -> str | None:
-        """None if the step's files match the checksums written with it, else what is wrong."""
-        step_dir = self.directory / str(step)
-        try:
-            recorded = json.loads((step_dir / CHECKSUMS).read_text())["sha256"]
-        except FileNotFoundError:  # Orbax's own checks during the restore must do
+        """None if the step's files match the checksums written with it, else what is wrong. Each process checks
+        its share (integrity.verify_part) and every process returns the same verdict."""
+        verdict = integrity.verify_part(self.directory / str(step), jax.process_index(), jax.process_count())
+        verdicts = integrity.gather_text(verdict or "")
+        problem = next((v for v in verdicts if v and v != integrity.UNVERIFIED), None)
+        if problem is None and integrity.UNVERIFIED in verdicts:  # Orbax's own checks during the restore must do
             if step not in self._unverified:
                 self._unverified.add(step)
                 self.log(f"checkpoint at step {step} has no {CHECKSUMS} (written by an older chipwise, or its "
                          f"checksum write failed): restoring it unverified")
-            return None
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            return f"unreadable {CHECKSUMS}: {one_line(e)}"
-        actual = _file_digests(step_dir)
-        for name, digest in recorded.items():
-            if name not in actual:
-                return f"{name} is missing"
-            if actual[name] != digest:
-                return f"{name} does not match its checksum"
-        return None
+        return problem
 
     def read_meta(self, step: int) -> dict:
         return dict(self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
@@ -268,13 +295,17 @@ class Checkpoints:
         return None
 
     def set_aside(self, step: int, reason: str) -> Path:
-        """Move a step out of Orbax's sight (kept for inspection, never deleted)."""
-        self.aside.mkdir(parents=True, exist_ok=True)
+        """Move a step out of Orbax's sight (kept for inspection, never deleted). Every process calls it; process
+        0 alone moves."""
+        barrier(f"chipwise-set-aside-{step}")  # every process has looked at the directory as it was
         target, n = self.aside / f"{step}-{reason}", 1
         while target.exists():
             n += 1
             target = self.aside / f"{step}-{reason}-{n}"
-        shutil.move(str(self.directory / str(step)), str(target))
+        if jax.process_index() == 0:
+            self.aside.mkdir(parents=True, exist_ok=True)
+            shutil.move(str(self.directory / str(step)), str(target))
+        barrier(f"chipwise-set-aside-{step}-done")
         self.manager.reload()
         return target
 

@@ -1,0 +1,267 @@
+"""Checkpoint saves and restores with their checksums (train/checkpoint.py, train/integrity.py) against the disk.
+
+    python benchmarks/checkpoint_integrity.py [--gb 2] [--saves 3] [--dir DIR] [--wait-quiet 1200] [--markdown]
+
+A train state of about --gb GB (float32 parameters of a Llama-like layout plus Adam's two moments, built directly
+as arrays sharded over 8 simulated CPU devices, fsdp=8) is saved --saves times with chipwise's own `Checkpoints`
+class, each save waited for before the next starts (as in training, where saves are steps apart). Reported:
+
+- blocked: how long the `save()` call keeps the caller (the train loop) waiting;
+- total save: from the call until the checkpoint is published with its checksums (`wait()` returns);
+- hashing: the part of that total spent hashing (in Orbax's background thread);
+- restore: the page cache dropped first, then `verify` (each process checks its own files) + `restore`;
+  and, for comparison, a cold restore without `verify`;
+- the disk itself, measured in the same run and the same directory with `dd`: a write of the same size with
+  conv=fdatasync, and a read of it after dropping the page cache (as root; otherwise with iflag=direct).
+
+Targets (issue): blocked under 10% of the total save; save and restore at least half the disk's throughput.
+Before measuring, --wait-quiet waits (up to that many seconds) for the 1-minute load average to fall below 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from jax.sharding import Mesh, NamedSharding  # noqa: E402
+from jax.sharding import PartitionSpec as P  # noqa: E402
+
+from chipwise.plan.calibration import cpu_model  # noqa: E402
+from chipwise.process import usable_cores  # noqa: E402
+from chipwise.train import integrity  # noqa: E402
+from chipwise.train.checkpoint import Checkpoints, abstract_like  # noqa: E402
+
+GB = 1e9
+
+
+def shapes(target_bytes: float, d: int = 1024, ff: int = 2816, vocab: int = 32000) -> dict:
+    """Parameter shapes of a Llama-like model whose params + two Adam moments (float32) are about target_bytes."""
+    per_layer = 4 * d * d + 3 * d * ff
+    layers = max(1, round((target_bytes / 12 - vocab * d) / per_layer))
+    out = {"embed": (vocab, d)}
+    for i in range(layers):
+        out |= {f"layer{i:02d}.{n}": (d, d) for n in ("wq", "wk", "wv", "wo")}
+        out |= {f"layer{i:02d}.w_gate": (d, ff), f"layer{i:02d}.w_up": (d, ff), f"layer{i:02d}.w_down": (ff, d)}
+    return out
+
+
+def build_state(target_bytes: float):
+    mesh = Mesh(np.array(jax.devices()), ("fsdp",))
+    split, whole = NamedSharding(mesh, P("fsdp", None)), NamedSharding(mesh, P())
+    tree = shapes(target_bytes)
+
+    def one(seed):
+        keys = jax.random.split(jax.random.key(seed), len(tree))
+        return {name: jax.jit(lambda k, s=shape: jax.random.normal(k, s, jnp.float32), out_shardings=split)(key)
+                for key, (name, shape) in zip(keys, tree.items())}
+
+    state = {"params": one(0), "mu": one(1), "nu": one(2), "step": jax.device_put(jnp.int32(0), whole)}
+    jax.block_until_ready(state)
+    return state
+
+
+def load() -> float:
+    return os.getloadavg()[0]
+
+
+def wait_quiet(limit: float) -> None:
+    deadline = time.monotonic() + limit
+    while load() >= 1.0 and time.monotonic() < deadline:
+        print(f"  waiting for a quiet machine (load {load():.2f})", flush=True)
+        time.sleep(60)
+
+
+def drop_caches() -> bool:
+    try:
+        os.sync()
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+        return True
+    except OSError:
+        return False
+
+
+def dd(directory: Path, nbytes: int, can_drop: bool) -> tuple[float, float]:
+    """(write, read) GB/s of one file of nbytes in `directory`."""
+    f, count = directory / "dd.bin", max(1, nbytes >> 20)
+    t = time.perf_counter()
+    subprocess.run(["dd", "if=/dev/zero", f"of={f}", "bs=1M", f"count={count}", "conv=fdatasync"], check=True,
+                   capture_output=True)
+    write = (count << 20) / (time.perf_counter() - t) / GB
+    flags = [] if can_drop and drop_caches() else ["iflag=direct"]
+    t = time.perf_counter()
+    subprocess.run(["dd", f"if={f}", "of=/dev/null", "bs=1M", *flags], check=True, capture_output=True)
+    read = (count << 20) / (time.perf_counter() - t) / GB
+    f.unlink()
+    return write, read
+
+
+def zstd_rates(state, nbytes: int = 256 << 20) -> tuple[float, float]:
+    """(compress, decompress) GB/s of zstd level 3 on one core, on the state's own bytes: Orbax's default codec
+    (tensorstore zarr3, zstd level 3), which every save and restore runs over the whole state."""
+    import zstandard
+
+    data = b"".join(np.asarray(x).tobytes() for x in jax.tree.leaves(state["params"])[:8])[:nbytes]
+    t = time.perf_counter()
+    packed = zstandard.ZstdCompressor(level=3).compress(data)
+    t1 = time.perf_counter()
+    zstandard.ZstdDecompressor().decompress(packed)
+    t2 = time.perf_counter()
+    return len(data) / (t1 - t) / GB, len(data) / (t2 - t1) / GB
+
+
+def tree_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def describe(directory: Path) -> str:
+    def cmd(*args):
+        try:
+            return subprocess.run(args, capture_output=True, text=True, check=True).stdout.strip()
+        except (OSError, subprocess.CalledProcessError):
+            return "?"
+
+    source, fstype = (cmd("findmnt", "-no", "SOURCE,FSTYPE", "-T", str(directory)).split() + ["?", "?"])[:2]
+    disk = (cmd("lsblk", "-dno", "NAME,SIZE,ROTA,MODEL", source) if source.startswith("/dev/") else "").split()
+    what = f"{disk[1]}, rotational flag {disk[2]}{', ' + ' '.join(disk[3:]) if disk[3:] else ''}" if disk[2:] else "?"
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return (f"{cpu_model()}, {usable_cores()} cores, {mem:.0f} GiB memory; disk {source} ({what}), {fstype}; "
+            f"jax {jax.__version__}, {len(jax.devices())} simulated CPU devices")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--gb", type=float, default=2.0, help="size of the train state (params + Adam moments)")
+    ap.add_argument("--saves", type=int, default=3)
+    ap.add_argument("--dir", type=Path, default=None, help="where to write (default: a temporary directory)")
+    ap.add_argument("--wait-quiet", type=float, default=0.0, help="seconds to wait for load < 1 first")
+    ap.add_argument("--markdown", action="store_true")
+    args = ap.parse_args()
+    if args.gb <= 0 or args.saves < 1:
+        print("error: --gb and --saves must be positive", file=sys.stderr)
+        return 2
+    work = Path(tempfile.mkdtemp(prefix="chipwise-ckpt-bench-", dir=args.dir))
+    try:
+        return run(args, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def run(args, work: Path) -> int:
+    timed = {"hash_s": 0.0}
+    real_digest = integrity.digest_files
+
+    def digest_files(root, names):  # the hashing time, wherever it runs
+        t = time.perf_counter()
+        try:
+            return real_digest(root, names)
+        finally:
+            timed["hash_s"] += time.perf_counter() - t
+
+    integrity.digest_files = digest_files
+    print(f"Machine: {describe(work)}", flush=True)
+    wait_quiet(args.wait_quiet)
+    state = build_state(args.gb * GB)
+    state_bytes, arrays = sum(x.nbytes for x in jax.tree.leaves(state)), len(jax.tree.leaves(state))
+    shardings = jax.tree.map(lambda x: x.sharding, state)
+    wait_quiet(args.wait_quiet)
+    load_before = load()
+    can_drop = drop_caches()
+    cpu0 = time.process_time()
+
+    ckpt = Checkpoints(work / "checkpoints", keep=args.saves + 1, log=print)
+    saves = []
+    for i in range(1, args.saves + 1):
+        timed["hash_s"] = 0.0
+        t0 = time.perf_counter()
+        assert ckpt.save(i, state, {"step": i}), ckpt.failures
+        t1 = time.perf_counter()
+        assert ckpt.wait(), ckpt.failures
+        t2 = time.perf_counter()
+        os.sync()  # anything the save left in the page cache (tensorstore itself fsyncs its files)
+        t3 = time.perf_counter()
+        saves.append({"blocked": t1 - t0, "total": t2 - t0, "hash": timed["hash_s"], "synced": t3 - t0,
+                      "bytes": tree_bytes(work / "checkpoints" / str(i))})
+        print(f"  save {i}: blocked {t1 - t0:.3f} s, published {t2 - t0:.2f} s (hashing {timed['hash_s']:.2f} s), "
+              f"synced {t3 - t0:.2f} s, {saves[-1]['bytes'] / GB:.2f} GB", flush=True)
+
+    files = [p.stat().st_size for p in (work / "checkpoints" / "1").rglob("*") if p.is_file()]
+    restores, target = [], abstract_like(state, shardings)
+    zstd = zstd_rates(state)
+    del state
+    for i in range(1, args.saves + 1):
+        drop_caches()
+        timed["hash_s"] = 0.0
+        t0 = time.perf_counter()
+        problem = ckpt.verify(i)
+        t1 = time.perf_counter()
+        assert problem is None, problem
+        jax.block_until_ready(ckpt.restore(i, target))
+        t2 = time.perf_counter()
+        drop_caches()
+        t3 = time.perf_counter()
+        jax.block_until_ready(ckpt.restore(i, target))
+        t4 = time.perf_counter()
+        restores.append({"verify": t1 - t0, "restore": t2 - t1, "total": t2 - t0, "plain": t4 - t3})
+        print(f"  restore {i}: verify {t1 - t0:.2f} s + restore {t2 - t1:.2f} s; cold restore alone {t4 - t3:.2f} s",
+              flush=True)
+    ckpt.close()
+
+    disk = [dd(work, int(saves[0]["bytes"]), can_drop) for _ in range(2)]
+    cpu = time.process_time() - cpu0
+    load_after = load()
+    write_gbs, read_gbs = statistics.median(w for w, _ in disk), statistics.median(r for _, r in disk)
+    med = {k: statistics.median(s[k] for s in saves) for k in ("blocked", "total", "hash", "synced", "bytes")}
+    rmed = {k: statistics.median(r[k] for r in restores) for k in ("verify", "restore", "total", "plain")}
+    save_gbs, restore_gbs = med["bytes"] / med["total"] / GB, med["bytes"] / rmed["total"] / GB
+
+    print(f"\nState {state_bytes / GB:.2f} GB in memory ({arrays} arrays, "
+          f"sharded over {len(jax.devices())} devices); a checkpoint is {med['bytes'] / GB:.2f} GB on disk. "
+          f"{args.saves} saves and restores, medians; page cache dropped before each restore and each dd read: "
+          f"{'yes' if can_drop else 'no (dd read with iflag=direct)'}. Load average {load_before:.2f} before, "
+          f"{load_after:.2f} after; this process used {cpu:.0f} s of CPU. A checkpoint has {len(files)} files, the "
+          f"largest {max(files) / 2**20:.0f} MiB. zstd level 3 (Orbax's codec) on one core: compress "
+          f"{zstd[0]:.2f} GB/s, decompress {zstd[1]:.2f} GB/s.\n")
+    rows = [
+        ("save: caller blocked in `save()`", f"{med['blocked']:.3f} s",
+         f"{100 * med['blocked'] / med['total']:.1f}% of the total save"),
+        ("save: total, until published with checksums", f"{med['total']:.2f} s", f"{save_gbs:.2f} GB/s"),
+        ("save: of which hashing (background thread)", f"{med['hash']:.2f} s",
+         f"{med['bytes'] / med['hash'] / GB:.2f} GB/s" if med["hash"] else "-"),
+        ("save: until `sync` returned", f"{med['synced']:.2f} s", f"{med['bytes'] / med['synced'] / GB:.2f} GB/s"),
+        ("restore: verify (cold cache)", f"{rmed['verify']:.2f} s", f"{med['bytes'] / rmed['verify'] / GB:.2f} GB/s"),
+        ("restore: restore after verify", f"{rmed['restore']:.2f} s", ""),
+        ("restore: total (verify + restore)", f"{rmed['total']:.2f} s", f"{restore_gbs:.2f} GB/s"),
+        ("restore without verify (cold cache), for comparison", f"{rmed['plain']:.2f} s",
+         f"{med['bytes'] / rmed['plain'] / GB:.2f} GB/s"),
+        ("disk: dd write, conv=fdatasync", "", f"{write_gbs:.2f} GB/s ({', '.join(f'{w:.2f}' for w, _ in disk)})"),
+        ("disk: dd read" + (", cache dropped" if can_drop else ", iflag=direct"), "",
+         f"{read_gbs:.2f} GB/s ({', '.join(f'{r:.2f}' for _, r in disk)})"),
+    ]
+    if args.markdown:
+        print("| measurement | time | rate |\n|---|---:|---:|")
+        for r in rows:
+            print(f"| {r[0]} | {r[1]} | {r[2]} |")
+    else:
+        for r in rows:
+            print(f"  {r[0]:<52} {r[1]:>9}  {r[2]}")
+    checks = [("blocked < 10% of the total save", med["blocked"] < 0.1 * med["total"]),
+              ("save >= half the disk's write throughput", save_gbs >= 0.5 * write_gbs),
+              ("restore >= half the disk's read throughput", restore_gbs >= 0.5 * read_gbs)]
+    print("\nTargets: " + "; ".join(f"{name}: {'met' if ok else 'NOT met'}" for name, ok in checks))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
