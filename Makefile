@@ -32,7 +32,7 @@ demo: $(STAMP)
 # Timing tests (the planner's CPU calibration) run alone afterwards, on one CPU device, so that the other test
 # worker's load does not land in their measurements.
 test: $(DEV_STAMP)
-	XLA_FLAGS="--xla_force_host_platform_device_count=8" $(VENV)/bin/pytest -q -n 2 --dist loadgroup --durations=30 -m "not timing"
+	XLA_FLAGS="--xla_force_host_platform_device_count=8" $(VENV)/bin/pytest -q -n 2 --dist loadfile --durations=30 -m "not timing"
 	XLA_FLAGS="--xla_force_host_platform_device_count=1" $(VENV)/bin/pytest -q -s -p no:xdist --durations=10 -m timing
 
 # The CPU benchmark against PyTorch (eager and torch.compile); installs the CPU wheel of torch.

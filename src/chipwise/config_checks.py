@@ -192,6 +192,15 @@ def _validate_mixture(d) -> None:
 
 # A learning rate at or above this is a from-scratch one: on trained weights it undoes what they learned.
 FROM_SCRATCH_LR = 1e-3
+# Continued pre-training's: about the rate a pre-trained model's own run ended at.
+CONTINUED_LR = 1e-4
+
+
+def continued_pretraining_defaults(steps: int) -> list[str]:
+    """`--set` items giving a run from trained weights what config_warnings asks of it: a continued-pre-training
+    learning rate and a warm-up of about a tenth of its `steps` (`chipwise import` puts the user's items after
+    these)."""
+    return [f"train.lr={CONTINUED_LR:g}", f"train.warmup_steps={max(1, steps // 10)}"]
 
 
 def config_warnings(cfg) -> list[str]:
@@ -204,5 +213,5 @@ def config_warnings(cfg) -> list[str]:
         if t.lr >= FROM_SCRATCH_LR:
             out.append(f"train.lr {t.lr:g} is a from-scratch rate: starting from trained weights "
                        f"({t.init_from}) it raises the loss before lowering it; continued pre-training uses about "
-                       f"the original run's final rate, e.g. --set train.lr=1e-4")
+                       f"the original run's final rate, e.g. --set train.lr={CONTINUED_LR:g}")
     return out

@@ -281,11 +281,12 @@ class RunDir:
         from chipwise.train.step import abstract_state, saved_stage_layout
 
         device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        layouts = []
+        layouts, graphdefs = [], []
 
         def target(meta):  # the layer order of the pipeline degree the checkpoint was saved under
             layouts.append(saved_stage_layout(meta, cfg))
-            state, _ = abstract_state(cfg, layouts[-1])
+            state, graphdef = abstract_state(cfg, layouts[-1])
+            graphdefs.append(graphdef)  # the model's, whatever the layout (tracing it again costs seconds)
             return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), state)
 
         ckpt = self.checkpoints(keep=cfg.train.keep_checkpoints, log=log)
@@ -298,8 +299,7 @@ class RunDir:
             raise ChipwiseError(f"{self} has no checkpoint yet; train it first (chipwise train ...)")
         _, restored, meta = found
         self._check_tokenizer(meta)
-        _, graphdef = abstract_state(cfg)
-        return map_stacked(restored["params"], layouts[-1].from_slots), graphdef  # the plain layer order
+        return map_stacked(restored["params"], layouts[-1].from_slots), graphdefs[-1]  # the plain layer order
 
     def _check_tokenizer(self, meta: dict) -> None:
         """Token ids mean what the run's tokenizer says only if it is the one the checkpoint was trained with."""

@@ -26,14 +26,18 @@ from chipwise.train.accounting import Cadence, Totals, Window
 from chipwise.train.compiled_step import build_train_step, with_platform_defaults
 from chipwise.train.guard import EXIT_DIVERGED, Guard, Verdict  # noqa: F401 - EXIT_DIVERGED: the exit codes' home
 from chipwise.train.metrics import open_writer
-from chipwise.train.resume import checkpoint_meta, initial_state, restore_step
+from chipwise.train.resume import checkpoint_meta, fresh_state, initial_state, restore_step
 from chipwise.train.setup import describe, header_lines, prepare_data_everywhere, prepare_devices
 from chipwise.train.signals import StopSignals
 
 
 class Trainer:
-    def __init__(self, cfg: Config, *, resume: bool = False, overwrite: bool = False, console: Console | None = None):
-        self.cfg, self.resume, self.overwrite = cfg, resume, overwrite
+    """`init_only`: set the run up, evaluate its starting state and save it as the step-0 checkpoint, then stop
+    without training (`chipwise import`; `train --resume` continues from that checkpoint)."""
+
+    def __init__(self, cfg: Config, *, resume: bool = False, overwrite: bool = False, console: Console | None = None,
+                 init_only: bool = False):
+        self.cfg, self.resume, self.overwrite, self.init_only = cfg, resume, overwrite, init_only
         self.console = console or make_console(quiet=not is_leader())  # one process speaks for the run
         self.run_dir = RunDir(cfg.run_dir)
         self.run_dir.check_prepare(resume, overwrite)  # refuse now; nothing is created until every check passed
@@ -57,6 +61,8 @@ class Trainer:
         self.run_dir.write_summary(summary, self.log)
         if totals.stopped_by is not None:
             raise TrainingStopped(totals.stopped_by, self.exit_code)
+        if self.init_only:  # nothing trained to sum up; the caller says what was made
+            return summary
         from chipwise.report import summary_table
 
         self.console.print(summary_table(summary))
@@ -76,13 +82,14 @@ class Trainer:
                                         eos_id=self.data.eos_id)
             ckpt = self.run_dir.checkpoints(t.keep_checkpoints, t.keep_every, log=self.log)
             try:
-                state, start, iterator, guard, totals = initial_state(
+                state, start, iterator, guard, totals, restored = initial_state(
                     cfg, self.run_dir, self.data, compiled.steps, ckpt, compiled.abstract_state, self.resume,
                     self.log)
                 if self.resume:
                     self.run_dir.write_config(cfg)
-                compiled.compile()  # after the checkpoint is accepted: a refused resume costs no compile
-                totals.compile_seconds += compiled.compile_s
+                if not self.init_only:  # after the checkpoint is accepted: a refused resume costs no compile
+                    compiled.compile()
+                    totals.compile_seconds += compiled.compile_s
                 totals.invocations += 1
                 info = describe(self.setup, cfg, self.data, compiled.compile_s)
                 self.run_dir.write_run_info(info, self.log)
@@ -92,10 +99,11 @@ class Trainer:
                     self.log(f"[bold yellow]warning[/bold yellow]  {warning}")
                 self.run_dir.repair_metrics()
                 writer = open_writer(self.run_dir, self.console, t.steps, start)  # a no-op beyond process 0
-                event = {"event": "resumed"} if start else {"event": "restarted"} if self.resume else {}
-                writer.write({"step": start, "compile_time_s": compiled.compile_s, **event})
+                event = {"event": "resumed"} if restored else {"event": "restarted"} if self.resume else {}
+                compile_s = {} if compiled.compile_s is None else {"compile_time_s": compiled.compile_s}
+                writer.write({"step": start, **compile_s, **event})
                 try:
-                    return self._loop(state, start, iterator, guard, totals, compiled, ckpt, writer)
+                    return self._loop(state, start, iterator, guard, totals, compiled, ckpt, writer, restored)
                 finally:
                     writer.close()
             finally:
@@ -137,11 +145,11 @@ class Trainer:
         for s in plan.set_aside:  # the abandoned path
             ckpt.set_aside(s, "rolled-back")
         target = plan.target_step
-        if target:
+        if target in ckpt.all_steps():  # step 0 too: `chipwise import` saves one
             state, meta = restore_step(ckpt, target, self.cfg, steps, abstract_state)
             target_pos = meta["data_iterator"]["step"]
-        else:  # no checkpoint before the trouble: the initial state is the last good one
-            state, target_pos = steps.init(), 0
+        else:  # no checkpoint before the trouble: the initial state (pre-trained weights too) is the last good one
+            state, target_pos = fresh_state(self.cfg, steps), 0
         writer.write({"step": target, "event": "rollback", "from_step": step, "bad_streak": guard.streak,
                       "data_skipped_batches": data_pos - target_pos, "rollbacks": guard.rollbacks + 1})
         writer.log(f"[bold red]rolled back[/bold red] to step {target} after {guard.streak} non-finite steps in a "
@@ -162,8 +170,10 @@ class Trainer:
         return f"{name} after step {step}: {where}; continue with: chipwise train --resume {self.run_dir}"
 
     # ---- the loop -----------------------------------------------------------------------------------------
-    def _loop(self, state, start, iterator, guard: Guard, totals: Totals, compiled, ckpt, writer) -> Totals:
-        """Train from `start` to train.steps, adding to `totals` (the run's so far)."""
+    def _loop(self, state, start, iterator, guard: Guard, totals: Totals, compiled, ckpt, writer,
+              restored: bool) -> Totals:
+        """Train from `start` to train.steps, adding to `totals` (the run's so far). A state not `restored` from a
+        checkpoint is evaluated first (a checkpoint's state was evaluated when it was saved)."""
         t, steps = self.cfg.train, compiled.steps
         cadence, tokens_per_step = Cadence.of(t), t.batch_size * t.seq_len
         window, wall_before = Window(), totals.wall_seconds
@@ -178,8 +188,10 @@ class Trainer:
         def totals_now() -> dict:  # what a checkpoint records: the run's totals up to this moment
             return totals.state(wall_seconds=wall_before + time.perf_counter() - loop_start)
 
-        if start == 0:
-            evaluate(0)
+        if not restored:
+            evaluate(start)
+        if self.init_only:  # the starting state is the run's first checkpoint
+            self._save(ckpt, writer, start, state, iterator, guard, totals_now(), force=True)
         pending = None  # (step, metrics, data_wait) of the step dispatched last, read one step late
         last_done, first = time.perf_counter(), True
 
@@ -217,7 +229,7 @@ class Trainer:
         step = start
         data_pos = iterator.get_state()["step"]  # stream position of the next batch
         self.signals.training = True  # from here a signal lets the step finish and saves
-        while step < t.steps and self.signals.received is None:
+        while step < t.steps and not self.init_only and self.signals.received is None:
             step += 1
             w0 = time.perf_counter()
             batch = self._global_batch(next(iterator)["tokens"], steps.batch_sharding)

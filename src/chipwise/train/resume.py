@@ -86,9 +86,20 @@ def restore_step(ckpt, step: int, cfg: Config, steps, abstract_state):
     return in_this_layout(ckpt.restore(step, _target(meta, cfg, abstract_state)), meta, cfg, steps), meta
 
 
+def fresh_state(cfg: Config, steps):
+    """The state at step 0: random weights, or those of train.init_from (pre-trained, Hugging Face Llama), and a
+    fresh optimizer state."""
+    if not cfg.train.init_from:
+        return steps.init()
+    from chipwise.hf import initial_params
+
+    return steps.init(initial_params(cfg, steps.state_shardings["params"]))  # no random weights drawn to discard
+
+
 def initial_state(cfg: Config, run_dir, prepared: data.PreparedData, steps, ckpt, abstract_state, resume: bool,
                   log: Callable[[str], None]):
-    """(state, start step, data iterator, guard, totals so far) to train from."""
+    """(state, start step, data iterator, guard, totals so far, whether the state is a checkpoint's) to train
+    from."""
     t = cfg.train
     iterator = data.make_train_iterator(prepared, t.seq_len, t.batch_size, t.seed, jax.process_index(),
                                         jax.process_count(), cfg.data.worker_threads)
@@ -117,13 +128,10 @@ def initial_state(cfg: Config, run_dir, prepared: data.PreparedData, steps, ckpt
                                 f"step 0 again")
         if resume:
             log(f"no checkpoint in {run_dir}; starting from step 0")
-        state = steps.init()
-        if t.init_from:  # pre-trained weights (Hugging Face Llama), a fresh optimizer state
-            from chipwise.hf import initial_params
-
-            state["params"] = initial_params(cfg, steps.state_shardings["params"])
+        state = fresh_state(cfg, steps)
+        if t.init_from:
             log(f"initialised from {t.init_from}")
-        return state, 0, iterator, Guard(), Totals()
+        return state, 0, iterator, Guard(), Totals(), False
     step, state, meta = found
     log(f"resumed from step {step}")
-    return state, step, iterator, Guard(**meta.get("guard", {})), Totals.from_state(meta.get("totals"))
+    return state, step, iterator, Guard(**meta.get("guard", {})), Totals.from_state(meta.get("totals")), True

@@ -95,7 +95,7 @@ def prepare_data_everywhere(cfg: Config, log: Callable[[str], None]) -> data.Pre
     return prepared
 
 
-def describe(s: RunSetup, cfg: Config, prepared: data.PreparedData, compile_s: float) -> dict:
+def describe(s: RunSetup, cfg: Config, prepared: data.PreparedData, compile_s: float | None) -> dict:
     """run_info.json: what exactly ran, and against which peak, price and power it is measured."""
     hw, m = s.hardware, cfg.model
     return {
@@ -121,6 +121,7 @@ def describe(s: RunSetup, cfg: Config, prepared: data.PreparedData, compile_s: f
 
 
 def header_lines(run_dir, info: dict) -> list[str]:
+    compiled = info["compile_time_s"]  # None: nothing to train, nothing compiled (chipwise import)
     return [f"[bold]chipwise[/bold] run {run_dir}",
             f"  devices   {info['devices']}, mesh {info['mesh']}, compute {info['compute_dtype']}, "
             f"attention {info['attention']}",
@@ -128,4 +129,4 @@ def header_lines(run_dir, info: dict) -> list[str]:
             f"{info['flops_per_token'] / 1e6:.1f} MFLOP per token ({info['flops_convention']})",
             f"  peak      {info['peak']}",
             f"  data      {info['data']}",
-            f"  compile   {info['compile_time_s']:.1f} s"]
+            f"  compile   {compiled:.1f} s" if compiled is not None else "  compile   no train step (none to run)"]

@@ -72,11 +72,13 @@ def make_init(m: ModelConfig, t: TrainConfig, tx=None, layout: StageLayout | Non
     tx = tx or make_optimizer(t)
     layout = layout or StageLayout.none(m.num_layers)
 
-    def init():
-        model = Transformer(m, nnx.Rngs(params=prng.key(t.seed)))  # the same weights whatever the layout
+    def init(params=None):
+        """`params`: trained weights (train.init_from) in the stored layer order, instead of random ones."""
+        if params is None:
+            model = Transformer(m, nnx.Rngs(params=prng.key(t.seed)))  # the same weights whatever the layout
+            params = map_stacked(nnx.to_pure_dict(nnx.state(model)), layout.to_slots)
         # Created in fp32 (model.py), stored in train.param_dtype.
-        params = jax.tree.map(lambda p: p.astype(t.param_dtype), nnx.to_pure_dict(nnx.state(model)))
-        params = map_stacked(params, layout.to_slots)
+        params = jax.tree.map(lambda p: p.astype(t.param_dtype), params)
         # The run's PRNG state, stored as raw key data (Orbax saves plain arrays). The model draws no random
         # numbers today (no dropout); the key still advances every step and is checkpointed, so anything
         # stochastic added to the step resumes exactly.
