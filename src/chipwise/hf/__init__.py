@@ -20,9 +20,8 @@ __all__ = ["HFFormatError", "check_model", "export_run", "init_overrides", "init
 
 
 def export_run(run_dir: str, out: str, max_shard_size: str = "5GB", overwrite: bool = False) -> list[str]:
-    """Write the run's latest checkpoint to `out` as a Hugging Face Llama checkpoint (fp32)."""
-    import jax
-
+    """Write the run's latest checkpoint to `out` as a Hugging Face Llama checkpoint (fp32). The params stay on
+    their device; write_checkpoint fetches them one tensor at a time."""
     from chipwise.hf.convert import hf_config
     from chipwise.run_dir import RunDir
 
@@ -34,7 +33,6 @@ def export_run(run_dir: str, out: str, max_shard_size: str = "5GB", overwrite: b
     out_dir = Path(out)
     prepare_out_dir(out_dir, overwrite, check_only=True)  # fail fast, and touch nothing before the weights load
     params, _ = run.latest_params(cfg)
-    params = jax.tree.map(lambda x: jax.device_get(x), params)
     prepare_out_dir(out_dir, overwrite)
     return write_checkpoint(out_dir, cfg.model, params, run.tokenizer_file, limit, run.read_tokenizer_meta())
 
@@ -68,14 +66,12 @@ def check_model(cfg) -> None:
 
 
 def initial_params(cfg, shardings) -> dict:
-    """The params of cfg.train.init_from, checked against cfg.model and placed with `shardings`."""
-    import jax
-
-    from chipwise.train.pipeline import map_stacked
+    """The params of cfg.train.init_from (fp32), checked against cfg.model and placed with `shardings`. Each process
+    reads only the windows its own devices hold, one tensor at a time (checkpoint.place_checkpoint), so this works on
+    many hosts and no host ever holds the whole model."""
+    from chipwise.hf.checkpoint import place_checkpoint
     from chipwise.train.step import stage_layout
 
     check_model(cfg)
-    _, params = read_checkpoint(Path(cfg.train.init_from), cfg.model.max_seq_len, cfg.model.scanned)
-    params = map_stacked(params, stage_layout(cfg).to_slots)  # a pipeline's slotted layer order (numpy)
-    # make_array_from_callback builds each process's shards from host memory, so this works on many hosts.
-    return jax.tree.map(lambda x, s: jax.make_array_from_callback(x.shape, s, lambda idx: x[idx]), params, shardings)
+    slots = stage_layout(cfg).slot_layers() if cfg.model.scanned else None  # a pipeline's slotted layer order
+    return place_checkpoint(Path(cfg.train.init_from), cfg.model, shardings, slots)

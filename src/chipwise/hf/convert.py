@@ -8,6 +8,8 @@ same frequencies theta^(-2i/head_dim).
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
 from chipwise.config import ModelConfig
@@ -123,6 +125,89 @@ def model_config(config: dict, max_seq_len: int | None = None) -> ModelConfig:
     )
 
 
+# Where each Hugging Face tensor sits in chipwise's params, so that both directions can move one tensor (or one
+# window of one) at a time. Layouts, chipwise's one-layer shape <-> HF's [out, in]:
+#   same       the same array
+#   transpose  [in, out] <-> [out, in]
+#   heads_out  [d, heads, head_dim] <-> [heads * head_dim, d]   (q, k, v projections)
+#   heads_in   [heads, head_dim, d] <-> [d, heads * head_dim]   (the output projection)
+LAYER_TENSORS = (  # (path within a layer, HF name after "model.layers.{i}.", layout)
+    (("attn_norm", "scale"), "input_layernorm.weight", "same"),
+    (("mlp_norm", "scale"), "post_attention_layernorm.weight", "same"),
+    (("attn", "wq"), "self_attn.q_proj.weight", "heads_out"),
+    (("attn", "wk"), "self_attn.k_proj.weight", "heads_out"),
+    (("attn", "wv"), "self_attn.v_proj.weight", "heads_out"),
+    (("attn", "wo"), "self_attn.o_proj.weight", "heads_in"),
+    (("mlp", "w_gate"), "mlp.gate_proj.weight", "transpose"),
+    (("mlp", "w_up"), "mlp.up_proj.weight", "transpose"),
+    (("mlp", "w_down"), "mlp.down_proj.weight", "transpose"),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class HFTensor:
+    """One Hugging Face tensor and its place in chipwise's pure param dict: the leaf at `path` (unrolled layers:
+    ("blocks", i, ...)), or, for a scanned model's stacked layers, entry `layer` of that leaf's leading axis.
+    `shape` is chipwise's shape of it (one layer's)."""
+    name: str
+    path: tuple
+    layer: int | None
+    layout: str
+    shape: tuple[int, ...]
+
+    @property
+    def hf_shape(self) -> tuple[int, ...]:
+        s = self.shape
+        if self.layout == "heads_out":
+            return (s[1] * s[2], s[0])
+        if self.layout == "heads_in":
+            return (s[2], s[0] * s[1])
+        return s[::-1] if self.layout == "transpose" else s
+
+
+def hf_tensors(m: ModelConfig) -> list[HFTensor]:
+    """Every tensor of the HF checkpoint of `m`, in to_hf_tensors' order."""
+    d, f, h, kv, hd, v = m.d_model, m.d_ff, m.num_heads, m.num_kv_heads, m.head_dim, m.vocab_size
+    shapes = {("attn_norm", "scale"): (d,), ("mlp_norm", "scale"): (d,), ("attn", "wq"): (d, h, hd),
+              ("attn", "wk"): (d, kv, hd), ("attn", "wv"): (d, kv, hd), ("attn", "wo"): (h, hd, d),
+              ("mlp", "w_gate"): (d, f), ("mlp", "w_up"): (d, f), ("mlp", "w_down"): (f, d)}
+    out = [HFTensor("model.embed_tokens.weight", ("embed",), None, "same", (v, d)),
+           HFTensor("model.norm.weight", ("final_norm", "scale"), None, "same", (d,))]
+    for i in range(m.num_layers):
+        for path, suffix, layout in LAYER_TENSORS:
+            where, layer = (("blocks", *path), i) if m.scanned else (("blocks", i, *path), None)
+            out.append(HFTensor(f"model.layers.{i}.{suffix}", where, layer, layout, shapes[path]))
+    if not m.tie_embeddings:
+        out.append(HFTensor("lm_head.weight", ("lm_head",), None, "transpose", (d, v)))
+    return out
+
+
+def to_hf_layout(t: HFTensor, x: np.ndarray) -> np.ndarray:
+    """One chipwise tensor (one layer's) in HF's layout: a view where numpy can make one."""
+    if t.layout == "same":
+        return x
+    if t.layout == "transpose":
+        return x.T
+    return x.reshape(t.hf_shape[::-1]).T  # heads_out: [d, n * hd].T; heads_in: [n * hd, d].T
+
+
+def hf_window(t: HFTensor, window: tuple[tuple[int, int], ...]):
+    """(the window of HF's tensor holding chipwise's `window` of `t`, and the function that turns that HF block into
+    chipwise's block). Windows are (start, stop) per dimension. The HF window is exactly what is asked, except that a
+    window within a head's head_dim reads whole heads (head_dim is never sharded in chipwise's rules)."""
+    if t.layout == "same":
+        return window, lambda x: x
+    if t.layout == "transpose":
+        return window[::-1], lambda x: x.T
+    hd = t.shape[1] if t.layout == "heads_in" else t.shape[2]
+    if t.layout == "heads_out":  # [d, n, hd] from [n * hd, d]
+        (d0, d1), (n0, n1), (h0, h1) = window
+        return ((n0 * hd, n1 * hd), (d0, d1)), \
+            lambda x: x.reshape(n1 - n0, hd, d1 - d0).transpose(2, 0, 1)[:, :, h0:h1]
+    (n0, n1), (h0, h1), (d0, d1) = window  # heads_in: [n, hd, d] from [d, n * hd]
+    return ((d0, d1), (n0 * hd, n1 * hd)), lambda x: x.reshape(d1 - d0, n1 - n0, hd).transpose(1, 2, 0)[:, h0:h1]
+
+
 def to_hf_tensors(params: dict, m: ModelConfig) -> dict[str, np.ndarray]:
     """chipwise params (the pure dict of the NNX model) -> HF tensor names and [out, in] layouts."""
     d, h, kv, hd = m.d_model, m.num_heads, m.num_kv_heads, m.head_dim
@@ -145,18 +230,7 @@ def to_hf_tensors(params: dict, m: ModelConfig) -> dict[str, np.ndarray]:
 
 
 def expected_shapes(m: ModelConfig) -> dict[str, tuple[int, ...]]:
-    d, f, h, kv, hd, v = m.d_model, m.d_ff, m.num_heads, m.num_kv_heads, m.head_dim, m.vocab_size
-    shapes = {"model.embed_tokens.weight": (v, d), "model.norm.weight": (d,)}
-    for i in range(m.num_layers):
-        p = f"model.layers.{i}."
-        shapes |= {p + "input_layernorm.weight": (d,), p + "post_attention_layernorm.weight": (d,),
-                   p + "self_attn.q_proj.weight": (h * hd, d), p + "self_attn.k_proj.weight": (kv * hd, d),
-                   p + "self_attn.v_proj.weight": (kv * hd, d), p + "self_attn.o_proj.weight": (d, h * hd),
-                   p + "mlp.gate_proj.weight": (f, d), p + "mlp.up_proj.weight": (f, d),
-                   p + "mlp.down_proj.weight": (d, f)}
-    if not m.tie_embeddings:
-        shapes["lm_head.weight"] = (v, d)
-    return shapes
+    return {t.name: t.hf_shape for t in hf_tensors(m)}
 
 
 def check_tensors(tensors: dict[str, tuple[int, ...]], m: ModelConfig) -> None:
