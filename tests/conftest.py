@@ -176,3 +176,20 @@ def pytest_terminal_summary(terminalreporter):
         terminalreporter.write_sep("=", f"slowest modules (of {sum(_module_seconds.values()):.0f} s in all)")
         for module, seconds in top:
             terminalreporter.write_line(f"{seconds:8.1f}s {module}")
+
+
+def run_and_export_logits(run, exported, ids: list[int]):
+    """(chipwise's logits from the run's latest checkpoint, transformers' from its export) for one sequence of ids,
+    both fp32 numpy [1, len(ids), vocab]."""
+    import numpy as np
+    import torch
+    import transformers
+    from flax import nnx
+
+    from chipwise.run_dir import RunDir
+
+    params, graphdef = RunDir(run).latest_params(RunDir(run).read_config())
+    ours = np.asarray(nnx.merge(graphdef, params)(np.asarray([ids], np.int32)))
+    model = transformers.AutoModelForCausalLM.from_pretrained(exported, dtype=torch.float32)
+    with torch.no_grad():
+        return ours, model(torch.tensor([ids])).logits.numpy()

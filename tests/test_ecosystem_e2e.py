@@ -17,7 +17,7 @@ from chipwise.cli import main
 from chipwise.hf import read_checkpoint
 from chipwise.provenance import git_commit
 from chipwise.run_dir import RunDir
-from conftest import require, unavailable
+from conftest import require, run_and_export_logits, unavailable
 
 # One worker trains the shared run once (module fixture) instead of each xdist worker training its own.
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("ecosystem_run")]
@@ -63,7 +63,7 @@ def records(run: Path) -> list[dict]:
 
 
 def test_export_loads_in_transformers_with_the_same_logits_and_tokens(trained, exported):
-    torch = require("torch")
+    require("torch")
     transformers = require("transformers")
     _, _, run = trained
     shards = sorted(p.name for p in exported.glob("model-*.safetensors"))
@@ -76,14 +76,7 @@ def test_export_loads_in_transformers_with_the_same_logits_and_tokens(trained, e
     hf_tok = transformers.AutoTokenizer.from_pretrained(exported)
     assert hf_tok.encode(text) == ids and hf_tok.decode(ids) == text
 
-    cfg = RunDir(run).read_config()
-    params, graphdef = RunDir(run).latest_params(cfg)
-    from flax import nnx
-
-    ours = np.asarray(nnx.merge(graphdef, params)(np.asarray([ids], np.int32)))
-    model = transformers.AutoModelForCausalLM.from_pretrained(exported, torch_dtype=torch.float32)
-    with torch.no_grad():
-        theirs = model(torch.tensor([ids])).logits.numpy()
+    ours, theirs = run_and_export_logits(run, exported, ids)
     assert np.abs(theirs - ours).max() / np.abs(ours).max() < 1e-4
 
 

@@ -22,7 +22,7 @@ from chipwise.hf import read_checkpoint
 from chipwise.hf.checkpoint import write_checkpoint
 from chipwise.model import Transformer
 from chipwise.run_dir import RunDir
-from conftest import one_line_error, require, set_args
+from conftest import one_line_error, require, run_and_export_logits, set_args
 
 pytestmark = pytest.mark.slow
 
@@ -178,8 +178,8 @@ def chipwise_on_one_device(*args: str) -> str:
 
 @pytest.mark.xdist_group("gguf")  # with test_gguf.py: one download, and one 135M model on the cores at a time
 def test_continued_pretraining_of_smollm2_lowers_its_validation_loss(gguf_path, tmp_path):
-    torch = require("torch")
-    transformers = require("transformers")
+    require("torch")
+    require("transformers")
     run, hf, took = tmp_path / "run", tmp_path / "hf", {}
 
     t0 = time.perf_counter()
@@ -201,11 +201,6 @@ def test_continued_pretraining_of_smollm2_lowers_its_validation_loss(gguf_path, 
     chipwise_on_one_device("export", "--run", str(run), "--out", str(hf))
     took["export"] = time.perf_counter() - t0
     ids = Tokenizer.from_file(str(run / "tokenizer.json")).encode("def fibonacci(n):\n    return").ids
-    cfg = RunDir(run).read_config()
-    params, graphdef = RunDir(run).latest_params(cfg)
-    ours = np.asarray(nnx.merge(graphdef, params)(np.asarray([ids], np.int32)))
-    model = transformers.AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32)
-    with torch.no_grad():
-        theirs = model(torch.tensor([ids])).logits.numpy()
+    ours, theirs = run_and_export_logits(run, hf, ids)
     assert np.abs(theirs - ours).max() < 1e-3
     print(f"validation loss {before:.4f} -> {after:.4f}; seconds: {took}")

@@ -55,8 +55,8 @@ def settings(run_dir, corpus, *extra):
 def only_one_worker(marker: Path):
     """Run the body once per test session, whichever xdist worker gets here first; the others wait for it.
 
-    (The `xdist_group` mark cannot keep these tests on one worker: pytest-xdist's loadgroup does not work with
-    pytest 9, which keeps node ids in `_id`.)"""
+    (`make test` hands each module to one worker, `--dist loadfile`; this keeps the module right under any other
+    distribution too, e.g. `-n 2` alone.)"""
     marker.parent.mkdir(parents=True, exist_ok=True)
     with open(marker.with_name(marker.name + ".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
