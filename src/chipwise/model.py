@@ -156,7 +156,10 @@ def _read_rows(cache, at: SlotPositions):
     if at.rows is None:
         return cache[:, : at.visible]
     size = (1, at.visible, *cache.shape[2:])
-    return jax.vmap(lambda r: jax.lax.dynamic_slice(cache, (r,) + (0,) * (cache.ndim - 1), size)[0])(at.rows)
+    zeros = (0,) * (cache.ndim - 1)
+    if len(at.rows) == 1:  # a prefill, or a lone request's decode: one slice; a gather of one row ran 20% slower
+        return jax.lax.dynamic_slice(cache, (at.rows[0], *zeros), size)
+    return jax.vmap(lambda r: jax.lax.dynamic_slice(cache, (r, *zeros), size)[0])(at.rows)
 
 
 class MLP(nnx.Module):

@@ -334,10 +334,8 @@ def _prefill(graphdef, params, head, cache, slot, tokens, start, last, temperatu
     rows in place; and the token the logits after position start + `last` pick."""
     model = nnx.merge(graphdef, params)
     positions = start + jnp.arange(tokens.shape[1], dtype=jnp.int32)[None]
-    # A one-slot cache is the batch's own row: the plain per-row path (a gather of a single row ran slower).
-    rows = None if jax.tree.leaves(cache)[0].shape[-4] == 1 else slot[None]
     x, cache = model.hidden(tokens, dtype=dtype, positions=positions, caches=cache,
-                            cache_start=SlotPositions(start[None], visible, rows))
+                            cache_start=SlotPositions(start[None], visible, slot[None]))
     logits = matmul(x[0, last][None], head, dtype, out_dtype=jnp.float32)
     return cache, _pick(logits, temperature, top_k, top_p, seeds, counters, sampled)
 
