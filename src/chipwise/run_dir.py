@@ -11,21 +11,26 @@
     RUN_DIR/.chipwise-lock     the run that owns the directory now (run_lock.py)
 
 Trainer, sampler, exporter and report ask `RunDir` for these; none of them joins a path itself. Every path goes
-through `RunDir._path`, so that run directories in object storage (gs://, s3://) change this module only.
+through `RunDir._path`. A run directory may be a bucket URI (gs://, s3://; storage.py): its files are objects,
+replaced whole. Records that grow (metrics.jsonl, tensorboard/) are written to a local copy and uploaded whole
+(`sync_records`: at every checkpoint and at the end), since an object cannot be appended to; a resumed run starts
+from the bucket's copy. Readers (sampling, export) get a local copy of the tokenizer.
 """
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable
 
 import yaml
 
-from chipwise import __version__
+from chipwise import __version__, storage
 from chipwise.config import Config, from_dict, to_dict
 from chipwise.data.cache import atomic_path
 from chipwise.distributed import barrier, is_leader
@@ -50,8 +55,10 @@ OWN_ENTRIES = {CONFIG_FILE, TOKENIZER_FILE, TOKENIZER_META_FILE, METRICS_FILE, R
 
 class RunDir:
     def __init__(self, location: str | Path):
-        self.location = Path(location)
+        self.remote = storage.is_remote(location)
+        self.location = storage.path(location)
         self.lock = RunLock(self._path(LOCK_FILE), str(self.location))
+        self._local: Path | None = None  # a remote run's local copies (records being written, the tokenizer)
 
     def __str__(self) -> str:
         return str(self.location)
@@ -59,26 +66,47 @@ class RunDir:
     def _path(self, name: str) -> Path:
         return self.location / name
 
+    def _local_copy(self, name: str) -> Path:
+        """Where this process keeps its local copy of a remote run's `name`."""
+        if self._local is None:
+            self._local = Path(tempfile.mkdtemp(prefix="chipwise-run-"))
+            atexit.register(shutil.rmtree, self._local, True)
+        return self._local / name
+
+    def _replace(self, name: str, text: str) -> None:
+        """Write RUN_DIR/name whole: on a disk by one rename (never left half-written); an object is one PUT."""
+        if self.remote:
+            self._path(name).write_text(text)
+            return
+        with atomic_path(self._path(name)) as tmp:
+            tmp.write_text(text)
+
     # ---- what is there ------------------------------------------------------------------------------------
     def is_run(self) -> bool:
         return self._path(CONFIG_FILE).is_file()
 
     def require_run(self) -> "RunDir":
         if not self.is_run():
+            if self.remote:
+                storage.check_bucket(self.location)  # say so if it is the bucket that is missing or closed
             raise ChipwiseError(f"{self} is not a chipwise run directory (no {CONFIG_FILE})")
         return self
 
     @property
     def name(self) -> str:
-        return self.location.resolve().name
+        return self.location.name if self.remote else self.location.resolve().name
 
     def same_as(self, other: "RunDir") -> bool:
+        if self.remote or other.remote:
+            return str(self) == str(other)
         return self.location.resolve() == other.location.resolve()
 
     # ---- starting a run -----------------------------------------------------------------------------------
     def check_prepare(self, resume: bool, overwrite: bool) -> None:
         """Refuse what `prepare` would refuse, changing nothing (so a run that fails its other checks later
         leaves no trace)."""
+        if self.remote:
+            storage.check_bucket(self.location)  # a missing bucket or missing credentials: one line, now
         if self.location.exists() and not self.location.is_dir():
             raise ChipwiseError(f"run_dir {self} is a file, not a directory; choose another run_dir")
         if resume:
@@ -94,7 +122,7 @@ class RunDir:
                                     f"--overwrite to replace it, or choose another run_dir")
             self._check_own()
             self._check_writable(self.location)
-        else:
+        elif not self.remote:
             self._check_writable(next(p for p in [self.location, *self.location.parents] if p.exists()))
 
     def _check_own(self) -> None:
@@ -115,6 +143,8 @@ class RunDir:
                                     f"{CONFIG_FILE} is not a chipwise config; choose another run_dir") from None
 
     def _check_writable(self, directory: Path) -> None:
+        if self.remote:  # a bucket's permissions are known only by writing: prepare() says so in one line
+            return
         if not os.access(directory, os.W_OK | os.X_OK):
             raise ChipwiseError(f"cannot write to {directory} (permission denied); choose a writable run_dir")
 
@@ -130,12 +160,14 @@ class RunDir:
                 if not resume:
                     for entry in self.location.iterdir():
                         if entry.name in OWN_ENTRIES - {LOCK_FILE, LOCK_FILE + ".takeover"}:
-                            shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+                            storage.remove_tree(entry)
                 if not self._path(MARKER_FILE).is_file():
                     self._path(MARKER_FILE).write_text(json.dumps({"chipwise": __version__,
                                                                    "created": time.time()}) + "\n")
             except OSError as e:
                 self.lock.release()
+                if self.remote:
+                    raise storage.bucket_error(e, self.location, "preparing the run directory") from None
                 raise ChipwiseError(f"cannot prepare run directory {self}: {e.strerror or e}; choose a writable "
                                     f"run_dir with free space") from None
         barrier("run-dir-ready")
@@ -176,17 +208,24 @@ class RunDir:
         return values
 
     def write_config(self, cfg: Config) -> None:
-        if is_leader():  # one process writes the run's files; replaced in one rename, never left half-written
-            with atomic_path(self._path(CONFIG_FILE)) as tmp:
-                tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        if is_leader():  # one process writes the run's files, each replaced whole
+            self._replace(CONFIG_FILE, yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
     @property
     def tokenizer_file(self) -> Path:
-        return self._path(TOKENIZER_FILE)
+        """The run's tokenizer.json as a local file (a remote run's is copied here first)."""
+        if not self.remote:
+            return self._path(TOKENIZER_FILE)
+        local = self._local_copy(TOKENIZER_FILE)
+        if not local.is_file() and self._path(TOKENIZER_FILE).is_file():
+            storage.download(self._path(TOKENIZER_FILE), local)
+        return local
 
     def write_tokenizer(self, tokenizer) -> None:
         if is_leader():
-            tokenizer.save(str(self.tokenizer_file))
+            self._replace(TOKENIZER_FILE, tokenizer.to_str(pretty=True))  # as Tokenizer.save writes it
+            if self.remote:
+                storage.remove_tree(self._local_copy(TOKENIZER_FILE))  # readers copy the new one
 
     def write_tokenizer_meta(self, meta: dict) -> None:
         self._write_json(TOKENIZER_META_FILE, meta)
@@ -206,15 +245,30 @@ class RunDir:
     # ---- records ------------------------------------------------------------------------------------------
     @property
     def metrics_file(self) -> Path:
-        return self._path(METRICS_FILE)
+        """Where records are appended (a remote run's local copy, uploaded by `sync_records`)."""
+        return self._local_copy(METRICS_FILE) if self.remote else self._path(METRICS_FILE)
 
     @property
     def tensorboard_dir(self) -> Path:
-        return self._path(TENSORBOARD_DIR)
+        return self._local_copy(TENSORBOARD_DIR) if self.remote else self._path(TENSORBOARD_DIR)
+
+    def sync_records(self) -> None:
+        """Upload a remote run's records (metrics.jsonl, tensorboard/) whole; a no-op for a local run."""
+        if self.remote and is_leader():
+            storage.upload(self.metrics_file, self._path(METRICS_FILE))
+            storage.upload(self.tensorboard_dir, self._path(TENSORBOARD_DIR))
 
     def repair_metrics(self) -> None:
-        """Cut a half-written last line (a run killed mid-write) before more records are appended to it."""
-        if not is_leader() or not self.metrics_file.is_file():
+        """Cut a half-written last line (a run killed mid-write) before more records are appended to it. A remote
+        run's records are first copied from the bucket: appending continues from what the bucket holds."""
+        if not is_leader():
+            return
+        if self.remote:
+            storage.remove_tree(self.metrics_file)
+            storage.remove_tree(self.tensorboard_dir)
+            storage.download(self._path(METRICS_FILE), self.metrics_file)
+            storage.download(self._path(TENSORBOARD_DIR), self.tensorboard_dir)
+        if not self.metrics_file.is_file():
             return
         with open(self.metrics_file, "rb+") as f:
             data = f.read()
@@ -223,10 +277,11 @@ class RunDir:
 
     def read_metrics(self) -> list[dict]:
         """Every complete record of metrics.jsonl, in order."""
-        if not self.metrics_file.is_file():
+        stored = self._path(METRICS_FILE)
+        if not stored.is_file():
             raise ChipwiseError(f"{self} has no {METRICS_FILE} yet; report on a run that has started training")
         records = []
-        for line in self.metrics_file.read_text().splitlines():
+        for line in stored.read_text().splitlines():
             try:
                 record = json.loads(line)
             except json.JSONDecodeError:
@@ -253,8 +308,7 @@ class RunDir:
         if not is_leader():
             return
         try:
-            with atomic_path(self._path(name)) as tmp:
-                tmp.write_text(json.dumps(value, indent=2))
+            self._replace(name, json.dumps(value, indent=2))
         except OSError as e:
             log(f"could not write {self._path(name)} ({e.strerror or e}); the previous copy, if any, is kept")
 

@@ -7,9 +7,9 @@ taken over, when
   * its owner ran on this host and that process no longer exists (a SIGKILLed run restarted here: at once), or
   * its heartbeat is older than STALE_S (an owner on another host that died: after STALE_S).
 Taking over a stale lock is itself guarded by a second O_EXCL file (`<lock>.takeover`), so of two processes
-that find the same stale lock only one removes it; the other then finds the winner's fresh lock. Object stores
-(gs://, s3://) would use a conditional create (if-generation-match /
-If-None-Match) in the same place; this module is the only one that knows how the lock is held.
+that find the same stale lock only one removes it; the other then finds the winner's fresh lock. In a bucket
+(gs://, s3://) the exclusive create is a conditional PUT (If-None-Match / if-generation-match) and the heartbeat
+rewrites the object (storage.py); this module is the only one that knows how the lock is held.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import threading
 import time
 from pathlib import Path
 
+from chipwise import storage
 from chipwise.errors import ChipwiseError
 
 HEARTBEAT_S = 10.0
@@ -48,7 +49,7 @@ def _alive(pid: int, start: str | None) -> bool:
 
 class RunLock:
     def __init__(self, path: Path, what: str):
-        self.path = Path(path)
+        self.path = path if storage.is_remote(path) else Path(path)
         self.what = what  # the run directory, for messages
         self.owner = {"host": socket.gethostname(), "pid": os.getpid(), "start": _process_start(os.getpid())}
         self._stop = threading.Event()
@@ -59,7 +60,7 @@ class RunLock:
         """The live owner of the lock, or None if it is free or stale."""
         try:
             owner = json.loads(self.path.read_text())
-            age = time.time() - self.path.stat().st_mtime
+            age = time.time() - storage.modified(self.path)
         except FileNotFoundError:
             return None
         except (OSError, ValueError):  # unreadable or half-written: judge it by its age alone
@@ -77,7 +78,7 @@ class RunLock:
 
     def _mtime_or_now(self) -> float:
         try:
-            return self.path.stat().st_mtime
+            return storage.modified(self.path)
         except OSError:
             return time.time()
 
@@ -97,12 +98,8 @@ class RunLock:
             self.check_free()
             if self.path.exists():
                 self._take_over_stale()
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
+            if not storage.create_exclusive(self.path, json.dumps(self.owner | {"since": time.time()}).encode()):
                 continue  # someone was quicker: judge their lock
-            with os.fdopen(fd, "w") as f:
-                json.dump(self.owner | {"since": time.time()}, f)
             self._start_heartbeat()
             return
         self.check_free()
@@ -111,17 +108,14 @@ class RunLock:
     def _take_over_stale(self) -> None:
         guard = self.path.with_name(self.path.name + ".takeover")
         try:
-            if time.time() - guard.stat().st_mtime > STALE_S:  # left by a process that died taking over
+            if time.time() - storage.modified(guard) > STALE_S:  # left by a process that died taking over
                 guard.unlink(missing_ok=True)
         except FileNotFoundError:
             pass
-        try:
-            fd = os.open(guard, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
+        if not storage.create_exclusive(guard, b""):
             time.sleep(0.2)  # another process is taking over: let it finish, then judge its lock
             return
         try:
-            os.close(fd)
             if self.holder() is None:  # still stale now that we alone may remove it
                 self.path.unlink(missing_ok=True)
         finally:
@@ -131,7 +125,7 @@ class RunLock:
         def beat():
             while not self._stop.wait(HEARTBEAT_S):
                 try:
-                    os.utime(self.path)
+                    storage.touch(self.path)
                 except OSError:  # a full or flaky disk must not kill the run; the next beat retries
                     pass
 

@@ -20,6 +20,9 @@ fill the disk); training goes on. Retention never deletes a checkpoint before it
 decides what to delete when a save starts but deletes only after that save's rename succeeded, which
 tests/test_full_disk.py checks with keep_checkpoints=1. Restores read straight into the run's current
 shardings, so the mesh and the device count may change between save and restore.
+
+In a bucket (storage.py) a directory cannot be renamed atomically: Orbax writes the step in place and publishes it
+with a commit_success.txt file (as it does on gs://), and a step without one is a save that did not complete.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
+from chipwise import storage
 from chipwise.distributed import barrier
 from chipwise.errors import ChipwiseError
 from chipwise.train import integrity
@@ -72,7 +76,9 @@ def _mtimes(root: Path, files: dict[str, str]) -> dict[str, tuple[int, int]]:
 
 class Checkpoints:
     def __init__(self, directory: Path, keep: int, keep_every: int = 0, log: Callable[[str], None] = print):
-        self.directory = Path(directory).absolute()
+        self.remote = storage.is_remote(directory)
+        self.directory = directory if self.remote else Path(directory).absolute()
+        storage.orbax_for(directory)
         self.aside = self.directory.with_name(self.directory.name + "_set_aside")
         self.log = log
         self.failures: list[tuple[int, str]] = []  # (step, reason) of every save that did not complete
@@ -174,11 +180,19 @@ class Checkpoints:
         if jax.process_index() != 0:
             return
         for step in sorted(self._leftovers):
-            for path in self.directory.glob(f"{step}{TMP_SUFFIX}*"):
-                _wait_until_still(path)
-                shutil.rmtree(path, ignore_errors=True)
+            for path in self._unfinished(step):
+                if not self.remote:
+                    _wait_until_still(path)
+                storage.remove_tree(path) if self.remote else shutil.rmtree(path, ignore_errors=True)
                 if path.exists():
                     self.log(f"could not remove {path} yet (the failed save at step {step}); retrying later")
+
+    def _unfinished(self, step: int) -> list:
+        """The directories of a save of `step` that did not complete."""
+        if self.remote:  # written in place: unfinished while it has no commit file
+            path = self.directory / str(step)
+            return [path] if path.exists() and not (path / "commit_success.txt").exists() else []
+        return list(self.directory.glob(f"{step}{TMP_SUFFIX}*"))
 
     def _in_progress(self, step: int) -> Path:
         candidates = sorted(self.directory.glob(f"{step}{TMP_SUFFIX}*")) or [self.directory / str(step)]
@@ -200,7 +214,7 @@ class Checkpoints:
         try:
             step_dir = self._in_progress(step)
             files = integrity.item_files(step_dir, me, explicit=True)  # {name once published: path now}
-            stamps = _mtimes(step_dir, files)
+            stamps = {} if self.remote else _mtimes(step_dir, files)
             digests = integrity.digest_files(step_dir, files)
             if me == 0:
                 self._own = (step, digests, stamps)  # the shared files are still to come: written at the finalize
@@ -218,7 +232,7 @@ class Checkpoints:
         step_dir, processes = self._in_progress(step), jax.process_count()
         try:
             names = integrity.item_files(step_dir, 0)  # the items are renamed: names and paths agree now
-            if self._own[0] == step:  # hashed before the finalize; reused where the file has not changed since
+            if self._own[0] == step and not self.remote:  # hashed before the finalize; reused where unchanged since
                 now = _mtimes(step_dir, {n: p for n, p in names.items() if n in self._own[1]})
                 cached = {n: d for n, d in self._own[1].items() if n in now and now[n] == self._own[2].get(n)}
             else:
@@ -304,7 +318,7 @@ class Checkpoints:
             target = self.aside / f"{step}-{reason}-{n}"
         if jax.process_index() == 0:
             self.aside.mkdir(parents=True, exist_ok=True)
-            shutil.move(str(self.directory / str(step)), str(target))
+            storage.move_tree(self.directory / str(step), target)
         barrier(f"chipwise-set-aside-{step}-done")
         self.manager.reload()
         return target

@@ -14,6 +14,11 @@ the chunks' digests), so that one large file (OCDBT packs many arrays into few f
 threads at once. A fast non-cryptographic hash is enough to find damage (truncation, flipped bits, lost files),
 which is all this is for; it is not a defence against tampering.
 
+In a bucket (gs://, s3://) nothing is read back: the store keeps its own checksum of every object (S3's ETag,
+GCS's crc32c), which a listing returns, so the manifests record each object's size and that checksum
+(`"hash": "object"`), and a restore lists the step and compares. An object truncated, replaced or lost is found at
+the cost of a listing, however large the checkpoint.
+
 Checkpoints written before this scheme hold a single `chipwise_checksums.json` with the sha256 of every file; they
 are still checked (by sha256). A restore by Q processes splits the manifests between them (process q checks
 manifests q, q+Q, ...: with as many processes as saved it, each checks what it wrote), and the verdicts are then
@@ -33,10 +38,12 @@ from pathlib import Path
 import numpy as np
 import xxhash
 
+from chipwise import storage
 from chipwise.data.cache import atomic_path
 
 MANIFEST = "chipwise_checksums.json"
 HASH = "xxh3_128"
+OBJECT_HASH = "object"  # a bucket's own per-object checksum (S3 ETag, GCS crc32c), read from a listing
 FORMAT = 2
 CHUNK = 64 << 20  # bytes per hashed piece: the unit of parallel work
 BLOCK = 8 << 20  # bytes per read
@@ -81,8 +88,7 @@ def item_files(step_dir: Path, process: int | None = None, explicit: bool = Fals
     Orbax rewrites its own step-level files (_CHECKPOINT_METADATA, commit_success.txt) as it publishes the step,
     after the checksums: left out. Other processes' subtrees are not walked (they may still be being written)."""
     found = {}
-    for root, dirs, files in os.walk(step_dir):
-        rel = Path(root).relative_to(step_dir).as_posix()
+    for rel, dirs, files in _walk(step_dir):
         if rel == ".":
             continue
         if process is not None:
@@ -93,6 +99,32 @@ def item_files(step_dir: Path, process: int | None = None, explicit: bool = Fals
             if process is None or named == process or (named is None and process == 0 and not explicit):
                 found[published(path)] = path
     return dict(sorted(found.items()))
+
+
+def _walk(step_dir):
+    """os.walk over `step_dir` (a local directory or a bucket's prefix), each directory relative to it."""
+    if not storage.is_remote(step_dir):
+        for root, dirs, files in os.walk(step_dir):
+            yield Path(root).relative_to(step_dir).as_posix(), dirs, files
+        return
+    fs, where = storage.filesystem(step_dir)
+    fs.invalidate_cache(where)
+    for root, dirs, files in fs.walk(where):
+        yield root[len(where):].strip("/") or ".", dirs, files
+
+
+def _object_digests(root, files: dict[str, str]) -> dict[str, list]:
+    """{name: [size, the store's checksum]} of objects under `root`, from one listing."""
+    fs, where = storage.filesystem(root)
+    fs.invalidate_cache(where)
+    listed = fs.find(where, detail=True)
+    out = {}
+    for name, rel in files.items():
+        info = listed.get(f"{where}/{rel}")
+        if info is None:
+            raise FileNotFoundError(f"{rel} is missing")
+        out[name] = [int(info["size"]), str(info.get("ETag") or info.get("crc32c") or info.get("md5Hash"))]
+    return out
 
 
 def _workers() -> int:
@@ -123,6 +155,8 @@ def digest_files(root: Path, files: dict[str, str] | list[str]) -> dict[str, lis
     """{name: [size, xxh3_128 hex]} of files under `root` (a list of paths relative to it, or {name: path}),
     hashed in 64 MiB pieces by a thread pool."""
     files = files if isinstance(files, dict) else {name: name for name in files}
+    if storage.is_remote(root):
+        return _object_digests(root, files)
     sizes = {name: (root / path).stat().st_size for name, path in files.items()}
     pieces = [(name, start) for name in files for start in range(0, max(sizes[name], 1), CHUNK)]
     with ThreadPoolExecutor(_workers()) as pool:
@@ -148,17 +182,29 @@ def write_manifest(step_dir: Path, process: int, files: dict[str, list], process
                    hashed_by: int | None = None) -> None:
     """`files` of `process` (digest_files); process 0's manifest also gives the number of saving `processes`.
     `hashed_by`: the process that hashed them, where another process stood in (a note for whoever looks)."""
-    record = {"format": FORMAT, "hash": HASH, "chunk_bytes": CHUNK, "process": process,
+    kind = OBJECT_HASH if storage.is_remote(step_dir) else HASH
+    record = {"format": FORMAT, "hash": kind, "chunk_bytes": CHUNK, "process": process,
               "hashed_by": process if hashed_by is None else hashed_by}
     if processes is not None:
         record["processes"] = processes
+    text = json.dumps({**record, "files": files}, indent=0, sort_keys=True)
+    if storage.is_remote(step_dir):  # one PUT: whole or absent
+        (step_dir / manifest_name(process)).write_text(text)
+        return
     with atomic_path(step_dir / manifest_name(process)) as tmp:
-        tmp.write_text(json.dumps({**record, "files": files}, indent=0, sort_keys=True))
+        tmp.write_text(text)
 
 
 def _compare(step_dir: Path, recorded: dict, kind: str) -> str | None:
     """The first file (in name order) that is missing or differs from its record, as a message; None if none."""
     names = sorted(recorded)
+    if kind == OBJECT_HASH:
+        try:
+            actual = _object_digests(step_dir, {n: n for n in names})
+        except FileNotFoundError as e:
+            return str(e)
+        return next((f"{n} does not match its checksum ({actual[n][0]:,} bytes, {recorded[n][0]:,} when saved)"
+                     for n in names if actual[n] != list(recorded[n])), None)
     for name in names:
         try:
             size = (step_dir / name).stat().st_size
@@ -184,9 +230,9 @@ def verify_part(step_dir: Path, index: int, count: int) -> str | None:
         if "sha256" in top:  # written by an older chipwise: one manifest, sha256 of every file
             kind, parts = "sha256", [{n: d for n, d in top["sha256"].items() if owner(n) % count == index}]
         else:
-            if top.get("hash") != HASH:
+            if top.get("hash") not in (HASH, OBJECT_HASH):
                 return f"{MANIFEST} uses an unknown checksum {top.get('hash')!r}"
-            kind, parts = HASH, []
+            kind, parts = top["hash"], []
             for process in range(index, int(top["processes"]), count):
                 if process == 0:
                     parts.append(top["files"])

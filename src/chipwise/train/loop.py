@@ -128,6 +128,8 @@ class Trainer:
     def _save(self, ckpt, writer, step, state, iterator, guard, totals: dict, force=False) -> None:
         known = len(ckpt.failures)
         ckpt.save(step, state, checkpoint_meta(self.cfg, step, iterator, self.data, guard, totals), force=force)
+        if self.run_dir.remote:  # a bucket's records are uploaded whole: with each checkpoint, at the latest
+            writer.sync()
         for failed, reason in ckpt.failures[known:]:  # this save, or the previous one finishing badly
             writer.write({"step": failed, "event": "checkpoint_failed", "reason": reason})
 

@@ -132,6 +132,9 @@ def _names(outputs: list[Output]) -> str:
     return " and ".join(o.label for o in outputs)
 
 
+SYNC_S = 30.0  # a run directory in a bucket: how often the records written locally are uploaded (run_dir.py)
+
+
 class MetricsWriter:
     def __init__(self, run_dir: RunDir, console: Console, total_steps: int, start_step: int):
         # Named as tensorboardX names its files (a resumed run adds a file; TensorBoard reads them all); the pid
@@ -141,6 +144,7 @@ class MetricsWriter:
         self.tb = Output("TensorBoard events", Path(run_dir.tensorboard_dir) / name,
                          header=tfrecord(Event(wall_time=time.time(), file_version="brain.Event:2")))
         self._recovered: list[str] = []  # what each output lost, once it wrote again, until the outage ends
+        self.run_dir, self._synced = run_dir, time.monotonic()
         self.console = console
         self.progress = Progress(
             TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
@@ -188,6 +192,17 @@ class MetricsWriter:
             self.log(f"metrics logging resumed at step {step}; lost while paused: "
                      f"{escape('; '.join(self._recovered))}")
             self._recovered = []
+        if self.run_dir.remote and ("event" in record or time.monotonic() - self._synced > SYNC_S):
+            self.sync()
+
+    def sync(self) -> None:
+        """Upload a remote run's records; a failed upload is said and retried at the next one."""
+        self._synced = time.monotonic()
+        try:
+            self.run_dir.sync_records()
+        except Exception as e:  # noqa: BLE001 - a flaky bucket must not end the run over its logs
+            self.log(f"[yellow]warning:[/yellow] could not upload the run's metrics to {self.run_dir} "
+                     f"({escape(_error(e) if isinstance(e, OSError) else str(e)[:200])}); retrying later")
 
     def advance(self, step: int, loss: float | None = None, skipped: int = 0) -> None:
         desc = f"loss {loss:.3f}" if loss is not None else ""
@@ -206,6 +221,8 @@ class MetricsWriter:
                      f"{escape('; '.join(self._recovered + still))}")
         self.jsonl.close()
         self.tb.close()
+        if self.run_dir.remote:
+            self.sync()
 
 
 class NullWriter:
@@ -221,6 +238,9 @@ class NullWriter:
         pass
 
     def log(self, message: str) -> None:
+        pass
+
+    def sync(self) -> None:
         pass
 
     def close(self) -> None:
