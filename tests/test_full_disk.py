@@ -127,7 +127,8 @@ def corpus(tmp_path_factory):
     # The runs here share one persistent compilation cache (runs with the same shapes and steps compile once).
     previous = {k: getattr(jax.config, k) for k in ("jax_compilation_cache_dir",
                                                  "jax_persistent_cache_min_compile_time_secs")}
-    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax-cache")))
+    jax.config.update("jax_compilation_cache_dir", previous["jax_compilation_cache_dir"]  # conftest's, if set
+                      or str(tmp_path_factory.mktemp("jax-cache")))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
     yield root
     for key, value in previous.items():

@@ -26,8 +26,10 @@ PROMPT = "def fibonacci(n):\n    "
 
 
 @pytest.fixture(scope="module")
-def served(gguf_path):
-    return from_hf(str(gguf_path))  # the .gguf itself: converted once into the cache (hf/gguf_file.py)
+def served(gguf_path, gguf_cache):
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("CHIPWISE_CACHE", str(gguf_cache))
+        return from_hf(str(gguf_path))  # the .gguf itself: converted once into the cache (hf/gguf_file.py)
 
 
 @pytest.fixture(scope="module")

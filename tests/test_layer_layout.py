@@ -1,6 +1,8 @@
 """Scanned and unrolled layer layouts in real runs: a checkpoint keeps its layout, and runs saved before layers were
 scanned (no model.scan_layers in their config) still sample, export and resume."""
 
+import shutil
+
 import pytest
 import yaml
 
@@ -11,16 +13,25 @@ from conftest import TINY_MODEL, set_args
 pytestmark = pytest.mark.slow
 
 
-
 def args(run, corpus, *extra):
     return set_args(*TINY_MODEL, "model.num_layers=2", "train.log_every=1", "train.eval_every=1000",
                     "train.checkpoint_every=3", "hardware.peak_tflops=1", f"data.sources=[{corpus}]", f"run_dir={run}",
                     *extra)
 
 
-def test_a_checkpoint_keeps_its_layer_layout(tmp_path, corpus, capsys):
+@pytest.fixture(scope="module")
+def unrolled_run(tmp_path_factory, corpus):
+    """A run of 3 steps with unrolled layers; each test works on its own copy."""
+    root = tmp_path_factory.mktemp("unrolled")
+    with pytest.MonkeyPatch.context() as env:  # before conftest's per-test cache is set: one of its own
+        env.setenv("CHIPWISE_CACHE", str(root / "cache"))
+        assert main(["train", *args(root / "run", corpus, "train.steps=3", "model.scan_layers=false")]) == 0
+    return root / "run"
+
+
+def test_a_checkpoint_keeps_its_layer_layout(tmp_path, unrolled_run, capsys):
     run = tmp_path / "run"
-    assert main(["train", *args(run, corpus, "train.steps=3", "model.scan_layers=false")]) == 0
+    shutil.copytree(unrolled_run, run)
     ckpt = RunDir(run).checkpoints(keep=3)
     assert ckpt.read_meta(3)["param_layout"] == "unrolled-layers-v1"  # the layout is recorded with the save
     ckpt.close()
@@ -30,9 +41,9 @@ def test_a_checkpoint_keeps_its_layer_layout(tmp_path, corpus, capsys):
     assert "unrolled layers" in err and "model.scan_layers=false" in err and "\n" not in err
 
 
-def test_a_run_saved_before_scanned_layers_still_samples_exports_and_resumes(tmp_path, corpus, capsys):
+def test_a_run_saved_before_scanned_layers_still_samples_exports_and_resumes(tmp_path, unrolled_run, capsys):
     run = tmp_path / "run"
-    assert main(["train", *args(run, corpus, "train.steps=3", "model.scan_layers=false")]) == 0
+    shutil.copytree(unrolled_run, run)
     config = yaml.safe_load((run / "config.yaml").read_text())
     del config["model"]["scan_layers"]  # as an older chipwise wrote it
     (run / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))

@@ -8,6 +8,7 @@ waiting in a collective.
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -59,13 +60,22 @@ def restored_params(run_dir, step):
     return jax.tree.map(np.asarray, state["params"]), meta
 
 
-def test_two_processes_train_like_one(tmp_path, corpus):
-    one, two = tmp_path / "one", tmp_path / "two"
-    assert main(train_args(one, corpus, 10, 10)) == 0  # this process: 8 devices (conftest)
-
-    done = subprocess.run(launch_cmd(2, 4, "--", "chipwise", *train_args(two, corpus, 10, 10)),
-                          capture_output=True, text=True, timeout=400)
+@pytest.fixture(scope="module")
+def two_processes(tmp_path_factory, corpus):
+    """A run trained by two processes of 4 devices: 10 steps, checkpoints at 5 and 10; (its directory, the launch's
+    result). Tests read it; one that changes it works on a copy."""
+    root = tmp_path_factory.mktemp("two-processes")
+    env = {**os.environ, "CHIPWISE_CACHE": str(root / "cache")}  # conftest's per-test cache is not set yet
+    done = subprocess.run(launch_cmd(2, 4, "--", "chipwise", *train_args(root / "run", corpus, 10, 5)),
+                          capture_output=True, text=True, timeout=400, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
+    return root / "run", done
+
+
+def test_two_processes_train_like_one(tmp_path, corpus, two_processes, monkeypatch):
+    one, (two, done) = tmp_path / "one", two_processes
+    monkeypatch.setenv("CHIPWISE_CACHE", str(two.parent / "cache"))  # the same tokenizer and tokens
+    assert main(train_args(one, corpus, 10, 10)) == 0  # this process: 8 devices (conftest)
     assert done.stdout.count("chipwise run summary") == 1  # process 1 prints nothing of its own
 
     a, b = train_records(one), train_records(two)
@@ -100,25 +110,23 @@ def test_two_processes_train_like_one(tmp_path, corpus):
     assert not any("process_1" in name for name in top["files"]) and any("ocdbt.process_0/" in n for n in top["files"])
 
 
-def test_a_damaged_part_found_by_one_process_sets_the_checkpoint_aside_on_all(tmp_path, corpus):
+def test_a_damaged_part_found_by_one_process_sets_the_checkpoint_aside_on_all(tmp_path, two_processes):
     """Resumed by two processes, each checks the files its counterpart wrote; a bit flipped in process 1's part
     is found there, and both processes agree to set the checkpoint aside and resume from the one before it."""
     run = tmp_path / "run"
-    done = subprocess.run(launch_cmd(2, 4, "--", "chipwise", *train_args(run, corpus, 4, 2)), capture_output=True,
-                          text=True, timeout=400)
-    assert done.returncode == 0, done.stderr[-3000:]
-    victim = max((run / "checkpoints" / "4" / "state").glob("ocdbt.process_1/d/*"), key=lambda p: p.stat().st_size)
+    shutil.copytree(two_processes[0], run)  # the shared run stays as it was
+    victim = max((run / "checkpoints" / "10" / "state").glob("ocdbt.process_1/d/*"), key=lambda p: p.stat().st_size)
     data = bytearray(victim.read_bytes())
     data[len(data) // 2] ^= 0x01
     victim.write_bytes(bytes(data))
     done = subprocess.run(launch_cmd(2, 4, "--", "chipwise", "train", "--resume", str(run), "--set",
-                                     "train.steps=6"), capture_output=True, text=True, timeout=400)
+                                     "train.steps=11"), capture_output=True, text=True, timeout=400)
     assert done.returncode == 0, done.stderr[-3000:]
-    name = victim.relative_to(run / "checkpoints" / "4")
-    assert f"checkpoint at step 4 is damaged ({name} does not match its checksum)" in done.stdout, done.stdout
-    assert "resumed from step 2" in done.stdout
-    assert (run / "checkpoints_set_aside" / "4-damaged").is_dir()
-    assert sorted(int(p.name) for p in (run / "checkpoints").iterdir()) == [2, 4, 6]  # 4: saved again
+    name = victim.relative_to(run / "checkpoints" / "10")
+    assert f"checkpoint at step 10 is damaged ({name} does not match its checksum)" in done.stdout, done.stdout
+    assert "resumed from step 5" in done.stdout
+    assert (run / "checkpoints_set_aside" / "10-damaged").is_dir()
+    assert sorted(int(p.name) for p in (run / "checkpoints").iterdir()) == [5, 10, 11]  # 10: saved again
 
 
 class Launched:

@@ -244,3 +244,22 @@ def test_bucket_errors_name_the_fix():
                            "write access to the bucket, or choose another bucket")
     assert "gcloud auth application-default login" in str(bucket_error(
         type("DefaultCredentialsError", (Exception,), {})(), "gs://b/run", "listing the bucket"))
+
+
+def test_two_processes_train_and_resume_in_a_bucket(s3):
+    """Each process writes its own part of every checkpoint into the bucket, with its own manifest, and process 0
+    finalizes from a fresh listing (a cached one missed process 1's files on resume, and the save hung)."""
+    fs, run = s3["fs"], "s3://bkt/runs/two"
+    env = {**s3["env"]}
+    env.pop("XLA_FLAGS")
+    for args in (settings(s3, run, "train.steps=6", "train.checkpoint_every=3"),
+                 ["--resume", run, "--set", "train.steps=9"]):
+        done = subprocess.run([sys.executable, "-m", "chipwise", "launch", "--processes", "2", "--devices-per-process",
+                               "4", "--", "chipwise", "train", *args], env=env, capture_output=True, text=True,
+                              timeout=180)  # about 12 s each; a hung save fails here
+        assert done.returncode == 0, done.stderr[-3000:]
+    assert "resumed from step 6" in done.stdout
+    fs.invalidate_cache()
+    names = fs.find("bkt/runs/two/checkpoints/9")
+    assert "bkt/runs/two/checkpoints/9/chipwise_checksums.process_1.json" in names
+    assert any("/state/ocdbt.process_1/" in n for n in names) and any("/array_metadatas/process_1" in n for n in names)

@@ -47,10 +47,6 @@ def settings(run_dir, corpus, *extra):
     return [x for s in [*TINY, f"data.sources=[{corpus}]", f"run_dir={run_dir}", *extra] for x in ("--set", s)]
 
 
-
-
-
-
 @contextmanager
 def only_one_worker(marker: Path):
     """Run the body once per test session, whichever xdist worker gets here first; the others wait for it.
@@ -81,7 +77,8 @@ def shared(tmp_path_factory):
                 shutil.copy(stdlib / name, corpus / name)
     env = {**os.environ, "CHIPWISE_CACHE": str(root / "cache"), "PYTHONUNBUFFERED": "1",
            "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
-           "JAX_COMPILATION_CACHE_DIR": str(root / "jax-cache"), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+           "JAX_COMPILATION_CACHE_DIR": os.environ.get("JAX_COMPILATION_CACHE_DIR") or str(root / "jax-cache"),
+           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}  # conftest's cache, if it set one
     # In-process runs (those that monkeypatch or read the console) use the same compilation cache as the
     # subprocesses: a run with the reference's settings then compiles nothing.
     previous = {k: getattr(jax.config, k) for k in ("jax_compilation_cache_dir",

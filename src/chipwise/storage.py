@@ -35,6 +35,12 @@ def _require_client(location: str) -> None:
 
     for name in ("botocore", "aiobotocore", "s3fs", "gcsfs"):  # their INFO lines (credentials found...) are noise
         logging.getLogger(name).setLevel(logging.WARNING)
+    import fsspec.config
+
+    # No cached listings: other processes (the other hosts of a run, a resumed run) write into the same prefixes,
+    # and Orbax's finalize on process 0 lists what every process wrote; a cached listing misses it.
+    for protocol in ("s3", "s3a", "gs", "gcs"):
+        fsspec.config.conf.setdefault(protocol, {}).setdefault("use_listings_cache", False)
     scheme = str(location).split("://", 1)[0]
     try:
         __import__(SCHEMES[scheme])
