@@ -129,10 +129,13 @@ def f32_gguf(gguf: Path, llama_server: Path, cache: Path) -> Path | None:
 def servers(args, gguf: Path, hf: Path) -> list[Server]:
     t = str(args.threads)
     torch_env = {"OMP_NUM_THREADS": t, "MKL_NUM_THREADS": t}
-    fp32 = "SmolLM2-135M-Instruct, fp32 (dequantized Q4_1)"
+    # the fp32 safetensors served in --dtype by both (bfloat16: weights, activations and KV cache rounded to bf16;
+    # chipwise's dots accumulate in fp32 on a CPU, src/chipwise/dots.py)
+    short = {"float32": "fp32", "bfloat16": "bf16"}[args.dtype]
+    fp32 = f"SmolLM2-135M-Instruct, {short} (dequantized Q4_1)"
     out = [Server("chipwise serve", fp32,
                   [sys.executable, "-m", "chipwise.cli", "serve", "--hf", str(hf), "--name", NAME, "--slots",
-                   str(args.slots), "--dtype", "float32", "--max-seq-len", str(args.max_seq_len)],
+                   str(args.slots), "--dtype", args.dtype, "--max-seq-len", str(args.max_seq_len)],
                   NAME, f"XLA:CPU's pool: all {os.cpu_count()} cores")]
     if not args.skip_transformers:
         # Its paged cache would otherwise take 90% of free memory (663 blocks of 256 tokens, 7.8 GB here), which
@@ -141,7 +144,7 @@ def servers(args, gguf: Path, hf: Path) -> list[Server]:
         exe = Path(sys.executable).with_name("transformers")
         out.append(Server("transformers serve --continuous-batching", fp32,
                           [str(exe), "serve", str(hf), "--continuous-batching", "--device", "cpu", "--dtype",
-                           "float32", "--host", "127.0.0.1", "--cb-num-blocks", str(blocks)], str(hf),
+                           args.dtype, "--host", "127.0.0.1", "--cb-num-blocks", str(blocks)], str(hf),
                           f"torch: {t} (OMP_NUM_THREADS)", torch_env, "transformers"))
     server = Path(args.llama_server) if args.llama_server else None
     if not args.skip_llamacpp and server is not None and server.is_file():
@@ -354,6 +357,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0, help="picks the prompts (the same for every server)")
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch's and llama.cpp's threads")
     p.add_argument("--slots", type=int, default=8, help="chipwise's --slots and llama-server's -np")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                   help="what chipwise and transformers serve the weights in (llama.cpp keeps its own files)")
     p.add_argument("--max-seq-len", type=int, default=512,
                    help="context per request: chipwise's --max-seq-len, llama.cpp's context per slot")
     p.add_argument("--quiet-wait", type=float, default=600, metavar="S",

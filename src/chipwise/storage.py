@@ -120,6 +120,10 @@ def create_exclusive(target, data: bytes) -> bool:
         fs.pipe_file(where, data, mode="create")
     except FileExistsError:
         return False
+    except (TypeError, NotImplementedError):  # a client without conditional writes: check, then write
+        if fs.exists(where):
+            return False
+        fs.pipe_file(where, data)
     return True
 
 
@@ -217,6 +221,12 @@ def orbax_for(location) -> None:
     from orbax.checkpoint._src.path import atomicity, atomicity_defaults, gcs_utils
     from orbax.checkpoint._src.serialization import tensorstore_utils as ts_utils
 
+    if not all(hasattr(ts_utils, f) for f in ("_normalize_path", "_use_gcs_driver")) or not hasattr(
+            gcs_utils, "get_kvstore_for_gcs"):
+        import orbax.checkpoint
+
+        raise ChipwiseError(f"s3:// checkpoints need orbax-checkpoint 0.12 (installed: "
+                            f"{orbax.checkpoint.__version__}); pip install 'orbax-checkpoint>=0.12,<0.13'")
     normalize, use_driver, kvstore = ts_utils._normalize_path, ts_utils._use_gcs_driver, gcs_utils.get_kvstore_for_gcs
     ts_utils._normalize_path = lambda p: (normalize(p).replace("s3:/", "s3://", 1) if str(p).startswith("s3:/")
                                           else normalize(p))

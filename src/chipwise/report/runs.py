@@ -88,7 +88,7 @@ def load_run(run_dir: str | Path) -> Run:
     config = run.read_config_dict()  # a damaged config.yaml is a one-line error here
     text = run.read_config_text()
     records = run.read_metrics()
-    return Run(name=run.name, path=Path(run_dir), config=config, config_text=text,
+    return Run(name=run.name, path=run.location, config=config, config_text=text,
                records=records, info=run.read_run_info(), summary=run.read_summary())
 
 
@@ -98,6 +98,6 @@ def load_runs(run_dirs) -> list[Run]:
     for r in runs:  # two runs named alike (a/run, b/run) are told apart by their full paths
         if names.count(r.name) > 1:
             r.name = str(r.path)
-    if len({str(r.path.resolve()) for r in runs}) < len(runs):
+    if len({str(r.path) if '://' in str(r.path) else str(r.path.resolve()) for r in runs}) < len(runs):
         raise ChipwiseError("the same run directory is given twice; list each run once")
     return runs
