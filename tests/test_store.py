@@ -107,9 +107,13 @@ def test_pretokenized_sources_are_used_as_they_are(corpus, tmp_path, suffix):
     data = prepare_data(cfg, 300, log=lambda _: None)
     train, val = np.asarray(data.train_tokens), np.asarray(data.val_tokens)
     np.testing.assert_array_equal(np.concatenate([train, val]), ids)
-    # Cut just after the first EOS at or past the 90% mark: no document is cut in two.
-    mark, cut = round(0.9 * len(ids)), len(train)
-    assert cut > mark and train[-1] == data.eos_id and not (ids[mark:cut - 1] == data.eos_id).any()
+    # Cut just after the first EOS at or past the 90% mark, unless that EOS ends the file (which documents land
+    # in this corpus's train split depends on its path): then just after the last EOS before the mark. Either way
+    # no document is cut in two and validation holds at least one whole document.
+    mark, cut, ends = round(0.9 * len(ids)), len(train), np.flatnonzero(ids == data.eos_id) + 1
+    after = [e for e in ends if e > mark and e < len(ids)]
+    assert cut == (after[0] if after else max(e for e in ends if e <= mark))
+    assert train[-1] == data.eos_id and val[-1] == ids[-1] and len(val) > 1
     assert data.num_documents == (int((train == data.eos_id).sum()), int((val == data.eos_id).sum()))
 
 
@@ -164,3 +168,12 @@ def test_data_prepare_and_inspect_commands(corpus, tmp_path, capsys):
     assert "no complete token store" in one_line_error(capsys)
     assert main(["data", "prepare", "--config", str(cfg), "--set", "data.prepare_workers=-1"]) == 2
     assert "data.prepare_workers must be 0" in one_line_error(capsys)
+
+
+def test_split_point_keeps_whole_documents_and_never_a_lone_eos():
+    from chipwise.data.pretokenized import split_point
+
+    only_final = np.array([5, 6, 0, 7, 8, 9, 9, 9, 9, 0], np.uint16)  # mark 9: the one EOS past it ends the file
+    assert split_point(only_final, 0.1, 0) == 3  # back to just after the EOS before the mark
+    assert split_point(np.array([5, 0, 7, 8, 9, 0, 9, 9, 9, 0]), 0.6, 0) == 6  # forward from mark 4
+    assert split_point(np.array([5, 6, 7, 8]), 0.25, 0) == 3  # no EOS at all: the mark

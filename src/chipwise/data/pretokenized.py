@@ -3,7 +3,8 @@ and `.npy` files (a 1-D array of integer ids). They need `data.tokenizer`, the t
 is taken to separate their documents, and every id must be below its vocabulary size.
 
 A file's tokens are split by position: the last `data.val_fraction` of them (moved forward to just after an EOS,
-when there is one in the part, so no document is cut in two) are validation tokens. They are read in chunks, so
+when there is one in the part, so no document is cut in two; back to the last EOS before the part when the only one
+in it ends the file) are validation tokens. They are read in chunks, so
 memory stays bounded whatever the file's size.
 """
 
@@ -61,10 +62,19 @@ def check_and_hash(path: Path, tokens: np.ndarray, vocab_size: int) -> str:
 
 
 def split_point(tokens: np.ndarray, val_fraction: float, eos: int) -> int:
-    """Where validation starts: after the first EOS at or past the (1 - val_fraction) mark, else at the mark."""
-    mark = min(max(round(len(tokens) * (1 - val_fraction)), 1), len(tokens) - 1)
-    for start in range(mark, len(tokens), CHUNK_TOKENS):
+    """Where validation starts: just after the first EOS at or past the (1 - val_fraction) mark, so that no document
+    is cut in two. Where that EOS is the file's last token (validation would be empty, or a lone EOS), just after the
+    last EOS before the mark instead: validation is then the whole last document. With no such EOS, at the mark."""
+    n = len(tokens)
+    mark = min(max(round(n * (1 - val_fraction)), 1), n - 1)
+    for start in range(mark, n, CHUNK_TOKENS):
         hits = np.flatnonzero(np.asarray(tokens[start:start + CHUNK_TOKENS]) == eos)
+        hits = hits[start + hits + 1 < n]
         if len(hits):
-            return min(start + int(hits[0]) + 1, len(tokens) - 1)
+            return start + int(hits[0]) + 1
+    for end in range(mark, 0, -CHUNK_TOKENS):
+        begin = max(0, end - CHUNK_TOKENS)
+        hits = np.flatnonzero(np.asarray(tokens[begin:end]) == eos)
+        if len(hits):
+            return begin + int(hits[-1]) + 1
     return mark
