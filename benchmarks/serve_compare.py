@@ -132,8 +132,8 @@ def servers(args, gguf: Path, hf: Path) -> list[Server]:
     # the fp32 safetensors served in --dtype by both (bfloat16: weights, activations and KV cache rounded to bf16;
     # chipwise's dots accumulate in fp32 on a CPU, src/chipwise/dots.py)
     short = {"float32": "fp32", "bfloat16": "bf16"}[args.dtype]
-    fp32 = f"SmolLM2-135M-Instruct, {short} (dequantized Q4_1)"
-    out = [Server("chipwise serve", fp32,
+    weights = f"SmolLM2-135M-Instruct, {short} (dequantized Q4_1)"
+    out = [Server("chipwise serve", weights,
                   [sys.executable, "-m", "chipwise.cli", "serve", "--hf", str(hf), "--name", NAME, "--slots",
                    str(args.slots), "--dtype", args.dtype, "--max-seq-len", str(args.max_seq_len)],
                   NAME, f"XLA:CPU's pool: all {os.cpu_count()} cores")]
@@ -142,7 +142,7 @@ def servers(args, gguf: Path, hf: Path) -> list[Server]:
         # costs minutes of start-up and nothing in speed; twice chipwise's cache (slots x max-seq-len) is plenty.
         blocks = 2 * args.slots * args.max_seq_len // 256
         exe = Path(sys.executable).with_name("transformers")
-        out.append(Server("transformers serve --continuous-batching", fp32,
+        out.append(Server("transformers serve --continuous-batching", weights,
                           [str(exe), "serve", str(hf), "--continuous-batching", "--device", "cpu", "--dtype",
                            args.dtype, "--host", "127.0.0.1", "--cb-num-blocks", str(blocks)], str(hf),
                           f"torch: {t} (OMP_NUM_THREADS)", torch_env, "transformers"))

@@ -32,7 +32,6 @@ import yaml
 
 from chipwise import __version__, storage
 from chipwise.config import Config, from_dict, to_dict
-from chipwise.data.cache import atomic_path
 from chipwise.distributed import barrier, is_leader
 from chipwise.errors import ChipwiseError
 from chipwise.run_lock import RunLock
@@ -74,12 +73,7 @@ class RunDir:
         return self._local / name
 
     def _replace(self, name: str, text: str) -> None:
-        """Write RUN_DIR/name whole: on a disk by one rename (never left half-written); an object is one PUT."""
-        if self.remote:
-            self._path(name).write_text(text)
-            return
-        with atomic_path(self._path(name)) as tmp:
-            tmp.write_text(text)
+        storage.write_whole(self._path(name), text)
 
     # ---- what is there ------------------------------------------------------------------------------------
     def is_run(self) -> bool:

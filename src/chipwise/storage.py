@@ -20,6 +20,7 @@ import os
 import shutil
 from pathlib import Path
 
+from chipwise.data.cache import atomic_path
 from chipwise.errors import ChipwiseError
 
 SCHEMES = {"gs": "gcsfs", "s3": "s3fs"}  # URI scheme: the fsspec package that serves it
@@ -104,6 +105,16 @@ def check_bucket(location) -> None:
 
 
 # ---- what object stores do differently --------------------------------------------------------------------
+def write_whole(target, text: str) -> None:
+    """Replace `target` with `text`, never leaving it half-written: on a disk through a temporary file and one
+    rename; an object is written by one PUT, whole or not at all."""
+    if is_remote(target):
+        target.write_text(text)
+        return
+    with atomic_path(Path(target)) as tmp:
+        tmp.write_text(text)
+
+
 def create_exclusive(target, data: bytes) -> bool:
     """Create `target` holding `data` only if it does not exist; False if it did. A local file is opened with
     O_EXCL; an object is a conditional PUT."""

@@ -181,9 +181,11 @@ class Checkpoints:
             return
         for step in sorted(self._leftovers):
             for path in self._unfinished(step):
-                if not self.remote:
+                if self.remote:
+                    storage.remove_tree(path)
+                else:
                     _wait_until_still(path)
-                storage.remove_tree(path) if self.remote else shutil.rmtree(path, ignore_errors=True)
+                    shutil.rmtree(path, ignore_errors=True)
                 if path.exists():
                     self.log(f"could not remove {path} yet (the failed save at step {step}); retrying later")
 

@@ -39,7 +39,6 @@ import numpy as np
 import xxhash
 
 from chipwise import storage
-from chipwise.data.cache import atomic_path
 
 MANIFEST = "chipwise_checksums.json"
 HASH = "xxh3_128"
@@ -187,12 +186,8 @@ def write_manifest(step_dir: Path, process: int, files: dict[str, list], process
               "hashed_by": process if hashed_by is None else hashed_by}
     if processes is not None:
         record["processes"] = processes
-    text = json.dumps({**record, "files": files}, indent=0, sort_keys=True)
-    if storage.is_remote(step_dir):  # one PUT: whole or absent
-        (step_dir / manifest_name(process)).write_text(text)
-        return
-    with atomic_path(step_dir / manifest_name(process)) as tmp:
-        tmp.write_text(text)
+    storage.write_whole(step_dir / manifest_name(process), json.dumps({**record, "files": files}, indent=0,
+                                                                     sort_keys=True))
 
 
 def _compare(step_dir: Path, recorded: dict, kind: str) -> str | None:
