@@ -1,18 +1,29 @@
 """Checkpoint saves and restores with their checksums (train/checkpoint.py, train/integrity.py) against the disk.
 
-    python benchmarks/checkpoint_integrity.py [--gb 2] [--saves 3] [--dir DIR] [--wait-quiet 1200] [--markdown]
+    python benchmarks/checkpoint_integrity.py [--gb 2] [--saves 3] [--compress] [--keep-cache] [--dir DIR]
+                                              [--wait-quiet 1200] [--markdown]
 
 A train state of about --gb GB (float32 parameters of a Llama-like layout plus Adam's two moments, built directly
-as arrays sharded over 8 simulated CPU devices, fsdp=8) is saved --saves times with chipwise's own `Checkpoints`
-class, each save waited for before the next starts (as in training, where saves are steps apart). Reported:
+as arrays sharded over 8 simulated CPU devices, fsdp=8) is saved with chipwise's own `Checkpoints` class, each save
+waited for before the next starts (as in training, where saves are steps apart): a first save, reported on its
+own (it pays for whatever state the process and the page cache start in), then --saves more, the medians of which
+are compared with the disk.
+
+Reported:
 
 - blocked: how long the `save()` call keeps the caller (the train loop) waiting;
 - total save: from the call until the checkpoint is published with its checksums (`wait()` returns);
 - hashing: the part of that total spent hashing (in Orbax's background thread);
 - restore: the page cache dropped first, then `verify` (each process checks its own files) + `restore`;
   and, for comparison, a cold restore without `verify`;
-- the disk itself, measured in the same run and the same directory with `dd`: a write of the same size with
-  conv=fdatasync, and a read of it after dropping the page cache (as root; otherwise with iflag=direct).
+- the disk itself, measured in the same run and the same directory with `dd`: --saves writes of the same size one
+  after another, each a new file kept until the end (as checkpoints are), with conv=fdatasync oflag=nocache:
+  written, synced and dropped from the page cache, as a save's files are (integrity.digest_files); then reads of
+  them after dropping the page cache (as root; otherwise with iflag=direct); and, for what the page cache does to a
+  writer that keeps its pages there, the same writes without oflag=nocache.
+
+--compress saves with Orbax's zstd (train.compress_checkpoints); --keep-cache leaves the saved files in the page
+cache (chipwise drops each file's pages once it is hashed, integrity.digest_files).
 
 Targets (issue): blocked under 10% of the total save; save and restore at least half the disk's throughput.
 Before measuring, --wait-quiet waits (up to that many seconds) for the 1-minute load average to fall below 1.
@@ -92,19 +103,20 @@ def drop_caches() -> bool:
         return False
 
 
-def dd(directory: Path, nbytes: int, can_drop: bool) -> tuple[float, float]:
-    """(write, read) GB/s of one file of nbytes in `directory`."""
-    f, count = directory / "dd.bin", max(1, nbytes >> 20)
+def dd_write(path: Path, nbytes: int, nocache: bool = True) -> float:
+    """GB/s of writing a new file of nbytes at `path`, with conv=fdatasync (and oflag=nocache: its pages dropped)."""
+    count = max(1, nbytes >> 20)
     t = time.perf_counter()
-    subprocess.run(["dd", "if=/dev/zero", f"of={f}", "bs=1M", f"count={count}", "conv=fdatasync"], check=True,
-                   capture_output=True)
-    write = (count << 20) / (time.perf_counter() - t) / GB
+    subprocess.run(["dd", "if=/dev/zero", f"of={path}", "bs=1M", f"count={count}", "conv=fdatasync",
+                    *(["oflag=nocache"] if nocache else [])], check=True, capture_output=True)
+    return (count << 20) / (time.perf_counter() - t) / GB
+
+
+def dd_read(path: Path, can_drop: bool) -> float:
     flags = [] if can_drop and drop_caches() else ["iflag=direct"]
     t = time.perf_counter()
-    subprocess.run(["dd", f"if={f}", "of=/dev/null", "bs=1M", *flags], check=True, capture_output=True)
-    read = (count << 20) / (time.perf_counter() - t) / GB
-    f.unlink()
-    return write, read
+    subprocess.run(["dd", f"if={path}", "of=/dev/null", "bs=1M", *flags], check=True, capture_output=True)
+    return path.stat().st_size / (time.perf_counter() - t) / GB
 
 
 def zstd_rates(state, nbytes: int = 256 << 20) -> tuple[float, float]:
@@ -146,6 +158,8 @@ def main() -> int:
     ap.add_argument("--saves", type=int, default=3)
     ap.add_argument("--dir", type=Path, default=None, help="where to write (default: a temporary directory)")
     ap.add_argument("--wait-quiet", type=float, default=0.0, help="seconds to wait for load < 1 first")
+    ap.add_argument("--compress", action="store_true", help="zstd-compress the arrays (train.compress_checkpoints)")
+    ap.add_argument("--keep-cache", action="store_true", help="do not drop saved files from the page cache")
     ap.add_argument("--markdown", action="store_true")
     args = ap.parse_args()
     if args.gb <= 0 or args.saves < 1:
@@ -162,10 +176,10 @@ def run(args, work: Path) -> int:
     timed = {"hash_s": 0.0}
     real_digest = integrity.digest_files
 
-    def digest_files(root, names):  # the hashing time, wherever it runs
+    def digest_files(root, names, **options):  # the hashing time, wherever it runs
         t = time.perf_counter()
         try:
-            return real_digest(root, names)
+            return real_digest(root, names, **(options | ({"evict": False} if args.keep_cache else {})))
         finally:
             timed["hash_s"] += time.perf_counter() - t
 
@@ -180,9 +194,10 @@ def run(args, work: Path) -> int:
     can_drop = drop_caches()
     cpu0 = time.process_time()
 
-    ckpt = Checkpoints(work / "checkpoints", keep=args.saves + 1, log=print)
-    saves = []
-    for i in range(1, args.saves + 1):
+    ckpt = Checkpoints(work / "checkpoints", keep=args.saves + 1, log=print, compress=args.compress)
+    series = {"first": [], "next": []}
+    for i in range(1, args.saves + 2):
+        kind = "first" if i == 1 else "next"
         timed["hash_s"] = 0.0
         t0 = time.perf_counter()
         assert ckpt.save(i, state, {"step": i}), ckpt.failures
@@ -191,16 +206,17 @@ def run(args, work: Path) -> int:
         t2 = time.perf_counter()
         os.sync()  # anything the save left in the page cache (tensorstore itself fsyncs its files)
         t3 = time.perf_counter()
-        saves.append({"blocked": t1 - t0, "total": t2 - t0, "hash": timed["hash_s"], "synced": t3 - t0,
-                      "bytes": tree_bytes(work / "checkpoints" / str(i))})
-        print(f"  save {i}: blocked {t1 - t0:.3f} s, published {t2 - t0:.2f} s (hashing {timed['hash_s']:.2f} s), "
-              f"synced {t3 - t0:.2f} s, {saves[-1]['bytes'] / GB:.2f} GB", flush=True)
+        series[kind].append({"blocked": t1 - t0, "total": t2 - t0, "hash": timed["hash_s"], "synced": t3 - t0,
+                             "bytes": tree_bytes(work / "checkpoints" / str(i))})
+        print(f"  save {i} ({kind}): blocked {t1 - t0:.3f} s, published {t2 - t0:.2f} s (hashing "
+              f"{timed['hash_s']:.2f} s), synced {t3 - t0:.2f} s, {series[kind][-1]['bytes'] / GB:.2f} GB", flush=True)
+    saves = series["next"]
 
     files = [p.stat().st_size for p in (work / "checkpoints" / "1").rglob("*") if p.is_file()]
     restores, target = [], abstract_like(state, shardings)
     zstd = zstd_rates(state)
     del state
-    for i in range(1, args.saves + 1):
+    for i in range(2, args.saves + 2):
         drop_caches()
         timed["hash_s"] = 0.0
         t0 = time.perf_counter()
@@ -218,21 +234,34 @@ def run(args, work: Path) -> int:
               flush=True)
     ckpt.close()
 
-    disk = [dd(work, int(saves[0]["bytes"]), can_drop) for _ in range(2)]
+    size, files_dd = int(saves[0]["bytes"]), [work / f"dd{k}.bin" for k in range(args.saves)]
+    dd_writes = [dd_write(f, size) for f in files_dd]
+    dd_reads = [dd_read(f, can_drop) for f in files_dd]
+    for f in files_dd:
+        f.unlink()
+    dd_cached = [dd_write(f, size, nocache=False) for f in files_dd]
+    for f in files_dd:
+        f.unlink()
     cpu = time.process_time() - cpu0
     load_after = load()
-    write_gbs, read_gbs = statistics.median(w for w, _ in disk), statistics.median(r for _, r in disk)
+    write_gbs, read_gbs = statistics.median(dd_writes), statistics.median(dd_reads)
     med = {k: statistics.median(s[k] for s in saves) for k in ("blocked", "total", "hash", "synced", "bytes")}
+    first = series["first"][0]
     rmed = {k: statistics.median(r[k] for r in restores) for k in ("verify", "restore", "total", "plain")}
     save_gbs, restore_gbs = med["bytes"] / med["total"] / GB, med["bytes"] / rmed["total"] / GB
 
+    def listed(rates):
+        return ", ".join(f"{r:.2f}" for r in rates)
+
     print(f"\nState {state_bytes / GB:.2f} GB in memory ({arrays} arrays, "
-          f"sharded over {len(jax.devices())} devices); a checkpoint is {med['bytes'] / GB:.2f} GB on disk. "
-          f"{args.saves} saves and restores, medians; page cache dropped before each restore and each dd read: "
-          f"{'yes' if can_drop else 'no (dd read with iflag=direct)'}. Load average {load_before:.2f} before, "
-          f"{load_after:.2f} after; this process used {cpu:.0f} s of CPU. A checkpoint has {len(files)} files, the "
-          f"largest {max(files) / 2**20:.0f} MiB. zstd level 3 (Orbax's codec) on one core: compress "
-          f"{zstd[0]:.2f} GB/s, decompress {zstd[1]:.2f} GB/s.\n")
+          f"sharded over {len(jax.devices())} devices); a checkpoint is {med['bytes'] / GB:.2f} GB on disk "
+          f"({'zstd' if args.compress else 'uncompressed'}; saved files "
+          f"{'kept in' if args.keep_cache else 'dropped from'} the page cache once hashed). {args.saves} saves "
+          f"after the first and restores, medians; page cache dropped before each restore and each dd read: "
+          f"{'yes' if can_drop else 'no (dd read with iflag=direct)'}. Load "
+          f"average {load_before:.2f} before, {load_after:.2f} after; this process used {cpu:.0f} s of CPU. A "
+          f"checkpoint has {len(files)} files, the largest {max(files) / 2**20:.0f} MiB. zstd level 3 (Orbax's codec) "
+          f"on one core: compress {zstd[0]:.2f} GB/s, decompress {zstd[1]:.2f} GB/s.\n")
     rows = [
         ("save: caller blocked in `save()`", f"{med['blocked']:.3f} s",
          f"{100 * med['blocked'] / med['total']:.1f}% of the total save"),
@@ -245,9 +274,14 @@ def run(args, work: Path) -> int:
         ("restore: total (verify + restore)", f"{rmed['total']:.2f} s", f"{restore_gbs:.2f} GB/s"),
         ("restore without verify (cold cache), for comparison", f"{rmed['plain']:.2f} s",
          f"{med['bytes'] / rmed['plain'] / GB:.2f} GB/s"),
-        ("disk: dd write, conv=fdatasync", "", f"{write_gbs:.2f} GB/s ({', '.join(f'{w:.2f}' for w, _ in disk)})"),
+        ("disk: dd write, conv=fdatasync oflag=nocache", "", f"{write_gbs:.2f} GB/s ({listed(dd_writes)})"),
         ("disk: dd read" + (", cache dropped" if can_drop else ", iflag=direct"), "",
-         f"{read_gbs:.2f} GB/s ({', '.join(f'{r:.2f}' for _, r in disk)})"),
+         f"{read_gbs:.2f} GB/s ({listed(dd_reads)})"),
+        ("the first save of the process, until published", f"{first['total']:.2f} s",
+         f"{first['bytes'] / first['total'] / GB:.2f} GB/s"),
+        ("each save, until published", "", listed(s["bytes"] / s["total"] / GB for s in saves) + " GB/s"),
+        ("disk: dd write, conv=fdatasync, pages kept in the cache", "",
+         f"{statistics.median(dd_cached):.2f} GB/s ({listed(dd_cached)})"),
     ]
     if args.markdown:
         print("| measurement | time | rate |\n|---|---:|---:|")
@@ -259,7 +293,8 @@ def run(args, work: Path) -> int:
     checks = [("blocked < 10% of the total save", med["blocked"] < 0.1 * med["total"]),
               ("save >= half the disk's write throughput", save_gbs >= 0.5 * write_gbs),
               ("restore >= half the disk's read throughput", restore_gbs >= 0.5 * read_gbs)]
-    print("\nTargets: " + "; ".join(f"{name}: {'met' if ok else 'NOT met'}" for name, ok in checks))
+    print("\nTargets: " + "; ".join(f"{name}: {'met' if ok else 'NOT met'}"
+                                                        for name, ok in checks))
     return 0
 
 

@@ -1,7 +1,8 @@
 """Peak host memory of importing (`train --init-from`) and exporting (`chipwise export`) a Hugging Face checkpoint,
 tensor by tensor (src/chipwise/hf/checkpoint.py), against the eager code it replaced (copied below).
 
-    python benchmarks/hf_memory.py [--preset 1b] [--dir DIR] [--keep] [--markdown] [--wait-quiet SECONDS]
+    python benchmarks/hf_memory.py [--preset 1b] [--ops import,export,export-gguf] [--dir DIR] [--keep] [--markdown]
+                                   [--wait-quiet SECONDS]
 
 With the preset's shape and random weights, two HF checkpoints are written (streamed, one tensor at a time), one in
 bf16 and one in fp32, each one file. Every measurement then runs in a fresh process, set up as the `chipwise`
@@ -17,6 +18,9 @@ high-water mark), on the one CPU device:
   holds them), then written as an HF checkpoint with 5GB shards (export's default --max-shard-size): new =
   checkpoint.write_weights; old = the eager writer (device_get of every param, to_hf_tensors, save_file of each
   shard).
+- export-gguf: the same params written as one GGUF file (`export --format gguf`, fp32): new =
+  gguf_export.write_gguf (tensor infos first, then each tensor fetched, written and dropped); old = the writer it
+  replaced (every tensor converted and handed to gguf.GGUFWriter, which holds them until it writes).
 
 The peak is /proc/self/status's VmHWM, reset through /proc/self/clear_refs right before the operation (after
 malloc_trim, so that heap memory freed earlier, which the process set-up keeps, does not hide a peak). Reported:
@@ -120,6 +124,34 @@ def old_write_weights(out: Path, m, params, max_shard_bytes: int) -> list[str]:
     return files
 
 
+def old_write_gguf(path: Path, m, params) -> None:
+    """gguf_export.write_gguf before it streamed: every param fetched, converted, and handed to the writer, which
+    holds them all until it writes the file."""
+    import gguf
+    import jax
+    import numpy as np
+
+    from chipwise.hf import convert
+    from chipwise.hf.gguf_export import GGUF_GLOBAL, GGUF_LAYER, permute_rows
+
+    params = jax.tree.map(lambda x: np.asarray(jax.device_get(x)), params)
+    w = gguf.GGUFWriter(str(path), "llama")
+    for name, value in convert.to_hf_tensors(params, m).items():
+        base, _, kind = name.rpartition(".")
+        if base.startswith("model.layers."):
+            i, _, part = base[len("model.layers."):].partition(".")
+            key = f"blk.{i}.{GGUF_LAYER[part]}.{kind}"
+            if part in ("self_attn.q_proj", "self_attn.k_proj"):
+                value = permute_rows(value, m.num_heads if part == "self_attn.q_proj" else m.num_kv_heads)
+        else:
+            key = f"{GGUF_GLOBAL[base]}.{kind}"
+        w.add_tensor(key, np.ascontiguousarray(value))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
 # One measurement (a fresh process).
 
 def child(args) -> None:
@@ -138,14 +170,14 @@ def child(args) -> None:
     from chipwise.train.step import build_steps
 
     m = dataclasses.replace(model(args.preset), scan_layers=args.layout == "scanned")
-    ckpt = Path(args.dir) / ("fp32" if args.op == "export" else args.dtype)
+    ckpt = Path(args.dir) / ("fp32" if args.op.startswith("export") else args.dtype)
     cfg = load_config(None, [f"model={json.dumps(dataclasses.asdict(m))}", f"train.init_from={ckpt}",
                              "train.seq_len=128", "train.batch_size=1"])
     mesh = make_mesh(cfg.mesh)
     with use_mesh(mesh):
         shardings = build_steps(cfg, mesh, reference.attend, jnp.float32).state_shardings["params"]
     placed = 0
-    if args.op == "export":
+    if args.op.startswith("export"):
         params = initial_params(cfg, shardings)
         jax.block_until_ready(params)
         out = Path(args.dir) / f"out-{os.getpid()}"
@@ -167,12 +199,19 @@ def child(args) -> None:
         params = (initial_params if args.version == "new" else old_initial_params)(cfg, shardings)
         jax.block_until_ready(params)
         placed = sum(x.nbytes for x in jax.tree.leaves(params))
+    elif args.op == "export-gguf":  # no tokenizer metadata: the weights are what takes memory
+        from chipwise.hf.gguf_export import write_gguf
+
+        if args.version == "new":
+            write_gguf(out / "model.gguf", m, params, {})
+        else:
+            old_write_gguf(out / "model.gguf", m, params)
     else:
         write = checkpoint.write_weights if args.version == "new" else old_write_weights
         write(out, m, params, 5 * 10**9)
     seconds = time.perf_counter() - start
     peak = status("VmHWM")
-    if args.op == "export":
+    if args.op.startswith("export"):
         shutil.rmtree(out)
     print(json.dumps(dict(rss_jax=rss_jax, before=before, peak=peak, placed=placed, seconds=seconds)))
 
@@ -236,8 +275,9 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true", help="keep the checkpoints for the next run")
     parser.add_argument("--markdown", action="store_true")
     parser.add_argument("--wait-quiet", type=float, default=0)
+    parser.add_argument("--ops", default="import,export,export-gguf", help="which operations to measure")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--op", choices=("import", "export"))
+    parser.add_argument("--op", choices=("import", "export", "export-gguf"))
     parser.add_argument("--version", choices=("new", "device", "old"))
     parser.add_argument("--layout", choices=("unrolled", "scanned"))
     parser.add_argument("--dtype", choices=("fp32", "bf16"))
@@ -259,7 +299,8 @@ def main() -> None:
           file=sys.stderr)
     rows = []
     cases = [("import", layout, dtype) for dtype in ("bf16", "fp32") for layout in ("unrolled", "scanned")]
-    cases += [("export", layout, "fp32") for layout in ("unrolled", "scanned")]
+    cases += [(op, layout, "fp32") for op in ("export", "export-gguf") for layout in ("unrolled", "scanned")]
+    cases = [case for case in cases if case[0] in args.ops.split(",")]
     for op, layout, dtype in cases:
         for version in ("new", "device", "old") if (op, dtype) == ("import", "bf16") else ("new", "old"):
             r = measure(args, op, version, layout, dtype)

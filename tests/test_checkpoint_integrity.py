@@ -55,9 +55,9 @@ def largest_data_file(step_dir):
 def test_each_checkpoint_carries_a_manifest_hashed_off_the_callers_thread(tmp_path, monkeypatch):
     threads, real = [], integrity.digest_files
 
-    def recording(root, names):
+    def recording(root, names, **options):
         threads.append(threading.current_thread().name)
-        return real(root, names)
+        return real(root, names, **options)
 
     monkeypatch.setattr(integrity, "digest_files", recording)
     ckpt = Checkpoints(tmp_path / "checkpoints", keep=2, log=print)

@@ -104,19 +104,55 @@ def test_gguf_holds_the_hf_export_tensor_by_tensor(tmp_path, tokenizer_file, tie
     types = field(reader, "tokenizer.ggml.token_type")
     assert types[0] == 3 and set(types[1:300]) == {1} and set(types[300:]) == {5}  # CONTROL, NORMAL, UNUSED
     assert field(reader, "tokenizer.ggml.tokens")[300:302] == ["[PAD300]", "[PAD301]"]
-    # gguf_file's own reading of the metadata is the Hugging Face config (the rope scaling aside: a GGUF states it
-    # as the rope_freqs tensor, which chipwise's import refuses, see test_llama3_rope_import_is_refused)
-    if not rope:
-        read = gguf_file.hf_config(reader)
-        assert read.pop("rms_norm_eps") == pytest.approx(config["rms_norm_eps"])  # stored as float32
-        assert read == {k: config[k] for k in read}
+    # gguf_file's own reading of the metadata is the Hugging Face config, the rope scaling (which a GGUF states only
+    # as the rope_freqs tensor) included
+    read = gguf_file.hf_config(reader)
+    assert read.pop("rms_norm_eps") == pytest.approx(config["rms_norm_eps"])  # stored as float32
+    assert read == {k: config[k] for k in read} and ("rope_scaling" in read) and "rope_theta" in read
 
 
-def test_llama3_rope_import_is_refused(tmp_path, tokenizer_file):
+def test_llama3_rope_round_trips_through_gguf_import(tmp_path, tokenizer_file):
     m = model(False, LLAMA3_ROPE)
-    _, path = export_both(tmp_path, m, random_params(m, 0), tokenizer_file)
-    with pytest.raises(ChipwiseError, match="rope_freqs"):
-        gguf_file.to_hf_dir(path, tmp_path / "back")
+    params = random_params(m, seed=3)
+    _, path = export_both(tmp_path, m, params, tokenizer_file)
+    m2, back = read_checkpoint(gguf_file.to_hf_dir(path, tmp_path / "back"), m.max_seq_len)
+    assert m2 == dataclasses.replace(m, norm_eps=m2.norm_eps)  # rope_type llama3 and its four numbers
+    tokens = np.random.default_rng(1).integers(0, m.vocab_size, (2, 64))  # up to original_max_position_embeddings
+    np.testing.assert_array_equal(chipwise_logits(m2, back, tokens), chipwise_logits(m, params, tokens))
+
+
+def rope_freqs_reader(factors):
+    return SimpleNamespace(tensors=[SimpleNamespace(name="rope_freqs.weight", data=np.asarray(factors, np.float32))])
+
+
+@pytest.mark.parametrize("head_dim,theta,factor,low,high,original", [
+    (128, 500000.0, 8.0, 1.0, 4.0, 8192),  # Llama 3.1 8B / 70B / 405B
+    (64, 500000.0, 32.0, 1.0, 4.0, 8192),  # Llama 3.2 1B
+    (128, 500000.0, 16.0, 2.0, 8.0, 16384),  # another low_freq_factor: the same frequencies as (1, 4, 8192)
+    (8, 500.0, 8.0, 1.0, 4.0, 64),  # one frequency in the blend
+    (8, 10000.0, 4.0, 1.0, 4.0, 4096),  # none in the blend: a step from kept to divided
+])
+def test_rope_freqs_give_back_scaling_with_the_same_frequencies(head_dim, theta, factor, low, high, original):
+    m = ModelConfig(d_model=head_dim, num_heads=1, num_kv_heads=1, rope_theta=theta, rope_type="llama3",
+                    rope_factor=factor, rope_low_freq_factor=low, rope_high_freq_factor=high,
+                    rope_original_max_seq_len=original)
+    scaling = gguf_file.rope_scaling(rope_freqs_reader(gguf_file.rope_factors(m)), theta, head_dim)
+    back = dataclasses.replace(m, rope_factor=scaling["factor"], rope_low_freq_factor=scaling["low_freq_factor"],
+                               rope_high_freq_factor=scaling["high_freq_factor"],
+                               rope_original_max_seq_len=scaling["original_max_position_embeddings"])
+    np.testing.assert_allclose(rope_frequencies(back), rope_frequencies(m), rtol=1e-6)
+    if low == 1.0 and head_dim > 8:  # a real Llama 3.x config comes back as it was
+        assert scaling == {"rope_type": "llama3", "factor": factor, "low_freq_factor": 1.0, "high_freq_factor": high,
+                           "original_max_position_embeddings": original}
+
+
+def test_rope_freqs_that_are_not_llama3_scaling_are_refused():
+    good = gguf_file.rope_factors(ModelConfig(d_model=128, num_heads=1, num_kv_heads=1, rope_theta=500000.0,
+                                              rope_type="llama3", rope_factor=8.0))
+    for bad in (good[::-1], good[:-1], good * 0.5, np.where(np.arange(64) == 40, 3.0, good)):
+        with pytest.raises(ChipwiseError, match="rope_freqs.weight is not Llama 3.1's RoPE scaling"):
+            gguf_file.rope_scaling(rope_freqs_reader(bad), 500000.0, 128)
+    assert gguf_file.rope_scaling(rope_freqs_reader(np.ones(64)), 500000.0, 128) is None
 
 
 @pytest.mark.parametrize("tie", [True, False], ids=["tied", "untied"])

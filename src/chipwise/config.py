@@ -130,6 +130,9 @@ class TrainConfig:
     checkpoint_every: int = 100
     keep_checkpoints: int = 3  # the latest K checkpoints are kept...
     keep_every: int = 0  # ...plus every checkpoint whose step is a multiple of this (0: none)
+    # zstd on the arrays (Orbax's default): a few % smaller on float weights and moments, for a save and a
+    # restore several times slower where cores are few (docs/benchmarks.md)
+    compress_checkpoints: bool = False
     max_bad_steps: int = 3  # consecutive non-finite steps (each skipped) before rolling back to a checkpoint
     max_rollbacks: int = 3  # rollbacks allowed in one invocation before the run stops as diverged
     # Fault injection for tests and drills: data batches (0-based position in the training stream) whose loss

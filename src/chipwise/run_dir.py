@@ -314,10 +314,11 @@ class RunDir:
             return {}  # a run killed mid-write leaves a partial file; report what else there is
 
     # ---- checkpoints --------------------------------------------------------------------------------------
-    def checkpoints(self, keep: int, keep_every: int = 0, log: Callable[[str], None] = print):
+    def checkpoints(self, keep: int, keep_every: int = 0, log: Callable[[str], None] = print,
+                    compress: bool = False):
         from chipwise.train.checkpoint import Checkpoints
 
-        return Checkpoints(self._path(CHECKPOINT_DIR), keep, keep_every, log=log)
+        return Checkpoints(self._path(CHECKPOINT_DIR), keep, keep_every, log=log, compress=compress)
 
     def latest_params(self, cfg: Config, log: Callable[[str], None] = print):
         """The newest intact checkpoint's parameters (fp32) on this process's first device, with the model's

@@ -212,6 +212,19 @@ def read_checkpoint(hf_dir: Path, max_seq_len: int | None = None,
     return m, {k: params[k] for k in ("embed", "blocks", "final_norm", "lm_head") if k in params}
 
 
+def read_to_device(hf_dir: Path, device, max_seq_len: int | None = None,
+                   scan_layers: bool | None = None) -> tuple[ModelConfig, dict]:
+    """read_checkpoint's (ModelConfig, fp32 params), the params placed on `device` one tensor at a time
+    (place_checkpoint): the host never holds a copy of the whole model beside the device's."""
+    from jax.sharding import SingleDeviceSharding
+
+    m = dataclasses.replace(convert.model_config(read_config(hf_dir), max_seq_len), scan_layers=scan_layers)
+    shardings = {}
+    for path in _sources(m):
+        _put(shardings, path, SingleDeviceSharding(device))
+    return m, place_checkpoint(hf_dir, m, shardings)
+
+
 def _put(tree: dict, path: tuple, value) -> None:
     for key in path[:-1]:
         tree = tree.setdefault(key, {})

@@ -18,6 +18,7 @@ import json
 import math
 import os
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -25,7 +26,8 @@ from chipwise.config import ModelConfig
 from chipwise.data.tokenizer import EOS_TOKEN
 from chipwise.errors import ChipwiseError
 from chipwise.hf import convert
-from chipwise.hf.gguf_file import _LLAMA3_SPLIT, GLOBAL_TENSORS, LAYER_TENSORS
+from chipwise.hf.safetensors_io import hf_value
+from chipwise.hf.gguf_file import _LLAMA3_SPLIT, GLOBAL_TENSORS, LAYER_TENSORS, rope_factors
 
 # The tokenizer's pre-tokenizer steps (named as in gguf_file.PRE_TOKENIZERS) -> the llama.cpp pre-tokenizer with
 # the same regexes (llama.cpp's src/llama-vocab.cpp): GPT-2's split; each digit alone then GPT-2's (SmolLM's,
@@ -151,42 +153,36 @@ def vocab(tok: dict, m: ModelConfig, meta: dict) -> dict:
     return {k: v for k, v in out.items() if v is not None}
 
 
-def rope_factors(m: ModelConfig) -> np.ndarray | None:
-    """llama.cpp's rope_freqs for rope_type llama3: what each plain frequency is divided by (model.rope_frequencies'
-    scaling, as divisors)."""
-    if m.rope_type != "llama3":
-        return None
-    half = m.head_dim // 2
-    freqs = m.rope_theta ** (-np.arange(half, dtype=np.float64) / half)
-    wavelength = 2 * math.pi / freqs
-    old, low, high = m.rope_original_max_seq_len, m.rope_low_freq_factor, m.rope_high_freq_factor
-    blend = np.clip((old / wavelength - low) / (high - low), 0.0, 1.0)
-    return (1 / ((1 - blend) / m.rope_factor + blend)).astype(np.float32)
-
-
 def permute_rows(w: np.ndarray, heads: int) -> np.ndarray:
     """Hugging Face's q/k rows (each head: first halves, then second halves of its rotary pairs) -> llama.cpp's
     (each head's pairs adjacent); gguf_file.hf_tensors undoes it."""
     return w.reshape(heads, 2, w.shape[0] // heads // 2, w.shape[1]).swapaxes(1, 2).reshape(w.shape)
 
 
-def gguf_tensors(params: dict, m: ModelConfig) -> dict[str, np.ndarray]:
-    """chipwise params -> llama.cpp's tensor names and layouts (fp32; numpy's [out, in] is GGUF's [in, out])."""
+def gguf_tensors(params: dict, m: ModelConfig) -> dict[str, tuple[tuple[int, ...], Callable[[], np.ndarray]]]:
+    """llama.cpp's tensor names -> (numpy shape, a function giving that tensor): fp32 in llama.cpp's layout
+    (numpy's [out, in] is GGUF's [in, out]), fetched from `params` (numpy, or JAX arrays left on their devices) only
+    when called, one tensor at a time (safetensors_io.hf_value)."""
     out = {}
-    for name, value in convert.to_hf_tensors(params, m).items():
-        base, _, kind = name.rpartition(".")
+    for t in convert.hf_tensors(m):
+        base, _, kind = t.name.rpartition(".")
+        heads = None
         if base.startswith("model.layers."):
             i, _, part = base[len("model.layers."):].partition(".")
             key = f"blk.{i}.{GGUF_LAYER[part]}.{kind}"
-            if part in ("self_attn.q_proj", "self_attn.k_proj"):
-                value = permute_rows(value, m.num_heads if part == "self_attn.q_proj" else m.num_kv_heads)
+            heads = {"self_attn.q_proj": m.num_heads, "self_attn.k_proj": m.num_kv_heads}.get(part)
         else:
             key = f"{GGUF_GLOBAL[base]}.{kind}"
-        out[key] = np.ascontiguousarray(value)
+        out[key] = (t.hf_shape, lambda t=t, heads=heads: _gguf_value(params, t, heads))
     factors = rope_factors(m)
     if factors is not None:
-        out["rope_freqs.weight"] = factors
+        out["rope_freqs.weight"] = (factors.shape, lambda: factors)
     return out
+
+
+def _gguf_value(params: dict, t: convert.HFTensor, heads: int | None) -> np.ndarray:
+    value = np.asarray(hf_value(params, t), np.float32)
+    return np.ascontiguousarray(value if heads is None else permute_rows(value, heads))
 
 
 def write_gguf(path: Path, m: ModelConfig, params: dict, tokens: dict, name: str = "chipwise") -> None:
@@ -219,11 +215,17 @@ def write_gguf(path: Path, m: ModelConfig, params: dict, tokens: dict, name: str
         w.add_vocab_size(m.vocab_size)
         for key, value in tokens.items():
             _add(w, key, value)
-        for key, value in tensors.items():
-            w.add_tensor(key, value)
+        for key, (shape, _) in tensors.items():  # the header first; then each tensor fetched, written, dropped
+            w.add_tensor_info(key, shape, np.dtype(np.float32), 4 * math.prod(shape))
         w.write_header_to_file()
         w.write_kv_data_to_file()
-        w.write_tensors_to_file()
+        w.write_ti_data_to_file()
+        for key, (shape, fetch) in tensors.items():
+            value = fetch()
+            if value.shape != tuple(shape):
+                raise ValueError(f"tensor {key} has shape {value.shape}, its header says {tuple(shape)}")
+            w.write_tensor_data(value)
+            del value
         w.close()
         os.replace(tmp, path)
     except OSError as e:  # a full disk, a directory we may not write to
@@ -252,8 +254,6 @@ def check_out_file(out: Path, overwrite: bool) -> None:
 
 def export_run_gguf(run_dir: str, out: str, overwrite: bool = False) -> Path:
     """Write the run's latest checkpoint as the llama.cpp GGUF file `out` (fp32)."""
-    import jax
-
     from chipwise.run_dir import RunDir
 
     run = RunDir(run_dir)
@@ -263,7 +263,6 @@ def export_run_gguf(run_dir: str, out: str, overwrite: bool = False) -> Path:
     tokens = vocab(json.loads(run.tokenizer_file.read_text()), cfg.model, run.read_tokenizer_meta())
     out_path = Path(out)
     check_out_file(out_path, overwrite)  # and touch nothing before the weights load
-    params, _ = run.latest_params(cfg)
-    params = jax.tree.map(lambda x: np.asarray(jax.device_get(x)), params)
+    params, _ = run.latest_params(cfg)  # left on the device: write_gguf fetches one tensor at a time
     write_gguf(out_path, cfg.model, params, tokens, name=Path(run_dir).absolute().name)
     return out_path

@@ -3,12 +3,14 @@ directory (config.json, fp32 model.safetensors, tokenizer.json with its special 
 the chat template, generation_config.json), which the rest of chipwise reads as any other (`train --init-from`,
 `serve --hf`, `export`'s round trip).
 
-Three things differ from a Hugging Face checkpoint:
+Four things differ from a Hugging Face checkpoint:
 - names and shapes: `blk.N.attn_q.weight` for `model.layers.N.self_attn.q_proj.weight`; numpy sees GGUF's shapes
   reversed, which is Hugging Face's [out, in];
 - llama.cpp's converter permutes the rows of q and k so that each head's rotary pairs are adjacent (the original
   Llama layout); chipwise, like Hugging Face, pairs the two halves of a head, so the permutation is undone;
-- quantised tensors (Q4_1, Q8_0, K-quants, ...) are dequantised to fp32 by the `gguf` package.
+- quantised tensors (Q4_1, Q8_0, K-quants, ...) are dequantised to fp32 by the `gguf` package;
+- Llama 3.1's RoPE scaling is not named in the metadata: llama.cpp's converter stores its per-frequency divisors as
+  the `rope_freqs` tensor, from which rope_scaling recovers the config's llama3 parameters.
 
 The tokenizer is rebuilt from the vocabulary and merges the file carries; how text is split before BPE is named
 by `tokenizer.ggml.pre`, and only the splits in PRE_TOKENIZERS (data, below) are known here.
@@ -82,15 +84,13 @@ def hf_config(reader) -> dict:
     if scaling not in (None, "none"):
         raise ChipwiseError(f"llama.rope.scaling.type is {scaling!r}; chipwise supports unscaled RoPE and Llama 3.1's "
                             f"(import the Hugging Face checkpoint for the latter)")
-    if any(t.name == "rope_freqs.weight" for t in reader.tensors):
-        raise ChipwiseError("the file carries rope_freqs.weight (Llama 3.1's RoPE scaling as precomputed factors); "
-                            "import the model's Hugging Face checkpoint instead, whose config names the scaling")
     heads, d = int(_require(reader, p + "attention.head_count")), int(_require(reader, p + "embedding_length"))
     head_dim = int(_field(reader, p + "rope.dimension_count", d // heads))
     if head_dim * heads != d:
         raise ChipwiseError(f"llama.rope.dimension_count is {head_dim}, but chipwise rotates whole heads of "
                             f"embedding_length / head_count = {d // heads}")
     vocab = _field(reader, p + "vocab_size") or len(_require(reader, "tokenizer.ggml.tokens"))
+    theta = float(_field(reader, p + "rope.freq_base", 10000.0))
     return {
         "architectures": [ARCHITECTURE], "model_type": "llama", "hidden_size": d,
         "intermediate_size": int(_require(reader, p + "feed_forward_length")),
@@ -98,11 +98,68 @@ def hf_config(reader) -> dict:
         "num_key_value_heads": int(_field(reader, p + "attention.head_count_kv", heads)), "head_dim": head_dim,
         "vocab_size": int(vocab), "max_position_embeddings": int(_field(reader, p + "context_length", 2048)),
         "rms_norm_eps": float(_field(reader, p + "attention.layer_norm_rms_epsilon", 1e-5)),
-        "rope_theta": float(_field(reader, p + "rope.freq_base", 10000.0)), "hidden_act": "silu",
+        "rope_theta": theta, "hidden_act": "silu", "rope_scaling": rope_scaling(reader, theta, head_dim),
         "tie_word_embeddings": not any(t.name == "output.weight" for t in reader.tensors),
         "bos_token_id": _field(reader, "tokenizer.ggml.bos_token_id"),
         "eos_token_id": _field(reader, "tokenizer.ggml.eos_token_id"), "torch_dtype": "float32",
     }
+
+
+def rope_factors(m) -> np.ndarray | None:
+    """llama.cpp's rope_freqs of a ModelConfig with rope_type llama3: what each plain rotary frequency is divided by
+    (model.rope_frequencies' scaling, as divisors); None for unscaled RoPE."""
+    import dataclasses
+
+    from chipwise.model import rope_frequencies
+
+    if m.rope_type != "llama3":
+        return None
+    plain = np.asarray(rope_frequencies(dataclasses.replace(m, rope_type="default")), np.float64)
+    return (plain / np.asarray(rope_frequencies(m), np.float64)).astype(np.float32)
+
+
+def rope_scaling(reader, theta: float, head_dim: int) -> dict | None:
+    """config.json's rope_scaling (Llama 3.1's rope_type llama3) from the file's rope_freqs tensor, or None without
+    one. The divisors fix the factor (the largest) and, in between, a blend linear in 1 / wavelength; that line
+    fixes original_max / (high - low) and low / (high - low), so low_freq_factor is taken as Llama 3.x's 1 (any
+    choice gives the same frequencies). Checked by recomputing the divisors: anything else is refused."""
+    from chipwise.config import ModelConfig
+
+    tensor = next((t for t in reader.tensors if t.name == "rope_freqs.weight"), None)
+    if tensor is None:
+        return None
+    factors = np.asarray(tensor.data, np.float64).reshape(-1)
+    refuse = ChipwiseError("rope_freqs.weight is not Llama 3.1's RoPE scaling (rope_type llama3) of this model's "
+                           f"{head_dim // 2} rotary frequencies; chipwise cannot represent it")
+    if factors.shape != (head_dim // 2,) or not np.all(np.isfinite(factors)) or factors.min() < 1 - 1e-6:
+        raise refuse
+    factor = float(factors.max())
+    if factor < 1 + 1e-6:
+        return None  # every frequency kept: plain RoPE
+    x = theta ** (-np.arange(head_dim // 2) / (head_dim // 2)) / (2 * np.pi)  # 1 / wavelength
+    blend = (1 / factors - 1 / factor) / (1 - 1 / factor)  # 1: kept, 0: divided by the factor
+    mid, low = (blend > 1e-5) & (blend < 1 - 1e-5), 1.0
+    if mid.sum() >= 2:
+        slope, offset = np.polyfit(x[mid], blend[mid], 1)  # blend = (original * x - low) / (high - low)
+        high = low - 1 / offset if offset < 0 else 4.0
+        original = slope * (high - low)
+    elif mid.sum() == 1:  # one point on the line: Llama 3.1's high_freq_factor fixes it
+        high = 4.0
+        original = (blend[mid][0] * (high - low) + low) / x[mid][0]
+    else:  # a step: any original between the last kept and the first divided frequency, a power of two if one fits
+        high = 4.0
+        least, most = high / x[blend >= 0.5].min(), low / x[blend < 0.5].max()
+        powers = [2.0 ** k for k in range(int(np.ceil(np.log2(least))), int(np.floor(np.log2(most))) + 1)]
+        original = powers[0] if powers else (least + most) / 2
+    scaling = {"rope_type": "llama3", "factor": float(np.float32(factor)), "low_freq_factor": low,
+               "high_freq_factor": float(np.round(high, 4)),
+               "original_max_position_embeddings": int(round(original))}
+    m = ModelConfig(d_model=head_dim, num_heads=1, num_kv_heads=1, rope_theta=theta, rope_type="llama3",
+                    rope_factor=scaling["factor"], rope_low_freq_factor=low, rope_high_freq_factor=scaling[
+                        "high_freq_factor"], rope_original_max_seq_len=scaling["original_max_position_embeddings"])
+    if scaling["original_max_position_embeddings"] < 1 or not np.allclose(rope_factors(m), factors, rtol=1e-4):
+        raise refuse
+    return scaling
 
 
 def hf_tensors(reader, config: dict) -> dict[str, np.ndarray]:
@@ -112,6 +169,8 @@ def hf_tensors(reader, config: dict) -> dict[str, np.ndarray]:
     heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
     out = {}
     for t in reader.tensors:
+        if t.name == "rope_freqs.weight":  # config.json's rope_scaling (rope_scaling, above)
+            continue
         base, _, kind = t.name.rpartition(".")
         parts = base.split(".")
         if parts[0] == "blk" and len(parts) == 3 and parts[2] in LAYER_TENSORS:

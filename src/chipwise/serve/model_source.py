@@ -41,10 +41,11 @@ def from_hf(hf_dir: str, name: str | None = None, platform: str = "cpu") -> Serv
     """A local Hugging Face Llama directory: config.json, safetensors, tokenizer.json, and its special tokens,
     generation ids and chat template (hf.read_tokenizer_meta). A GGUF file is converted to such a directory first
     (hf/gguf_file.py), once."""
+    import jax
     from flax import nnx
     from tokenizers import Tokenizer
 
-    from chipwise.hf.checkpoint import read_checkpoint, read_tokenizer_meta
+    from chipwise.hf.checkpoint import read_to_device, read_tokenizer_meta
     from chipwise.hf.gguf_file import hf_dir_for, is_gguf
     from chipwise.sharding import platform_rules
     from chipwise.train.step import abstract_model
@@ -54,7 +55,8 @@ def from_hf(hf_dir: str, name: str | None = None, platform: str = "cpu") -> Serv
     path = Path(hf_dir)
     if not (path / "tokenizer.json").is_file():
         raise ChipwiseError(f"{path} has no tokenizer.json; serving needs the model's own tokenizer")
-    m, params = read_checkpoint(path, scan_layers=platform_rules(platform)["scan_layers"])
+    # one tensor at a time onto the device the engine runs on (an accelerator's: the host holds about one tensor)
+    m, params = read_to_device(path, jax.devices()[0], scan_layers=platform_rules(platform)["scan_layers"])
     graphdef, _ = nnx.split(abstract_model(m))
     tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
     return _served(name or path.name, graphdef, params, tokenizer, read_tokenizer_meta(path), path)

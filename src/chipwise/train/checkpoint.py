@@ -8,8 +8,9 @@ Every process writes the checksums of the files it wrote (train/integrity.py: on
 hashed by a thread pool) into the temporary directory before the rename, so a published checkpoint always carries
 them: with several processes each hashes its own part before Orbax's barrier at the end of the writes, and
 process 0 adds the shared metadata files in Orbax's post-finalization callback. Both run in Orbax's background
-thread; `save()` blocks only for the device-to-host copy. A restore has each process check its share of the
-manifests, in parallel threads, and the processes agree on the verdict: a checkpoint damaged afterwards
+thread; `save()` blocks only for the device-to-host copy, and once hashed the files are dropped from the page cache
+(integrity.digest_files). A restore has each process check its share of the manifests in a thread while the
+restore reads the same files, and the processes agree on the verdict: a checkpoint damaged afterwards
 (truncated, bit-flipped, files lost) is reported, moved aside to checkpoints_set_aside/, and the previous good one
 is used. Older checkpoints (one chipwise_checksums.json of sha256 digests) are still checked. Nothing is ever
 deleted except by the retention policy.
@@ -30,6 +31,7 @@ from __future__ import annotations
 import os
 import shutil
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
 
@@ -74,8 +76,22 @@ def _mtimes(root: Path, files: dict[str, str]) -> dict[str, tuple[int, int]]:
     return {n: (st.st_size, st.st_mtime_ns) for n, path in files.items() for st in [os.stat(root / path)]}
 
 
+def _handlers(compress: bool) -> ocp.handlers.DefaultCheckpointHandlerRegistry:
+    """The train state through Orbax's PyTree handler, whose zstd compression can be turned off (the Standard
+    handler always compresses); the record as JSON. Both read checkpoints written either way."""
+    registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
+    state = ocp.PyTreeCheckpointHandler(use_compression=compress)
+    meta = ocp.JsonCheckpointHandler()
+    for name, handler, save, restore in (("state", state, ocp.args.PyTreeSave, ocp.args.PyTreeRestore),
+                                         ("meta", meta, ocp.args.JsonSave, ocp.args.JsonRestore)):
+        registry.add(name, save, handler)
+        registry.add(name, restore, handler)
+    return registry
+
+
 class Checkpoints:
-    def __init__(self, directory: Path, keep: int, keep_every: int = 0, log: Callable[[str], None] = print):
+    def __init__(self, directory: Path, keep: int, keep_every: int = 0, log: Callable[[str], None] = print,
+                 compress: bool = False):
         self.remote = storage.is_remote(directory)
         self.directory = directory if self.remote else Path(directory).absolute()
         storage.orbax_for(directory)
@@ -96,7 +112,7 @@ class Checkpoints:
             cleanup_tmp_directories=True,  # a save cut short by a kill leaves STEP.orbax-checkpoint-tmp behind
             async_options=ocp.AsyncOptions(post_finalization_callback=self._write_checksums,
                                            barrier_sync_fn=self._barrier))
-        self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
+        self.manager = ocp.CheckpointManager(self.directory, options=options, handler_registry=_handlers(compress))
 
     # ---- saving -------------------------------------------------------------------------------------------
     def all_steps(self) -> list[int]:
@@ -112,7 +128,7 @@ class Checkpoints:
         self._leftovers.discard(step)  # from here its temporary directory is this save's own
         self._saving = step
         try:
-            return self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+            return self.manager.save(step, args=ocp.args.Composite(state=ocp.args.PyTreeSave(state),
                                                                    meta=ocp.args.JsonSave(meta)), force=force)
         except Exception as e:  # noqa: BLE001 - any I/O error: report it, keep training
             try:
@@ -217,7 +233,7 @@ class Checkpoints:
             step_dir = self._in_progress(step)
             files = integrity.item_files(step_dir, me, explicit=True)  # {name once published: path now}
             stamps = {} if self.remote else _mtimes(step_dir, files)
-            digests = integrity.digest_files(step_dir, files)
+            digests = integrity.digest_files(step_dir, files, evict=True)
             if me == 0:
                 self._own = (step, digests, stamps)  # the shared files are still to come: written at the finalize
             else:
@@ -239,12 +255,13 @@ class Checkpoints:
                 cached = {n: d for n, d in self._own[1].items() if n in now and now[n] == self._own[2].get(n)}
             else:
                 cached = {}
-            digests = {**integrity.digest_files(step_dir, {n: p for n, p in names.items() if n not in cached}),
+            fresh = {n: p for n, p in names.items() if n not in cached}
+            digests = {**integrity.digest_files(step_dir, fresh, evict=True),
                        **{n: cached[n] for n in names if n in cached}}
             for other in range(1, processes):
                 if not (step_dir / integrity.manifest_name(other)).is_file():
                     integrity.write_manifest(step_dir, other, integrity.digest_files(
-                        step_dir, integrity.item_files(step_dir, other)), hashed_by=0)
+                        step_dir, integrity.item_files(step_dir, other), evict=True), hashed_by=0)
             integrity.write_manifest(step_dir, 0, dict(sorted(digests.items())), processes=processes)
         except Exception as e:  # noqa: BLE001 - never fail the save: a restore treats it as unverified
             self.log(f"could not write checksums for the checkpoint at step {step} ({one_line(e)})")
@@ -255,7 +272,11 @@ class Checkpoints:
     def verify(self, step: int) -> str | None:
         """None if the step's files match the checksums written with it, else what is wrong. Each process checks
         its share (integrity.verify_part) and every process returns the same verdict."""
-        verdict = integrity.verify_part(self.directory / str(step), jax.process_index(), jax.process_count())
+        return self._agree(step, integrity.verify_part(self.directory / str(step), jax.process_index(),
+                                                        jax.process_count()))
+
+    def _agree(self, step: int, verdict: str | None) -> str | None:
+        """Every process's verdict on its share of `step`, combined (a collective with several processes)."""
         verdicts = integrity.gather_text(verdict or "")
         problem = next((v for v in verdicts if v and v != integrity.UNVERIFIED), None)
         if problem is None and integrity.UNVERIFIED in verdicts:  # Orbax's own checks during the restore must do
@@ -270,7 +291,8 @@ class Checkpoints:
 
     def restore(self, step: int, abstract_state) -> dict:
         """`abstract_state`: ShapeDtypeStructs carrying the target shardings."""
-        out = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
+        target = ocp.args.PyTreeRestore(abstract_state, ocp.checkpoint_utils.construct_restore_args(abstract_state))
+        out = self.manager.restore(step, args=ocp.args.Composite(state=target))
         return out["state"]
 
     def restore_latest(self, abstract_state, check: Callable[[dict], None] = lambda meta: None,
@@ -284,27 +306,48 @@ class Checkpoints:
         user's to fix, so it stops the search instead of setting anything aside.
         """
         damaged = []
-        for step in reversed(self.all_steps()):
-            problem = self.verify(step)
-            if problem is None:
+        with ThreadPoolExecutor(1) as checker:
+            for step in reversed(self.all_steps()):
+                # The checksums are checked while the checkpoint is restored, not before: each reads the files
+                # once from the disk and the other from the page cache. A damaged checkpoint's restored state (if
+                # its restore did not fail anyway) is dropped unused. Only the local check runs in the thread; the
+                # processes agree on the verdicts after the restore, in this thread. `check` still runs before any
+                # array is read, and its refusal counts only for a checkpoint that verifies.
+                checking = checker.submit(integrity.verify_part, self.directory / str(step), jax.process_index(),
+                                          jax.process_count())
+                state = meta = failure = refusal = None
                 try:
                     meta = self.read_meta(step)
-                except Exception as e:  # noqa: BLE001 - verified files that Orbax cannot read: damaged too
-                    problem = f"unreadable meta ({one_line(e)})"
-            if problem is None:
-                check(meta)
-                try:
-                    target = abstract_state(meta) if callable(abstract_state) else abstract_state
-                    return step, self.restore(step, target), meta
-                except Exception as e:  # noqa: BLE001
+                except Exception as e:  # noqa: BLE001 - judged below, once the checksums have been checked
+                    failure = e
+                if meta is not None:
+                    try:
+                        check(meta)
+                    except Exception as e:  # noqa: BLE001 - raised below if the checkpoint is intact
+                        refusal = e
+                if meta is not None and refusal is None:
+                    try:
+                        state = self.restore(step, abstract_state(meta) if callable(abstract_state) else
+                                             abstract_state)
+                    except Exception as e:  # noqa: BLE001
+                        failure = e
+                problem = self._agree(step, checking.result())
+                if problem is None and meta is None:  # verified files that Orbax cannot read: damaged too
+                    problem = f"unreadable meta ({one_line(failure)})"
+                if problem is None:
+                    if refusal is not None:
+                        raise refusal
+                    if failure is None:
+                        return step, state, meta
                     # files that match their checksums are intact: the config, not the checkpoint, is wrong
                     if (self.directory / str(step) / CHECKSUMS).is_file():
-                        raise ChipwiseError(f"checkpoint at step {step} does not match this run's model "
-                                            f"({one_line(e)}); resume with the config it was saved with") from None
-                    problem = one_line(e)
-            where = f"moved to {self.set_aside(step, 'damaged')}" if move_damaged else "left in place"
-            damaged.append(step)
-            self.log(f"checkpoint at step {step} is damaged ({problem}); {where}; trying the one before it")
+                        raise ChipwiseError(f"checkpoint at step {step} does not match this run's model ("
+                                            f"{one_line(failure)}); resume with the config it was saved with") from None
+                    problem = one_line(failure)
+                del state
+                where = f"moved to {self.set_aside(step, 'damaged')}" if move_damaged else "left in place"
+                damaged.append(step)
+                self.log(f"checkpoint at step {step} is damaged ({problem}); {where}; trying the one before it")
         if damaged:
             raise ChipwiseError(f"no usable checkpoint in {self.directory}: every one is damaged (steps "
                                 f"{', '.join(map(str, damaged))}); start a new run")

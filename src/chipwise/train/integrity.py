@@ -137,7 +137,7 @@ def _buffer() -> memoryview:
     return _local.buf
 
 
-def _hash_piece(path: Path, start: int, length: int) -> bytes:
+def _hash_piece(path: Path, start: int, length: int, evict: bool = False) -> bytes:
     h, buf, left = xxhash.xxh3_128(), _buffer(), length
     with open(path, "rb", buffering=0) as f:
         f.seek(start)
@@ -147,20 +147,28 @@ def _hash_piece(path: Path, start: int, length: int) -> bytes:
                 break
             h.update(buf[:n])
             left -= n
+        if evict and hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(f.fileno(), start, length, os.POSIX_FADV_DONTNEED)
     return h.digest()
 
 
-def digest_files(root: Path, files: dict[str, str] | list[str]) -> dict[str, list]:
+def digest_files(root: Path, files: dict[str, str] | list[str], evict: bool = False) -> dict[str, list]:
     """{name: [size, xxh3_128 hex]} of files under `root` (a list of paths relative to it, or {name: path}),
-    hashed in 64 MiB pieces by a thread pool."""
+    hashed in 64 MiB pieces by a thread pool.
+
+    `evict` (a save's own files, written and synced by Orbax): each piece is dropped from the page cache once
+    hashed. A checkpoint is read back only by a rare restore, so its pages would only push out what is used (the
+    memory-mapped corpus); and the next save's writes then reuse the pages just freed, where otherwise the cache
+    grows into memory the kernel has not touched for a while, which on VMs whose host reclaims free guest memory
+    made every write run at a tenth of the disk's speed (docs/benchmarks.md)."""
     files = files if isinstance(files, dict) else {name: name for name in files}
     if storage.is_remote(root):
         return _object_digests(root, files)
     sizes = {name: (root / path).stat().st_size for name, path in files.items()}
     pieces = [(name, start) for name in files for start in range(0, max(sizes[name], 1), CHUNK)]
     with ThreadPoolExecutor(_workers()) as pool:
-        parts = list(pool.map(lambda p: _hash_piece(root / files[p[0]], p[1], min(CHUNK, sizes[p[0]] - p[1])),
-                              pieces))
+        parts = list(pool.map(lambda p: _hash_piece(root / files[p[0]], p[1], min(CHUNK, sizes[p[0]] - p[1]),
+                                                    evict), pieces))
     out, i = {}, 0
     for name in files:
         n = max(1, -(-sizes[name] // CHUNK))

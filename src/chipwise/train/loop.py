@@ -80,7 +80,8 @@ class Trainer:
         with use_mesh(self.setup.mesh, self.setup.rules):
             compiled = build_train_step(cfg, self.setup.mesh, self.setup.platform, self.setup.attention,
                                         eos_id=self.data.eos_id)
-            ckpt = self.run_dir.checkpoints(t.keep_checkpoints, t.keep_every, log=self.log)
+            ckpt = self.run_dir.checkpoints(t.keep_checkpoints, t.keep_every, log=self.log,
+                                            compress=t.compress_checkpoints)
             try:
                 state, start, iterator, guard, totals, restored = initial_state(
                     cfg, self.run_dir, self.data, compiled.steps, ckpt, compiled.abstract_state, self.resume,
