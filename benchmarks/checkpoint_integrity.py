@@ -14,13 +14,15 @@ Reported:
 - blocked: how long the `save()` call keeps the caller (the train loop) waiting;
 - total save: from the call until the checkpoint is published with its checksums (`wait()` returns);
 - hashing: the part of that total spent hashing (in Orbax's background thread);
-- restore: the page cache dropped first, then `verify` (each process checks its own files) + `restore`;
-  and, for comparison, a cold restore without `verify`;
-- the disk itself, measured in the same run and the same directory with `dd`: --saves writes of the same size one
-  after another, each a new file kept until the end (as checkpoints are), with conv=fdatasync oflag=nocache:
-  written, synced and dropped from the page cache, as a save's files are (integrity.digest_files); then reads of
-  them after dropping the page cache (as root; otherwise with iflag=direct); and, for what the page cache does to a
-  writer that keeps its pages there, the same writes without oflag=nocache.
+- restore: the newest checkpoint, --saves times, each with the page cache dropped first: as a resume restores it
+  (`restore_latest`: the checksums checked in a thread while Orbax reads the same files); and, for comparison,
+  `verify` alone and Orbax's restore alone;
+- the disk itself, measured in the same run and the same directory with `dd`: after each save, a write of the same
+  size into a new file kept until the end (as checkpoints are), with conv=fdatasync and then its pages dropped from
+  the page cache (posix_fadvise), as a save's files are (integrity.digest_files), so that both meet the page
+  cache in the same state; after the restores, reads of those files with the page cache dropped (as root;
+  otherwise with iflag=direct); and, for what the page cache does to a writer that keeps its pages there, the
+  same writes without the drop, one after another.
 
 --compress saves with Orbax's zstd (train.compress_checkpoints); --keep-cache leaves the saved files in the page
 cache (chipwise drops each file's pages once it is hashed, integrity.digest_files).
@@ -103,12 +105,16 @@ def drop_caches() -> bool:
         return False
 
 
-def dd_write(path: Path, nbytes: int, nocache: bool = True) -> float:
-    """GB/s of writing a new file of nbytes at `path`, with conv=fdatasync (and oflag=nocache: its pages dropped)."""
+def dd_write(path: Path, nbytes: int, evict: bool = True) -> float:
+    """GB/s of writing a new file of nbytes at `path` with conv=fdatasync, and (evict) dropping its pages after."""
     count = max(1, nbytes >> 20)
     t = time.perf_counter()
-    subprocess.run(["dd", "if=/dev/zero", f"of={path}", "bs=1M", f"count={count}", "conv=fdatasync",
-                    *(["oflag=nocache"] if nocache else [])], check=True, capture_output=True)
+    subprocess.run(["dd", "if=/dev/zero", f"of={path}", "bs=1M", f"count={count}", "conv=fdatasync"], check=True,
+                   capture_output=True)
+    if evict:
+        fd = os.open(path, os.O_RDONLY)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        os.close(fd)
     return (count << 20) / (time.perf_counter() - t) / GB
 
 
@@ -195,7 +201,8 @@ def run(args, work: Path) -> int:
     cpu0 = time.process_time()
 
     ckpt = Checkpoints(work / "checkpoints", keep=args.saves + 1, log=print, compress=args.compress)
-    series = {"first": [], "next": []}
+    series, dd_writes = {"first": [], "next": []}, []
+    files_dd = [work / f"dd{k}.bin" for k in range(args.saves)]
     for i in range(1, args.saves + 2):
         kind = "first" if i == 1 else "next"
         timed["hash_s"] = 0.0
@@ -208,38 +215,45 @@ def run(args, work: Path) -> int:
         t3 = time.perf_counter()
         series[kind].append({"blocked": t1 - t0, "total": t2 - t0, "hash": timed["hash_s"], "synced": t3 - t0,
                              "bytes": tree_bytes(work / "checkpoints" / str(i))})
+        if kind == "next":  # the disk's peer, in the state this save left the page cache in
+            dd_writes.append(dd_write(files_dd[i - 2], series[kind][-1]["bytes"]))
         print(f"  save {i} ({kind}): blocked {t1 - t0:.3f} s, published {t2 - t0:.2f} s (hashing "
-              f"{timed['hash_s']:.2f} s), synced {t3 - t0:.2f} s, {series[kind][-1]['bytes'] / GB:.2f} GB", flush=True)
+              f"{timed['hash_s']:.2f} s), synced {t3 - t0:.2f} s, {series[kind][-1]['bytes'] / GB:.2f} GB"
+              + (f"; then dd {dd_writes[-1]:.2f} GB/s" if kind == "next" else ""), flush=True)
     saves = series["next"]
 
     files = [p.stat().st_size for p in (work / "checkpoints" / "1").rglob("*") if p.is_file()]
     restores, target = [], abstract_like(state, shardings)
     zstd = zstd_rates(state)
     del state
-    for i in range(2, args.saves + 2):
+    latest = ckpt.latest_step()
+    for _ in range(args.saves):
         drop_caches()
-        timed["hash_s"] = 0.0
         t0 = time.perf_counter()
-        problem = ckpt.verify(i)
+        found = ckpt.restore_latest(target)
+        jax.block_until_ready(found[1])
         t1 = time.perf_counter()
-        assert problem is None, problem
-        jax.block_until_ready(ckpt.restore(i, target))
-        t2 = time.perf_counter()
+        assert found[0] == latest, found[0]
+        del found
         drop_caches()
+        t2 = time.perf_counter()
+        problem = ckpt.verify(latest)
         t3 = time.perf_counter()
-        jax.block_until_ready(ckpt.restore(i, target))
+        assert problem is None, problem
+        drop_caches()
         t4 = time.perf_counter()
-        restores.append({"verify": t1 - t0, "restore": t2 - t1, "total": t2 - t0, "plain": t4 - t3})
-        print(f"  restore {i}: verify {t1 - t0:.2f} s + restore {t2 - t1:.2f} s; cold restore alone {t4 - t3:.2f} s",
-              flush=True)
+        jax.block_until_ready(ckpt.restore(latest, target))
+        t5 = time.perf_counter()
+        restores.append({"total": t1 - t0, "verify": t3 - t2, "plain": t5 - t4})
+        print(f"  restore of step {latest}: as a resume {t1 - t0:.2f} s; verify alone {t3 - t2:.2f} s; Orbax's "
+              f"restore alone {t5 - t4:.2f} s", flush=True)
     ckpt.close()
 
-    size, files_dd = int(saves[0]["bytes"]), [work / f"dd{k}.bin" for k in range(args.saves)]
-    dd_writes = [dd_write(f, size) for f in files_dd]
+    size = int(saves[0]["bytes"])
     dd_reads = [dd_read(f, can_drop) for f in files_dd]
     for f in files_dd:
         f.unlink()
-    dd_cached = [dd_write(f, size, nocache=False) for f in files_dd]
+    dd_cached = [dd_write(f, size, evict=False) for f in files_dd]
     for f in files_dd:
         f.unlink()
     cpu = time.process_time() - cpu0
@@ -247,7 +261,7 @@ def run(args, work: Path) -> int:
     write_gbs, read_gbs = statistics.median(dd_writes), statistics.median(dd_reads)
     med = {k: statistics.median(s[k] for s in saves) for k in ("blocked", "total", "hash", "synced", "bytes")}
     first = series["first"][0]
-    rmed = {k: statistics.median(r[k] for r in restores) for k in ("verify", "restore", "total", "plain")}
+    rmed = {k: statistics.median(r[k] for r in restores) for k in ("verify", "total", "plain")}
     save_gbs, restore_gbs = med["bytes"] / med["total"] / GB, med["bytes"] / rmed["total"] / GB
 
     def listed(rates):
@@ -269,12 +283,13 @@ def run(args, work: Path) -> int:
         ("save: of which hashing (background thread)", f"{med['hash']:.2f} s",
          f"{med['bytes'] / med['hash'] / GB:.2f} GB/s" if med["hash"] else "-"),
         ("save: until `sync` returned", f"{med['synced']:.2f} s", f"{med['bytes'] / med['synced'] / GB:.2f} GB/s"),
-        ("restore: verify (cold cache)", f"{rmed['verify']:.2f} s", f"{med['bytes'] / rmed['verify'] / GB:.2f} GB/s"),
-        ("restore: restore after verify", f"{rmed['restore']:.2f} s", ""),
-        ("restore: total (verify + restore)", f"{rmed['total']:.2f} s", f"{restore_gbs:.2f} GB/s"),
-        ("restore without verify (cold cache), for comparison", f"{rmed['plain']:.2f} s",
+        ("restore as a resume does (checksums checked alongside)", f"{rmed['total']:.2f} s",
+         f"{restore_gbs:.2f} GB/s"),
+        ("restore: `verify` alone, for comparison", f"{rmed['verify']:.2f} s",
+         f"{med['bytes'] / rmed['verify'] / GB:.2f} GB/s"),
+        ("restore: Orbax's restore alone, for comparison", f"{rmed['plain']:.2f} s",
          f"{med['bytes'] / rmed['plain'] / GB:.2f} GB/s"),
-        ("disk: dd write, conv=fdatasync oflag=nocache", "", f"{write_gbs:.2f} GB/s ({listed(dd_writes)})"),
+        ("disk: dd write, conv=fdatasync, pages dropped after", "", f"{write_gbs:.2f} GB/s ({listed(dd_writes)})"),
         ("disk: dd read" + (", cache dropped" if can_drop else ", iflag=direct"), "",
          f"{read_gbs:.2f} GB/s ({listed(dd_reads)})"),
         ("the first save of the process, until published", f"{first['total']:.2f} s",
