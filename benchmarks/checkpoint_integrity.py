@@ -51,8 +51,8 @@ import numpy as np  # noqa: E402
 from jax.sharding import Mesh, NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
+from chipwise import process  # noqa: E402
 from chipwise.plan.calibration import cpu_model  # noqa: E402
-from chipwise.process import usable_cores  # noqa: E402
 from chipwise.train import integrity  # noqa: E402
 from chipwise.train.checkpoint import Checkpoints, abstract_like  # noqa: E402
 
@@ -154,11 +154,12 @@ def describe(directory: Path) -> str:
     disk = (cmd("lsblk", "-dno", "NAME,SIZE,ROTA,MODEL", source) if source.startswith("/dev/") else "").split()
     what = f"{disk[1]}, rotational flag {disk[2]}{', ' + ' '.join(disk[3:]) if disk[3:] else ''}" if disk[2:] else "?"
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return (f"{cpu_model()}, {usable_cores()} cores, {mem:.0f} GiB memory; disk {source} ({what}), {fstype}; "
+    return (f"{cpu_model()}, {process.usable_cores()} cores, {mem:.0f} GiB memory; disk {source} ({what}), {fstype}; "
             f"jax {jax.__version__}, {len(jax.devices())} simulated CPU devices")
 
 
 def main() -> int:
+    process.setup()  # as the `chipwise` command sets itself up: freed host memory stays in the process
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--gb", type=float, default=2.0, help="size of the train state (params + Adam moments)")
     ap.add_argument("--saves", type=int, default=3)
