@@ -90,11 +90,13 @@ def test_a_saves_files_leave_the_page_cache_once_hashed(tmp_path, monkeypatch, e
     state = state_of(np.random.default_rng(1).normal(size=(512, 1024)).astype(np.float32))  # 2 MiB
     ckpt = Checkpoints(tmp_path / "checkpoints", keep=2)
     assert ckpt.save(1, state, {"step": 1}) and ckpt.wait()
-    data = max((tmp_path / "checkpoints" / "1" / "state").rglob("d/*"), key=lambda p: p.stat().st_size)
-    assert data.stat().st_size >= 2 * 2**20
+    data = [p for p in (tmp_path / "checkpoints" / "1" / "state").rglob("d/*") if p.is_file()]
+    sizes = [p.stat().st_size for p in data]
+    assert sum(sizes) >= 2 * 2**20  # how tensorstore splits it into files varies
+    cached = sum(resident(p) * size for p, size in zip(data, sizes)) / sum(sizes)
     if evict:
-        assert resident(data) < 0.1
+        assert cached < 0.1
     else:  # the same save keeps them: what the test would see if the eviction were lost
-        assert resident(data) > 0.9
+        assert cached > 0.9
     assert ckpt.verify(1) is None  # and the files still verify (read back from the disk)
     ckpt.close()

@@ -3,6 +3,7 @@ export, report and `train --resume` accept; and continued pre-training of a real
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -104,6 +105,20 @@ def test_resumed_import_trains_exactly_as_init_from(tmp_path, corpus, source, ca
     jax.tree.map(np.testing.assert_array_equal, a.latest_params(a.read_config())[0],
                  b.latest_params(b.read_config())[0])
     assert a.read_summary()["first_val_loss"] == b.read_summary()["first_val_loss"]
+
+
+def test_an_import_resumes_after_its_source_is_gone(tmp_path, corpus, source, capsys):
+    """The run's config names the source's tokenizer.json (for a GGUF file, a conversion in ~/.cache); once that is
+    deleted the run resumes with its own copy, and its config then names that copy."""
+    moved = tmp_path / "source"
+    shutil.copytree(source, moved)
+    run = tmp_path / "run"
+    assert main(["import", str(moved), "--out", str(run), *run_settings(tmp_path, corpus)]) == 0
+    shutil.rmtree(moved)
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run), "--set", "train.steps=1"]) == 0
+    assert f"data.tokenizer {moved / 'tokenizer.json'} is gone; using the run's own copy" in capsys.readouterr().err
+    assert RunDir(run).read_config().data.tokenizer == str(RunDir(run).tokenizer_file)
 
 
 def test_import_stores_params_in_the_training_dtype(tmp_path, corpus, source):

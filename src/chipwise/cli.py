@@ -82,7 +82,8 @@ def _train(args) -> int:
                             "ignored; start a new run_dir for another model")
     if run_dir and not args.config:  # a run continues under its own saved config; --set may change e.g. steps
         saved = to_dict(RunDir(run_dir).read_config())
-        cfg = from_dict(apply_overrides(saved, args.overrides + [f"run_dir={run_dir}"]))
+        cfg = _own_tokenizer(from_dict(apply_overrides(saved, args.overrides + [f"run_dir={run_dir}"])),
+                             RunDir(run_dir))
     else:  # rerunning a command with --resume uses its config; the checkpoint refuses an incompatible model
         cfg = load_config(args.config, args.overrides + ([f"run_dir={run_dir}"] if run_dir else []))
     if cfg.train.init_from and not run_dir:  # a model --set against the checkpoint fails now, not after compiling
@@ -91,6 +92,20 @@ def _train(args) -> int:
         check_model(cfg)
     run_to_exit(lambda: Trainer(cfg, resume=run_dir is not None, overwrite=args.overwrite).run())
     return 0
+
+
+def _own_tokenizer(cfg, run):
+    """A run whose data.tokenizer file is gone (an imported GGUF's lives in ~/.cache, an HF directory may have moved)
+    resumes with the run's own copy of it; the checkpoint still refuses a tokenizer it was not trained with."""
+    import dataclasses
+    import sys
+    from pathlib import Path
+
+    given = cfg.data.tokenizer
+    if not given or Path(given).expanduser().is_file() or not run.tokenizer_file.is_file():
+        return cfg
+    print(f"data.tokenizer {given} is gone; using the run's own copy, {run.tokenizer_file}", file=sys.stderr)
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, tokenizer=str(run.tokenizer_file)))
 
 
 def _import(args) -> int:

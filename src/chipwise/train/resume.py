@@ -47,6 +47,8 @@ def incompatibility(meta: dict, cfg: Config, tokenizer_fp: str, corpus_fp: str) 
         return (f"checkpoint was trained with tokenizer {str(fp)[:12]}, the data now gives tokenizer "
                 f"{tokenizer_fp[:12]} (sha256 of tokenizer.json)" + (f" because {'; '.join(changed)}" if changed
                                                                       else ""))
+    # the same tokenizer.json found elsewhere (a run resumed with its own copy, cli._own_tokenizer) is no change
+    changed = [c for c in changed if not c.startswith("data.tokenizer ")]
     if changed:
         return f"{'; '.join(changed)}: the checkpoint's data position would mean other tokens"
     corpus = meta.get("corpus_fingerprint")
