@@ -254,6 +254,15 @@ def test_process_shards_concatenate_to_the_single_process_batch():
         make_train_iterator(TOKENS, 8, 12, 0, 0, 5)
 
 
+def test_one_sequence_per_process_is_a_batch_like_any_other():
+    """train.batch_size 1 (and one row per process) used to overflow grain's length of the endless stream."""
+    ones = _take(make_train_iterator(TOKENS, 8, 1, seed=5), 20)
+    assert all(b.shape == (1, 9) for b in ones)
+    assert np.array_equal(np.concatenate(ones), np.concatenate(_take(make_train_iterator(TOKENS, 8, 4, seed=5), 5)))
+    halves = [_take(make_train_iterator(TOKENS, 8, 2, 5, p, 2), 10) for p in range(2)]
+    assert np.array_equal(np.concatenate([np.concatenate(s) for s in zip(*halves)]), np.concatenate(ones))
+
+
 def test_iterator_state_resumes_exactly():
     it = make_train_iterator(TOKENS, 8, 4, seed=3)
     _take(it, 7)

@@ -108,8 +108,10 @@ class TrainIterator:
             stream = (grain.MapDataset.source(TokenWindows(tokens, seq_len))
                       .shuffle(seed=_shuffle_seed(seed))
                       .repeat())  # endless; grain reseeds the shuffle per epoch
+        # drop_remainder: an endless stream has none, and grain would compute its length as ceil(len / rows) in
+        # floating point, which for rows=1 rounds sys.maxsize up past what len() may return
         ds = (stream
-              .batch(rows)  # batch k holds stream positions k*rows .. (k+1)*rows - 1
+              .batch(rows, drop_remainder=True)  # batch k holds stream positions k*rows .. (k+1)*rows - 1
               [process_index::process_count])  # so this process's k-th batch is its part of step k
         # Threads build upcoming batches while the step runs; results come back in index order, so
         # prefetching never changes what is returned.
