@@ -131,10 +131,6 @@ def create_exclusive(target, data: bytes) -> bool:
         fs.pipe_file(where, data, mode="create")
     except FileExistsError:
         return False
-    except (TypeError, NotImplementedError):  # a client without conditional writes: check, then write
-        if fs.exists(where):
-            return False
-        fs.pipe_file(where, data)
     return True
 
 

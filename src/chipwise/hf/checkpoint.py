@@ -193,12 +193,16 @@ def _window(index: tuple, shape: tuple[int, ...]) -> tuple[tuple[int, int], ...]
     return tuple(s.indices(n)[:2] for s, n in zip(index, shape))
 
 
+def _model(hf_dir: Path, max_seq_len: int | None, scan_layers: bool | None) -> ModelConfig:
+    return dataclasses.replace(convert.model_config(read_config(hf_dir), max_seq_len), scan_layers=scan_layers)
+
+
 def read_checkpoint(hf_dir: Path, max_seq_len: int | None = None,
                     scan_layers: bool | None = None) -> tuple[ModelConfig, dict]:
     """(ModelConfig, chipwise params as float32 numpy) from a local HF Llama directory, in the layer layout
     `scan_layers` asks for (None: ModelConfig's default, stacked). Each tensor is read into its place in turn: the
     host holds the params and one tensor as stored."""
-    m = dataclasses.replace(convert.model_config(read_config(hf_dir), max_seq_len), scan_layers=scan_layers)
+    m = _model(hf_dir, max_seq_len, scan_layers)
     params = {}
     with WeightReader(hf_dir) as reader:
         check_weights(reader, m)
@@ -218,7 +222,7 @@ def read_to_device(hf_dir: Path, device, max_seq_len: int | None = None,
     (place_checkpoint): the host never holds a copy of the whole model beside the device's."""
     from jax.sharding import SingleDeviceSharding
 
-    m = dataclasses.replace(convert.model_config(read_config(hf_dir), max_seq_len), scan_layers=scan_layers)
+    m = _model(hf_dir, max_seq_len, scan_layers)
     shardings = {}
     for path in _sources(m):
         _put(shardings, path, SingleDeviceSharding(device))

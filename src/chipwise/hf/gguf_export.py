@@ -26,8 +26,8 @@ from chipwise.config import ModelConfig
 from chipwise.data.tokenizer import EOS_TOKEN
 from chipwise.errors import ChipwiseError
 from chipwise.hf import convert
-from chipwise.hf.safetensors_io import hf_value
 from chipwise.hf.gguf_file import _LLAMA3_SPLIT, GLOBAL_TENSORS, LAYER_TENSORS, rope_factors
+from chipwise.hf.safetensors_io import hf_value
 
 # The tokenizer's pre-tokenizer steps (named as in gguf_file.PRE_TOKENIZERS) -> the llama.cpp pre-tokenizer with
 # the same regexes (llama.cpp's src/llama-vocab.cpp): GPT-2's split; each digit alone then GPT-2's (SmolLM's,

@@ -40,15 +40,15 @@ def incompatibility(meta: dict, cfg: Config, tokenizer_fp: str, corpus_fp: str) 
     for key, value in now["model"].items():  # checkpoints of older versions lack the config: Orbax checks shapes
         if key in saved.get("model", {}) and saved["model"][key] != value:
             return f"checkpoint has model.{key}={saved['model'][key]}, config has {value}"
-    changed = [f"data.{key} was {saved['data'][key]!r}, is now {now['data'][key]!r}" for key in DATA_IDENTITY
-               if key in saved.get("data", {}) and saved["data"][key] != now["data"][key]]
+    keys = [key for key in DATA_IDENTITY if key in saved.get("data", {}) and saved["data"][key] != now["data"][key]]
     fp = meta.get("tokenizer_fingerprint")
+    if fp == tokenizer_fp:  # the same tokenizer.json at another path (cli._own_tokenizer's copy) is no change
+        keys = [key for key in keys if key != "tokenizer"]
+    changed = [f"data.{key} was {saved['data'][key]!r}, is now {now['data'][key]!r}" for key in keys]
     if fp != tokenizer_fp:
         return (f"checkpoint was trained with tokenizer {str(fp)[:12]}, the data now gives tokenizer "
                 f"{tokenizer_fp[:12]} (sha256 of tokenizer.json)" + (f" because {'; '.join(changed)}" if changed
                                                                       else ""))
-    # the same tokenizer.json found elsewhere (a run resumed with its own copy, cli._own_tokenizer) is no change
-    changed = [c for c in changed if not c.startswith("data.tokenizer ")]
     if changed:
         return f"{'; '.join(changed)}: the checkpoint's data position would mean other tokens"
     corpus = meta.get("corpus_fingerprint")
