@@ -1,13 +1,14 @@
 """Checkpoint saves and restores with their checksums (train/checkpoint.py, train/integrity.py) against the disk.
 
-    python benchmarks/checkpoint_integrity.py [--gb 2] [--saves 3] [--compress] [--keep-cache] [--dir DIR]
-                                              [--wait-quiet 1200] [--markdown]
+    python benchmarks/checkpoint_integrity.py [--gb 2] [--saves 3] [--stacked] [--compress] [--keep-cache]
+                                              [--dir DIR] [--wait-quiet 1200] [--markdown]
 
 A train state of about --gb GB (float32 parameters of a Llama-like layout plus Adam's two moments, built directly
-as arrays sharded over 8 simulated CPU devices, fsdp=8) is saved with chipwise's own `Checkpoints` class, each save
-waited for before the next starts (as in training, where saves are steps apart): a first save, reported on its
-own (it pays for whatever state the process and the page cache start in), then --saves more, the medians of which
-are compared with the disk.
+as arrays sharded over 8 simulated CPU devices, fsdp=8; one array per layer and matrix, as chipwise lays a model
+out on CPUs, or with --stacked the layers stacked, as on GPUs, TPUs and Trainium) is saved with chipwise's own
+`Checkpoints` class, each save waited for before the next starts (as in training, where saves are steps apart): a
+first save, reported on its own (it pays for whatever state the process and the page cache start in), then
+--saves more, the medians of which are compared with the disk.
 
 Reported:
 
@@ -59,26 +60,31 @@ from chipwise.train.checkpoint import Checkpoints, abstract_like  # noqa: E402
 GB = 1e9
 
 
-def shapes(target_bytes: float, d: int = 1024, ff: int = 2816, vocab: int = 32000) -> dict:
-    """Parameter shapes of a Llama-like model whose params + two Adam moments (float32) are about target_bytes."""
+def shapes(target_bytes: float, stacked: bool, d: int = 1024, ff: int = 2816, vocab: int = 32000) -> dict:
+    """Parameter shapes of a Llama-like model whose params + two Adam moments (float32) are about target_bytes:
+    each layer's matrices on their own (unrolled, chipwise's layout on CPUs), or stacked over the layers (scanned,
+    its layout on GPUs, TPUs and Trainium: sharding.PLATFORM_RULES)."""
     per_layer = 4 * d * d + 3 * d * ff
     layers = max(1, round((target_bytes / 12 - vocab * d) / per_layer))
-    out = {"embed": (vocab, d)}
-    for i in range(layers):
-        out |= {f"layer{i:02d}.{n}": (d, d) for n in ("wq", "wk", "wv", "wo")}
-        out |= {f"layer{i:02d}.w_gate": (d, ff), f"layer{i:02d}.w_up": (d, ff), f"layer{i:02d}.w_down": (ff, d)}
-    return out
+    matrices = {**{n: (d, d) for n in ("wq", "wk", "wv", "wo")}, "w_gate": (d, ff), "w_up": (d, ff),
+                "w_down": (ff, d)}
+    if stacked:
+        return {"embed": (vocab, d), **{f"layers.{n}": (layers, *shape) for n, shape in matrices.items()}}
+    return {"embed": (vocab, d), **{f"layer{i:02d}.{n}": shape for i in range(layers) for n, shape in matrices.items()}}
 
 
-def build_state(target_bytes: float):
+def build_state(target_bytes: float, stacked: bool = False):
     mesh = Mesh(np.array(jax.devices()), ("fsdp",))
-    split, whole = NamedSharding(mesh, P("fsdp", None)), NamedSharding(mesh, P())
-    tree = shapes(target_bytes)
+    whole = NamedSharding(mesh, P())
+    tree = shapes(target_bytes, stacked)
+
+    def split(shape):  # fsdp over the first axis that is not the layers'
+        return NamedSharding(mesh, P(*([None] * (len(shape) - 2)), "fsdp", None))
 
     def one(seed):
         keys = jax.random.split(jax.random.key(seed), len(tree))
-        return {name: jax.jit(lambda k, s=shape: jax.random.normal(k, s, jnp.float32), out_shardings=split)(key)
-                for key, (name, shape) in zip(keys, tree.items())}
+        return {name: jax.jit(lambda k, s=shape: jax.random.normal(k, s, jnp.float32), out_shardings=split(shape))(
+            key) for key, (name, shape) in zip(keys, tree.items())}
 
     state = {"params": one(0), "mu": one(1), "nu": one(2), "step": jax.device_put(jnp.int32(0), whole)}
     jax.block_until_ready(state)
@@ -167,6 +173,7 @@ def main() -> int:
     ap.add_argument("--wait-quiet", type=float, default=0.0, help="seconds to wait for load < 1 first")
     ap.add_argument("--compress", action="store_true", help="zstd-compress the arrays (train.compress_checkpoints)")
     ap.add_argument("--keep-cache", action="store_true", help="do not drop saved files from the page cache")
+    ap.add_argument("--stacked", action="store_true", help="layers stacked (scanned), as on GPUs, TPUs, Trainium")
     ap.add_argument("--markdown", action="store_true")
     args = ap.parse_args()
     if args.gb <= 0 or args.saves < 1:
@@ -193,7 +200,7 @@ def run(args, work: Path) -> int:
     integrity.digest_files = digest_files
     print(f"Machine: {describe(work)}", flush=True)
     wait_quiet(args.wait_quiet)
-    state = build_state(args.gb * GB)
+    state = build_state(args.gb * GB, args.stacked)
     state_bytes, arrays = sum(x.nbytes for x in jax.tree.leaves(state)), len(jax.tree.leaves(state))
     shardings = jax.tree.map(lambda x: x.sharding, state)
     wait_quiet(args.wait_quiet)
@@ -268,7 +275,8 @@ def run(args, work: Path) -> int:
     def listed(rates):
         return ", ".join(f"{r:.2f}" for r in rates)
 
-    print(f"\nState {state_bytes / GB:.2f} GB in memory ({arrays} arrays, "
+    layout = "layers stacked" if args.stacked else "one per layer and matrix"
+    print(f"\nState {state_bytes / GB:.2f} GB in memory ({arrays} arrays, {layout}, "
           f"sharded over {len(jax.devices())} devices); a checkpoint is {med['bytes'] / GB:.2f} GB on disk "
           f"({'zstd' if args.compress else 'uncompressed'}; saved files "
           f"{'kept in' if args.keep_cache else 'dropped from'} the page cache once hashed). {args.saves} saves "

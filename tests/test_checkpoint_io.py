@@ -4,6 +4,7 @@ restored the same, and a save's files dropped from the page cache once hashed.""
 
 import ctypes
 import ctypes.util
+import json
 import mmap
 import os
 
@@ -62,6 +63,34 @@ def test_a_checkpoint_of_orbaxs_standard_handler_still_restores(tmp_path):
     step, back, meta = Checkpoints(tmp_path / "checkpoints", keep=2, log=lines.append).restore_latest(target(state))
     assert (step, meta) == (7, {"step": 7}) and "restoring it unverified" in lines[0]  # no checksums back then
     equal(back, state)
+
+
+def test_a_partial_restore_reads_only_what_it_is_asked_for(tmp_path, monkeypatch):
+    """Export and sample need the params alone: the optimizer's moments, twice their size, are not read (the
+    files of a partial restore's arrays are the only ones tensorstore opens)."""
+    import tensorstore as ts
+
+    rng = np.random.default_rng(2)
+    state = state_of(rng.normal(size=(64, 32)).astype(np.float32))
+    state["opt"] = {"mu": jax.device_put(jnp.asarray(rng.normal(size=(64, 32)), jnp.float32),
+                                         state["params"]["w"].sharding)}
+    ckpt = Checkpoints(tmp_path / "checkpoints", keep=2)
+    assert ckpt.save(3, state, {"step": 3}) and ckpt.wait()
+    opened, real_open = [], ts.open
+
+    def recording_open(spec, *a, **k):
+        opened.append(json.dumps(spec if isinstance(spec, dict) else spec.to_json()))
+        return real_open(spec, *a, **k)
+
+    monkeypatch.setattr(ts, "open", recording_open)
+    step, back, _ = ckpt.restore_latest({"params": target(state)["params"]}, partial=True)
+    assert step == 3 and set(back) == {"params"}
+    equal(back["params"], state["params"])
+    assert any("params.w" in spec for spec in opened) and not any("opt.mu" in spec for spec in opened), opened
+    opened.clear()
+    assert set(ckpt.restore(3, target(state))) == {"params", "opt", "step"}  # the whole state still restores
+    assert any("opt.mu" in spec for spec in opened)
+    ckpt.close()
 
 
 def resident(path) -> float:

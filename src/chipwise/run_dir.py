@@ -336,12 +336,13 @@ class RunDir:
             layouts.append(saved_stage_layout(meta, cfg))
             state, graphdef = abstract_state(cfg, layouts[-1])
             graphdefs.append(graphdef)  # the model's, whatever the layout (tracing it again costs seconds)
-            return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), state)
+            return {"params": jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+                                           state["params"])}  # the optimizer's moments (2x more) are not read
 
         ckpt = self.checkpoints(keep=cfg.train.keep_checkpoints, log=log)
         try:
             # verified against its checksums; damaged ones are skipped (and left for `train --resume` to set aside)
-            found = ckpt.restore_latest(target, move_damaged=False)
+            found = ckpt.restore_latest(target, move_damaged=False, partial=True)
         finally:
             ckpt.close()
         if found is None:

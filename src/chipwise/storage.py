@@ -43,11 +43,44 @@ def _require_client(location: str) -> None:
     for protocol in ("s3", "s3a", "gs", "gcs"):
         fsspec.config.conf.setdefault(protocol, {}).setdefault("use_listings_cache", False)
     scheme = str(location).split("://", 1)[0]
+    if scheme == "gs":
+        _gcs_emulator()
     try:
         __import__(SCHEMES[scheme])
     except ImportError:
         raise ChipwiseError(f"{scheme}:// paths need the {SCHEMES[scheme]} package, which is not installed; "
                             f"{EXTRA}") from None
+
+
+def _gcs_emulator() -> None:
+    """With STORAGE_EMULATOR_HOST (the variable Google's clients read for a GCS emulator, e.g. fake-gcs-server),
+    send tensorstore, which writes Orbax's arrays and reads only its own TENSORSTORE_GCS_HTTP_URL, to it too; and
+    keep gcsfs to the JSON API an emulator serves (gcsfs >= 2026.10 otherwise also asks every bucket's layout over
+    gRPC, which an emulator does not serve: a 60 s wait per call). Neither is overridden if set."""
+    host = os.environ.get("STORAGE_EMULATOR_HOST")
+    if host:
+        os.environ.setdefault("TENSORSTORE_GCS_HTTP_URL", host if "://" in host else f"http://{host}")
+        os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")  # read when gcsfs is imported
+
+
+def _check_gcs_credentials(location) -> None:
+    """Refuse gs:// without Google credentials in one line: where gcsfs's chain (Application Default Credentials,
+    its own token cache, the metadata server) finds none it goes on anonymously, and fails later, at the first
+    write. Not checked where the user chose: an emulator, or a token in fsspec's config (FSSPEC_GS_TOKEN=anon for
+    anonymous access, a key file)."""
+    import fsspec.config
+
+    if os.environ.get("STORAGE_EMULATOR_HOST") or fsspec.config.conf.get("gs", {}).get("token") is not None:
+        return
+    if (Path.home() / ".gcs_tokens").is_file():  # gcsfs's own cache of tokens from an earlier login
+        return
+    import google.auth
+    import google.auth.exceptions
+
+    try:
+        google.auth.default()
+    except google.auth.exceptions.DefaultCredentialsError as e:
+        raise bucket_error(e, location, "opening the run directory") from None
 
 
 def path(location):
@@ -98,6 +131,8 @@ def check_bucket(location) -> None:
 
         if botocore.session.get_session().get_credentials() is None:  # else s3fs falls back to anonymous access
             raise bucket_error(botocore.exceptions.NoCredentialsError(), location, "opening the run directory")
+    else:
+        _check_gcs_credentials(location)
     try:
         fs.ls(bucket, refresh=True)
     except Exception as e:  # noqa: BLE001 - the client's own error types differ by store

@@ -294,21 +294,22 @@ class Checkpoints:
     def read_meta(self, step: int) -> dict:
         return dict(self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
 
-    def restore(self, step: int, abstract_state) -> dict:
-        """`abstract_state`: ShapeDtypeStructs carrying the target shardings."""
-        target = ocp.args.PyTreeRestore(abstract_state, ocp.checkpoint_utils.construct_restore_args(abstract_state))
-        out = self.manager.restore(step, args=ocp.args.Composite(state=target))
-        return out["state"]
+    def restore(self, step: int, abstract_state, partial: bool = False) -> dict:
+        """`abstract_state`: ShapeDtypeStructs carrying the target shardings; with `partial`, of part of the saved
+        state (e.g. only the params: the rest is not read)."""
+        args = ocp.checkpoint_utils.construct_restore_args(abstract_state)
+        target = ocp.args.PyTreeRestore(abstract_state, args, partial_restore=partial)
+        return self.manager.restore(step, args=ocp.args.Composite(state=target))["state"]
 
     def restore_latest(self, abstract_state, check: Callable[[dict], None] = lambda meta: None,
-                       move_damaged: bool = True):
+                       move_damaged: bool = True, partial: bool = False):
         """(step, state, meta) of the newest checkpoint that verifies, or None if there is none at all.
         `abstract_state` is the restore target, or a function of the checkpoint's meta that gives it (a checkpoint
         saved under another pipeline degree holds its layers in another order, train/pipeline.py).
 
         Damaged checkpoints met on the way are reported and (if `move_damaged`) moved aside. `check(meta)`
         raises a one-line ChipwiseError if the checkpoint belongs to an incompatible config; that is the
-        user's to fix, so it stops the search instead of setting anything aside.
+        user's to fix, so it stops the search instead of setting anything aside. `partial`: see `restore`.
         """
         damaged = []
         with ThreadPoolExecutor(1) as checker:
@@ -333,7 +334,7 @@ class Checkpoints:
                 if meta is not None and refusal is None:
                     try:
                         state = self.restore(step, abstract_state(meta) if callable(abstract_state) else
-                                             abstract_state)
+                                             abstract_state, partial)
                     except Exception as e:  # noqa: BLE001
                         failure = e
                 problem = self._agree(step, checking.result())
