@@ -11,6 +11,7 @@ chains (environment, profile, instance or workload identity) and, for an S3-comp
   * Orbax 0.12 writes arrays to gs:// with tensorstore's own driver but not to s3://; `orbax_for` adds
     tensorstore's s3 driver in the one place Orbax chooses a driver, and Orbax's commit-file completion (as on
     gs://, where a directory cannot be renamed atomically).
+A GCS emulator is named as Google's clients expect, by STORAGE_EMULATOR_HOST (`_gcs_emulator` passes it on).
 Errors of a bucket (missing, access denied, no credentials) become one line saying what to fix.
 """
 
