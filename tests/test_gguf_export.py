@@ -312,3 +312,27 @@ def test_export_command_writes_refuses_and_overwrites(tmp_path, run, capsys):
     # --format hf stays the default for any other --out
     assert main(["export", "--run", str(run), "--out", str(tmp_path / "hf")]) == 0
     assert (tmp_path / "hf" / "config.json").is_file()
+
+
+@pytest.mark.parametrize("pre", ["default", None], ids=["default", "absent"])
+def test_llama_cpps_default_split_is_its_four_regexes_in_turn(tmp_path, pre):
+    """llama.cpp splits a "default" BPE (also what a file without tokenizer.ggml.pre gets) by punctuation runs,
+    GPT-2's pattern, numbers and then three digits at a time, each split applied to every piece of the one before
+    (src/llama-vocab.cpp); GPT-2's split alone keeps " 12345" whole."""
+    from tokenizers import decoders
+
+    writer = gguf.GGUFWriter(str(tmp_path / "tok.gguf"), "llama")
+    writer.add_tokenizer_model("gpt2")
+    if pre:
+        writer.add_tokenizer_pre(pre)
+    writer.add_token_list([*sorted(pre_tokenizers.ByteLevel.alphabet()), "ab"])
+    writer.add_token_merges(["a b"])
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    tok = gguf_file.tokenizer(gguf.GGUFReader(str(tmp_path / "tok.gguf")))
+    text = "Hello, world!! 12345 ab+c"
+    pieces = [decoders.ByteLevel().decode([p]) for p, _ in tok.pre_tokenizer.pre_tokenize_str(text)]
+    assert pieces == ["Hello", ",", " world", "!!", " ", "123", "45", " ab", "+", "c"]
+    assert tok.decode(tok.encode(TEXT).ids) == TEXT

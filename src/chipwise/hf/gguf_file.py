@@ -30,8 +30,13 @@ from chipwise.hf.convert import ARCHITECTURE
 # Llama 3's split pattern: contractions, letters with one leading non-letter, digits in threes, punctuation runs.
 _LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                  r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+# llama.cpp's "default" (an older converter's name for a BPE it did not recognise): four splits in turn, each of
+# every piece the one before made (llama.cpp's src/llama-vocab.cpp): punctuation runs, GPT-2's split, numbers,
+# then three digits at a time.
+_GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"
+_DEFAULT_SPLITS = (r"[\p{P}\$\+<=>\^~\|]+", _GPT2_SPLIT, r"\p{N}+", r"[0-9][0-9][0-9]")
 PRE_TOKENIZERS = {
-    "default": ("byte_level",),
+    "default": ("default_splits", "byte_level_no_regex"),
     "gpt-2": ("byte_level",),
     "smollm": ("single_digits", "byte_level"),  # SmolLM's (StarCoder's): each digit alone, then GPT-2's split
     "starcoder": ("single_digits", "byte_level"),
@@ -211,7 +216,9 @@ def tokenizer(reader):
     steps = {"single_digits": lambda: pre_tokenizers.Digits(individual_digits=True),
              "byte_level": lambda: pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
              "byte_level_no_regex": lambda: pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-             "llama3_split": lambda: pre_tokenizers.Split(Regex(_LLAMA3_SPLIT), behavior="isolated")}
+             "llama3_split": lambda: pre_tokenizers.Split(Regex(_LLAMA3_SPLIT), behavior="isolated"),
+             "default_splits": lambda: pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(r), behavior="isolated")
+                                                                for r in _DEFAULT_SPLITS])}
     tok.pre_tokenizer = pre_tokenizers.Sequence([steps[s]() for s in PRE_TOKENIZERS[pre]])
     tok.decoder = decoders.ByteLevel()
     types = _field(reader, "tokenizer.ggml.token_type") or []
