@@ -20,6 +20,15 @@ model name\t: AMD EPYC 7R13 Processor
 cpu MHz\t\t: 2650.000
 flags\t\t: fpu sse2 avx fma avx2 sha_ni
 """
+EPYC_ZEN4 = """processor\t: 0
+vendor_id\t: AuthenticAMD
+cpu family\t: 25
+model\t\t: 17
+model name\t: AMD EPYC 9R14 96-Core Processor
+cpu MHz\t\t: 2600.000
+flags\t\t: fpu sse2 avx fma avx2 avx512f avx512bw avx512_bf16
+"""
+EPYC_ZEN5 = EPYC_ZEN4.replace("cpu family\t: 25", "cpu family\t: 26").replace("9R14 96-Core", "9R45")
 GRAVITON3 = """processor\t: 0
 BogoMIPS\t: 2100.00
 Features\t: fp asimd evtstrm aes pmull sha1 sha2 crc32 sve bf16 i8mm
@@ -73,3 +82,15 @@ def test_this_machine_names_the_instruction_set_it_found(monkeypatch):
     assert hw.peak.kind == "measured" and "measured here" in hw.peak.source
     assert 1e-4 < hw.peak.tflops_per_device < 100  # some GFLOP/s to a few TFLOP/s: a real CPU figure
     assert "6N+causal" in efficiency.mfu_label(hw)
+
+
+def test_zen4_runs_avx512_on_256_bit_units_and_zen5_does_not():
+    zen4 = {p.dtype: p for p in cpu_peak.detect(EPYC_ZEN4, cores=2).peaks}
+    assert (zen4["float32"].flops_per_cycle, zen4["bfloat16"].flops_per_cycle) == (32, 64)
+    assert zen4["float32"].isa == "AVX-512 on Zen 4's 256-bit units"
+    assert zen4["float32"].tflops == pytest.approx(2 * 32 * 2.6e9 / 1e12)
+    zen5 = {p.dtype: p for p in cpu_peak.detect(EPYC_ZEN5, cores=2).peaks}
+    assert (zen5["float32"].flops_per_cycle, zen5["bfloat16"].flops_per_cycle) == (64, 128)
+    assert zen5["float32"].isa == "AVX-512"
+    intel = {p.dtype: p.flops_per_cycle for p in cpu_peak.detect(SAPPHIRE_RAPIDS, cores=2).peaks}
+    assert intel == {"bfloat16": 1024, "float32": 64}  # no vendor_id: the full width

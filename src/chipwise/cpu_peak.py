@@ -21,11 +21,16 @@ X86_RULES = (
     dict(isa="AMX-BF16", flags=("amx_bf16", "amx_tile"), dtype="bfloat16", flops_per_cycle=1024),
     # AVX512-BF16: VDPBF16PS, 16 fp32 lanes x 2 bf16 products (4 FLOPs a lane) on 2 FMA ports.
     dict(isa="AVX512-BF16", flags=("avx512_bf16",), dtype="bfloat16", flops_per_cycle=128),
-    # AVX-512: 2 FMA ports x 16 fp32 lanes x 2 FLOPs (server Xeons and Zen 4/5 EPYC; a part with one port has half).
+    # AVX-512: 2 FMA ports x 16 fp32 lanes x 2 FLOPs (server Xeons and Zen 5 EPYC; a part with one port has half).
     dict(isa="AVX-512", flags=("avx512f",), dtype="float32", flops_per_cycle=64),
     # AVX2 + FMA: 2 FMA ports x 8 fp32 lanes x 2 FLOPs.
     dict(isa="AVX2+FMA", flags=("avx2", "fma"), dtype="float32", flops_per_cycle=32),
 )
+# x86 cores that run 512-bit instructions on 256-bit units, two halves each, so the AVX-512 rules above give them
+# twice what they reach: (vendor_id, cpu family) -> the core's name. AMD's Zen 4 (family 19h with AVX-512:
+# Genoa, Bergamo, Siena, Ryzen 7000) has 256-bit FP pipes (AMD's Software Optimization Guide for family 19h);
+# Zen 5 server and desktop parts (family 1Ah) have 512-bit ones.
+HALF_WIDTH_AVX512 = {("AuthenticAMD", "25"): "Zen 4"}
 
 # Arm Neoverse cores by /proc/cpuinfo "CPU part": (name, fp32 FLOPs/cycle, bf16 FLOPs/cycle or None). fp32 is the
 # number of 128-bit FMA pipes x 4 lanes x 2 (Arm's Neoverse software optimisation guides); bf16 is BFDOT on the same
@@ -100,9 +105,14 @@ def flops_per_cycle(cpuinfo: str) -> dict[str, tuple[str, int]]:
     """{dtype: (instruction set, FLOPs per cycle per core)} for what this CPU has; empty if nothing is known."""
     flags = set((_first(r"^(?:flags|Features)\s*:\s*(.*)$", cpuinfo) or "").split())
     found: dict[str, tuple[str, int]] = {}
+    half = HALF_WIDTH_AVX512.get((_first(r"^vendor_id\s*:\s*(\S+)", cpuinfo), _first(r"^cpu family\s*:\s*(\d+)",
+                                                                                      cpuinfo)))
     for rule in X86_RULES:
         if set(rule["flags"]) <= flags and rule["dtype"] not in found:
-            found[rule["dtype"]] = (rule["isa"], rule["flops_per_cycle"])
+            if half and rule["isa"].startswith(("AVX-512", "AVX512")):
+                found[rule["dtype"]] = (f"{rule['isa']} on {half}'s 256-bit units", rule["flops_per_cycle"] // 2)
+            else:
+                found[rule["dtype"]] = (rule["isa"], rule["flops_per_cycle"])
     part = _first(r"^CPU part\s*:\s*(\S+)", cpuinfo)
     if part in ARM_CORES:
         name, fp32, bf16 = ARM_CORES[part]
