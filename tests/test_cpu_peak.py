@@ -94,3 +94,13 @@ def test_zen4_runs_avx512_on_256_bit_units_and_zen5_does_not():
     assert zen5["float32"].isa == "AVX-512"
     intel = {p.dtype: p.flops_per_cycle for p in cpu_peak.detect(SAPPHIRE_RAPIDS, cores=2).peaks}
     assert intel == {"bfloat16": 1024, "float32": 64}  # no vendor_id: the full width
+
+
+def test_the_catalogs_genoa_socket_is_what_cpu_peak_derives():
+    """The catalog's EPYC 9R14 (Zen 4) figures and cpu_peak's rules are two statements of one fact: they agree."""
+    from chipwise import catalog
+
+    genoa = catalog.get("epyc-9r14")
+    derived = {p.dtype: p.tflops for p in cpu_peak.detect(EPYC_ZEN4, cores=genoa.cores, ghz=genoa.clock_ghz).peaks}
+    assert derived["float32"] == pytest.approx(genoa.fp32_tflops, abs=0.01)
+    assert derived["bfloat16"] == pytest.approx(genoa.bf16_tflops, abs=0.01)
