@@ -22,8 +22,9 @@ Reported:
   size into a new file kept until the end (as checkpoints are), with conv=fdatasync and then its pages dropped from
   the page cache (posix_fadvise), as a save's files are (integrity.digest_files), so that both meet the page
   cache in the same state; after the restores, reads of those files with the page cache dropped (as root;
-  otherwise with iflag=direct); and, for what the page cache does to a writer that keeps its pages there, the
-  same writes without the drop, one after another.
+  otherwise with iflag=direct); for what the page cache does to a writer that keeps its pages there, the same
+  writes without the drop, one after another; and 2 x --saves of the dropping writes back to back, nothing in
+  between (on a VM whose host takes back freed memory these run at two speeds, as saves do).
 
 --compress saves with Orbax's zstd (train.compress_checkpoints); --keep-cache leaves the saved files in the page
 cache (chipwise drops each file's pages once it is hashed, integrity.digest_files).
@@ -264,6 +265,10 @@ def run(args, work: Path) -> int:
     dd_cached = [dd_write(f, size, evict=False) for f in files_dd]
     for f in files_dd:
         f.unlink()
+    dd_loop = []  # the writer alone, back to back: what the host's memory does to it without saves in between
+    for _ in range(2 * args.saves):
+        dd_loop.append(dd_write(files_dd[0], size))
+        files_dd[0].unlink()
     cpu = time.process_time() - cpu0
     load_after = load()
     write_gbs, read_gbs = statistics.median(dd_writes), statistics.median(dd_reads)
@@ -306,6 +311,8 @@ def run(args, work: Path) -> int:
         ("each save, until published", "", listed(s["bytes"] / s["total"] / GB for s in saves) + " GB/s"),
         ("disk: dd write, conv=fdatasync, pages kept in the cache", "",
          f"{statistics.median(dd_cached):.2f} GB/s ({listed(dd_cached)})"),
+        ("disk: dd writes back to back, each file's pages dropped after", "",
+         f"{statistics.median(dd_loop):.2f} GB/s ({listed(dd_loop)})"),
     ]
     if args.markdown:
         print("| measurement | time | rate |\n|---|---:|---:|")
