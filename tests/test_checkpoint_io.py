@@ -63,6 +63,8 @@ def test_a_checkpoint_of_orbaxs_standard_handler_still_restores(tmp_path):
     step, back, meta = Checkpoints(tmp_path / "checkpoints", keep=2, log=lines.append).restore_latest(target(state))
     assert (step, meta) == (7, {"step": 7}) and "restoring it unverified" in lines[0]  # no checksums back then
     equal(back, state)
+    ckpt = Checkpoints(tmp_path / "checkpoints", keep=2, log=lines.append)
+    equal(ckpt.restore(7, {"params": target(state)["params"]}, partial=True), {"params": state["params"]})  # export
 
 
 def test_a_partial_restore_reads_only_what_it_is_asked_for(tmp_path, monkeypatch):
