@@ -1,7 +1,7 @@
 """Checkpoint saves and restores with their checksums (train/checkpoint.py, train/integrity.py) against the disk.
 
     python benchmarks/checkpoint_integrity.py [--gb 2] [--saves 3] [--stacked] [--compress] [--keep-cache]
-                                              [--dir DIR] [--wait-quiet 1200] [--markdown]
+                                              [--gap SECONDS] [--dir DIR] [--wait-quiet 1200] [--markdown]
 
 A train state of about --gb GB (float32 parameters of a Llama-like layout plus Adam's two moments, built directly
 as arrays sharded over 8 simulated CPU devices, fsdp=8; one array per layer and matrix, as chipwise lays a model
@@ -21,13 +21,18 @@ Reported:
 - the disk itself, measured in the same run and the same directory with `dd`: after each save, a write of the same
   size into a new file kept until the end (as checkpoints are), with conv=fdatasync and then its pages dropped from
   the page cache (posix_fadvise), as a save's files are (integrity.digest_files), so that both meet the page
-  cache in the same state; after the restores, reads of those files with the page cache dropped (as root;
+  cache in the same state. It is written in 1 MiB blocks (the targets' peer), then again in 64 MiB blocks for
+  comparison: tensorstore writes each file in writev calls of many MiB, and a VM whose free page reporting
+  starts at 2 MiB blocks makes writes of 2 MiB and more far slower once its free memory has been reported (the
+  machine line names the order). After the restores, reads of those files with the page cache dropped (as root;
   otherwise with iflag=direct); for what the page cache does to a writer that keeps its pages there, the same
   writes without the drop, one after another; and 2 x --saves of the dropping writes back to back, nothing in
-  between (on a VM whose host takes back freed memory these run at two speeds, as saves do).
+  between.
 
---compress saves with Orbax's zstd (train.compress_checkpoints); --keep-cache leaves the saved files in the page
-cache (chipwise drops each file's pages once it is hashed, integrity.digest_files).
+--gap idles that many seconds before each save and each `dd` write after the first save, as saves are minutes
+apart in training (0: back to back). --compress saves with Orbax's zstd (train.compress_checkpoints);
+--keep-cache leaves the saved files in the page cache (chipwise drops each file's pages once it is hashed,
+integrity.digest_files).
 
 Targets (issue): blocked under 10% of the total save; save and restore at least half the disk's throughput.
 Before measuring, --wait-quiet waits (up to that many seconds) for the 1-minute load average to fall below 1.
@@ -112,17 +117,28 @@ def drop_caches() -> bool:
         return False
 
 
-def dd_write(path: Path, nbytes: int, evict: bool = True) -> float:
-    """GB/s of writing a new file of nbytes at `path` with conv=fdatasync, and (evict) dropping its pages after."""
-    count = max(1, nbytes >> 20)
+def dd_write(path: Path, nbytes: int, evict: bool = True, block_mib: int = 1) -> float:
+    """GB/s of writing a new file of about nbytes at `path` in blocks of block_mib with conv=fdatasync, and
+    (evict) dropping its pages after."""
+    count = max(1, nbytes // (block_mib << 20))
     t = time.perf_counter()
-    subprocess.run(["dd", "if=/dev/zero", f"of={path}", "bs=1M", f"count={count}", "conv=fdatasync"], check=True,
-                   capture_output=True)
+    subprocess.run(["dd", "if=/dev/zero", f"of={path}", f"bs={block_mib}M", f"count={count}", "conv=fdatasync"],
+                   check=True, capture_output=True)
     if evict:
         fd = os.open(path, os.O_RDONLY)
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         os.close(fd)
-    return (count << 20) / (time.perf_counter() - t) / GB
+    return count * (block_mib << 20) / (time.perf_counter() - t) / GB
+
+
+def free_page_reporting() -> str:
+    """How this guest gives free memory back to its host (virtio-balloon free page reporting), which decides what
+    a write into newly allocated page-cache pages costs here."""
+    try:
+        order = int(Path("/sys/module/page_reporting/parameters/page_reporting_order").read_text())
+    except (OSError, ValueError):
+        return "no free page reporting"
+    return f"free page reporting from order {order} ({4 << order >> 10} MiB blocks)"
 
 
 def dd_read(path: Path, can_drop: bool) -> float:
@@ -161,8 +177,8 @@ def describe(directory: Path) -> str:
     disk = (cmd("lsblk", "-dno", "NAME,SIZE,ROTA,MODEL", source) if source.startswith("/dev/") else "").split()
     what = f"{disk[1]}, rotational flag {disk[2]}{', ' + ' '.join(disk[3:]) if disk[3:] else ''}" if disk[2:] else "?"
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return (f"{cpu_model()}, {process.usable_cores()} cores, {mem:.0f} GiB memory; disk {source} ({what}), {fstype}; "
-            f"jax {jax.__version__}, {len(jax.devices())} simulated CPU devices")
+    return (f"{cpu_model()}, {process.usable_cores()} cores, {mem:.0f} GiB memory, {free_page_reporting()}; disk "
+            f"{source} ({what}), {fstype}; jax {jax.__version__}, {len(jax.devices())} simulated CPU devices")
 
 
 def main() -> int:
@@ -175,10 +191,11 @@ def main() -> int:
     ap.add_argument("--compress", action="store_true", help="zstd-compress the arrays (train.compress_checkpoints)")
     ap.add_argument("--keep-cache", action="store_true", help="do not drop saved files from the page cache")
     ap.add_argument("--stacked", action="store_true", help="layers stacked (scanned), as on GPUs, TPUs, Trainium")
+    ap.add_argument("--gap", type=float, default=0.0, help="seconds idle before each save and each dd write")
     ap.add_argument("--markdown", action="store_true")
     args = ap.parse_args()
-    if args.gb <= 0 or args.saves < 1:
-        print("error: --gb and --saves must be positive", file=sys.stderr)
+    if args.gb <= 0 or args.saves < 1 or args.gap < 0:
+        print("error: --gb and --saves must be positive, --gap not negative", file=sys.stderr)
         return 2
     work = Path(tempfile.mkdtemp(prefix="chipwise-ckpt-bench-", dir=args.dir))
     try:
@@ -210,10 +227,12 @@ def run(args, work: Path) -> int:
     cpu0 = time.process_time()
 
     ckpt = Checkpoints(work / "checkpoints", keep=args.saves + 1, log=print, compress=args.compress)
-    series, dd_writes = {"first": [], "next": []}, []
+    series, dd_writes, dd_large = {"first": [], "next": []}, [], []
     files_dd = [work / f"dd{k}.bin" for k in range(args.saves)]
     for i in range(1, args.saves + 2):
         kind = "first" if i == 1 else "next"
+        if kind == "next":
+            time.sleep(args.gap)
         timed["hash_s"] = 0.0
         t0 = time.perf_counter()
         assert ckpt.save(i, state, {"step": i}), ckpt.failures
@@ -224,11 +243,17 @@ def run(args, work: Path) -> int:
         t3 = time.perf_counter()
         series[kind].append({"blocked": t1 - t0, "total": t2 - t0, "hash": timed["hash_s"], "synced": t3 - t0,
                              "bytes": tree_bytes(work / "checkpoints" / str(i))})
-        if kind == "next":  # the disk's peer, in the state this save left the page cache in
+        if kind == "next":  # the disk's peers, in the state this save left the page cache in
+            time.sleep(args.gap)
             dd_writes.append(dd_write(files_dd[i - 2], series[kind][-1]["bytes"]))
+            time.sleep(args.gap)
+            large = files_dd[i - 2].with_suffix(".large")
+            dd_large.append(dd_write(large, series[kind][-1]["bytes"], block_mib=64))
+            large.unlink()
         print(f"  save {i} ({kind}): blocked {t1 - t0:.3f} s, published {t2 - t0:.2f} s (hashing "
               f"{timed['hash_s']:.2f} s), synced {t3 - t0:.2f} s, {series[kind][-1]['bytes'] / GB:.2f} GB"
-              + (f"; then dd {dd_writes[-1]:.2f} GB/s" if kind == "next" else ""), flush=True)
+              + (f"; then dd {dd_writes[-1]:.2f} GB/s, in 64 MiB blocks {dd_large[-1]:.2f}" if kind == "next"
+                 else ""), flush=True)
     saves = series["next"]
 
     files = [p.stat().st_size for p in (work / "checkpoints" / "1").rglob("*") if p.is_file()]
@@ -285,6 +310,7 @@ def run(args, work: Path) -> int:
           f"sharded over {len(jax.devices())} devices); a checkpoint is {med['bytes'] / GB:.2f} GB on disk "
           f"({'zstd' if args.compress else 'uncompressed'}; saved files "
           f"{'kept in' if args.keep_cache else 'dropped from'} the page cache once hashed). {args.saves} saves "
+          f"({f'each after {args.gap:g} s idle' if args.gap else 'back to back'}) "
           f"after the first and restores, medians; page cache dropped before each restore and each dd read: "
           f"{'yes' if can_drop else 'no (dd read with iflag=direct)'}. Load "
           f"average {load_before:.2f} before, {load_after:.2f} after; this process used {cpu:.0f} s of CPU. A "
@@ -304,6 +330,8 @@ def run(args, work: Path) -> int:
         ("restore: Orbax's restore alone, for comparison", f"{rmed['plain']:.2f} s",
          f"{med['bytes'] / rmed['plain'] / GB:.2f} GB/s"),
         ("disk: dd write, conv=fdatasync, pages dropped after", "", f"{write_gbs:.2f} GB/s ({listed(dd_writes)})"),
+        ("disk: the same in 64 MiB blocks, for comparison", "",
+         f"{statistics.median(dd_large):.2f} GB/s ({listed(dd_large)})"),
         ("disk: dd read" + (", cache dropped" if can_drop else ", iflag=direct"), "",
          f"{read_gbs:.2f} GB/s ({listed(dd_reads)})"),
         ("the first save of the process, until published", f"{first['total']:.2f} s",
