@@ -62,6 +62,7 @@ from chipwise import process  # noqa: E402
 from chipwise.plan.calibration import cpu_model  # noqa: E402
 from chipwise.train import integrity  # noqa: E402
 from chipwise.train.checkpoint import Checkpoints, abstract_like  # noqa: E402
+from quiet import load, wait_quiet  # noqa: E402
 
 GB = 1e9
 
@@ -97,17 +98,6 @@ def build_state(target_bytes: float, stacked: bool = False):
     return state
 
 
-def load() -> float:
-    return os.getloadavg()[0]
-
-
-def wait_quiet(limit: float) -> None:
-    deadline = time.monotonic() + limit
-    while load() >= 1.0 and time.monotonic() < deadline:
-        print(f"  waiting for a quiet machine (load {load():.2f})", flush=True)
-        time.sleep(60)
-
-
 def drop_caches() -> bool:
     try:
         os.sync()
@@ -138,7 +128,7 @@ def free_page_reporting() -> str:
         order = int(Path("/sys/module/page_reporting/parameters/page_reporting_order").read_text())
     except (OSError, ValueError):
         return "no free page reporting"
-    return f"free page reporting from order {order} ({4 << order >> 10} MiB blocks)"
+    return f"free page reporting from order {order} ({os.sysconf('SC_PAGE_SIZE') << order >> 20} MiB blocks)"
 
 
 def dd_read(path: Path, can_drop: bool) -> float:
@@ -217,11 +207,11 @@ def run(args, work: Path) -> int:
 
     integrity.digest_files = digest_files
     print(f"Machine: {describe(work)}", flush=True)
-    wait_quiet(args.wait_quiet)
+    wait_quiet(args.wait_quiet, poll=60, log=lambda line: print(line, flush=True))
     state = build_state(args.gb * GB, args.stacked)
     state_bytes, arrays = sum(x.nbytes for x in jax.tree.leaves(state)), len(jax.tree.leaves(state))
     shardings = jax.tree.map(lambda x: x.sharding, state)
-    wait_quiet(args.wait_quiet)
+    wait_quiet(args.wait_quiet, poll=60, log=lambda line: print(line, flush=True))
     load_before = load()
     can_drop = drop_caches()
     cpu0 = time.process_time()

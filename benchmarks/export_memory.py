@@ -22,6 +22,9 @@ import textwrap
 import time
 from pathlib import Path
 
+from chipwise.plan.calibration import cpu_model
+from quiet import load, wait_quiet
+
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ["model.d_model=1024", "model.num_layers=8", "model.num_heads=8", "model.num_kv_heads=8",
          "model.d_ff=2816", "model.max_seq_len=64"]
@@ -62,9 +65,7 @@ def main() -> int:
         chipwise(["train", "--config", str(ROOT / "configs/demo.yaml"),
                   *[x for s in settings for x in ("--set", s)]], ROOT / "src")
         size = sum(p.stat().st_size for p in (work / "run" / "checkpoints").rglob("*") if p.is_file())
-        deadline = time.monotonic() + args.wait_quiet
-        while os.getloadavg()[0] >= 1.0 and time.monotonic() < deadline:
-            time.sleep(10)
+        wait_quiet(args.wait_quiet)
         rows = []
         for k in range(args.repeats):
             for name, src in (("this checkout", ROOT / "src"), (args.against, old / "src")):
@@ -74,8 +75,8 @@ def main() -> int:
         same = len({r[3] for r in rows}) == 1
         params = len(rows[0][3]) / 1e9
         print(f"Checkpoint {size / 1e9:.2f} GB (params and Adam's moments); exported weights {params:.2f} GB; "
-              f"exports byte-identical: {'yes' if same else 'NO'}; machine: {os.cpu_count()} CPUs, load "
-              f"{os.getloadavg()[0]:.2f} after.\n")
+              f"exports byte-identical: {'yes' if same else 'NO'}; machine: {cpu_model()}, {os.cpu_count()} CPUs, "
+              f"load {load():.2f} after.\n")
         print("| code | peak RSS | time |\n|---|---:|---:|")
         for name, peak, seconds, _ in rows:
             print(f"| {name} | {peak:.2f} GB | {seconds:.1f} s |")

@@ -46,6 +46,8 @@ import sys
 import time
 from pathlib import Path
 
+from quiet import wait_quiet
+
 GB = 1e9
 
 
@@ -252,20 +254,13 @@ def measure(args, op: str, version: str, layout: str, dtype: str) -> dict:
 
 
 def machine() -> str:
-    model_name = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
-                       if line.startswith("model name")), platform.processor())
+    from chipwise.plan.calibration import cpu_model
+
     memory = next(int(line.split()[1]) * 1024 for line in open("/proc/meminfo") if line.startswith("MemTotal"))
     import jax
 
-    return (f"{model_name}, {os.cpu_count()} cores, {memory / 2**30:.0f} GiB; Python {platform.python_version()}, "
+    return (f"{cpu_model()}, {os.cpu_count()} cores, {memory / 2**30:.0f} GiB; Python {platform.python_version()}, "
             f"jax {jax.__version__}")
-
-
-def wait_quiet(limit: float) -> float:
-    deadline = time.time() + limit
-    while os.getloadavg()[0] >= 1 and time.time() < deadline:
-        time.sleep(15)
-    return os.getloadavg()[0]
 
 
 def main() -> None:

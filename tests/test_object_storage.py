@@ -358,3 +358,19 @@ def test_gcs_credentials_are_checked_unless_the_user_chose_how_to_connect(monkey
     monkeypatch.setenv("STORAGE_EMULATOR_HOST", "localhost:4443")
     storage._check_gcs_credentials("gs://b/run")
     assert len(asked) == 1
+
+
+def test_s3_credentials_are_checked_before_any_request(monkeypatch):
+    """The end-to-end test above cannot tell this check from s3fs's own refusal at its first request (both are one
+    line); this pins the check, and that every scheme chipwise serves has one."""
+    import botocore.session
+
+    from chipwise import storage
+
+    assert set(storage.CREDENTIAL_CHECKS) == set(storage.SCHEMES)
+    session = botocore.session.get_session()
+    monkeypatch.setattr(type(session), "get_credentials", lambda self: None)
+    with pytest.raises(ChipwiseError, match=r"^no credentials for s3://b while opening the run directory"):
+        storage.CREDENTIAL_CHECKS["s3"]("s3://b/run")
+    monkeypatch.setattr(type(session), "get_credentials", lambda self: object())
+    storage.CREDENTIAL_CHECKS["s3"]("s3://b/run")

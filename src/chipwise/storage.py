@@ -64,6 +64,16 @@ def _gcs_emulator() -> None:
         os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")  # read when gcsfs is imported
 
 
+def _check_s3_credentials(location) -> None:
+    """Refuse s3:// without AWS credentials in one line, before any request is made. (s3fs 2026.9 itself raises
+    NoCredentialsError at its first request, which `check_bucket` would report too, as a failed listing.)"""
+    import botocore.exceptions
+    import botocore.session
+
+    if botocore.session.get_session().get_credentials() is None:
+        raise bucket_error(botocore.exceptions.NoCredentialsError(), location, "opening the run directory")
+
+
 def _check_gcs_credentials(location) -> None:
     """Refuse gs:// without Google credentials in one line: where gcsfs's chain (Application Default Credentials,
     its own token cache, the metadata server) finds none it goes on anonymously, and fails later, at the first
@@ -82,6 +92,9 @@ def _check_gcs_credentials(location) -> None:
         google.auth.default()
     except google.auth.exceptions.DefaultCredentialsError as e:
         raise bucket_error(e, location, "opening the run directory") from None
+
+
+CREDENTIAL_CHECKS = {"s3": _check_s3_credentials, "gs": _check_gcs_credentials}  # one per scheme of SCHEMES
 
 
 def path(location):
@@ -126,14 +139,7 @@ def check_bucket(location) -> None:
     found out by the first write (run_dir.prepare)."""
     fs, where = filesystem(location)
     bucket = where.split("/", 1)[0]
-    if str(location).startswith("s3://"):
-        import botocore.exceptions
-        import botocore.session
-
-        if botocore.session.get_session().get_credentials() is None:  # else s3fs falls back to anonymous access
-            raise bucket_error(botocore.exceptions.NoCredentialsError(), location, "opening the run directory")
-    else:
-        _check_gcs_credentials(location)
+    CREDENTIAL_CHECKS[str(location).split("://", 1)[0]](location)
     try:
         fs.ls(bucket, refresh=True)
     except Exception as e:  # noqa: BLE001 - the client's own error types differ by store

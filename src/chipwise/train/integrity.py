@@ -158,9 +158,10 @@ def digest_files(root: Path, files: dict[str, str] | list[str], evict: bool = Fa
 
     `evict` (a save's own files, written and synced by Orbax): each piece is dropped from the page cache once
     hashed. A checkpoint is read back only by a rare restore, so its pages would only push out what is used (the
-    memory-mapped corpus); and the next save's writes then reuse the pages just freed, where otherwise the cache
-    grows into memory the kernel has not touched for a while, which on VMs whose host reclaims free guest memory
-    made every write run at a tenth of the disk's speed (docs/benchmarks.md)."""
+    memory-mapped corpus); and a save soon after can reuse the pages just freed, where otherwise the cache grows
+    into free memory. On a VM whose host takes back free guest memory, filling pages it has taken back made writes
+    run at a tenth of the disk's speed; pages freed long enough before a save have been taken back too, so that
+    happens anyway after an idle spell (docs/reliability.md, docs/benchmarks.md)."""
     files = files if isinstance(files, dict) else {name: name for name in files}
     if storage.is_remote(root):
         return _object_digests(root, files)
